@@ -1,0 +1,263 @@
+"""The one IR everyone imports: the Op enum, op groups, the frozen Node and graph helpers.
+
+A formula is a networkx.DiGraph. Each graph node id (an int) carries exactly one
+frozen `Node` under the attribute "node"; edges run operand -> user and carry
+`index` (the operand position). `graph.graph` holds "output" (the output node id),
+"source" (the formula text) and "name" (the formula's name, if any).
+
+Shapes are symbolic: a tuple of dims, each "n" (sequence length), "d" (head dim)
+or 1; () is a scalar. Per head, inputs Q, K, V, P are (n, d); the position index
+`i` is (n, 1) (the query row) and `j` is (1, n) (the key column), so `i - j`
+broadcasts to (n, n).
+"""
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator
+
+import networkx as nx
+
+from .errors import Span
+
+Dim = "str | int"
+Shape = tuple  # tuple[Dim, ...]
+
+INPUT_NAMES = ("Q", "K", "V", "P")
+SYMBOL_NAMES = ("n", "d")
+INDEX_NAMES = ("i", "j")
+
+
+class Op(enum.Enum):
+    # leaves
+    INPUT = "input"          # attrs: name in Q K V P; shape (n, d)
+    CONST = "const"          # attrs: value (float); shape ()
+    SYMBOL = "symbol"        # attrs: name in n d; shape ()
+    INDEX = "index"          # attrs: name in i j; shape (n, 1) / (1, n)
+    # arithmetic (elementwise, broadcasting)
+    NEG = "neg"
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    POW = "pow"
+    MAX = "max"
+    MIN = "min"
+    # elementwise functions
+    EXP = "exp"
+    LOG = "log"
+    SQRT = "sqrt"
+    ABS = "abs"
+    RELU = "relu"
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+    SOFTPLUS = "softplus"
+    LOGSIGMOID = "logsigmoid"
+    SOFTSIGN = "softsign"
+    # comparisons and logic (boolean results; only usable as conditions)
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    EQ = "eq"
+    NE = "ne"
+    AND = "and"
+    OR = "or"
+    NOT = "not"
+    WHERE = "where"          # where(cond, a, b)
+    # matrix ops
+    MATMUL = "matmul"
+    TRANSPOSE = "transpose"
+    SCALE = "scale"          # x / sqrt(last dim of x)
+    SOFTMAX = "softmax"      # row-wise, last axis
+    NORM = "norm"            # row-wise L2 norm, keepdim: (a, b) -> (a, 1)
+    COS = "cos"              # pairwise cosine similarity over rows: (a, m), (b, m) -> (a, b)
+    DIST = "dist"            # pairwise euclidean distance over rows: (a, m), (b, m) -> (a, b)
+
+
+class GroupOp:
+    Leaf = frozenset({Op.INPUT, Op.CONST, Op.SYMBOL, Op.INDEX})
+    Unary = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.ABS, Op.RELU, Op.SIGMOID, Op.TANH,
+                       Op.SOFTPLUS, Op.LOGSIGMOID, Op.SOFTSIGN})
+    Binary = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAX, Op.MIN})
+    Compare = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
+    Logic = frozenset({Op.AND, Op.OR, Op.NOT})
+    Boolean = Compare | Logic
+    Elementwise = Unary | Binary | Compare | Logic | frozenset({Op.WHERE})
+    Commutative = frozenset({Op.ADD, Op.MUL, Op.MAX, Op.MIN, Op.EQ, Op.NE, Op.AND, Op.OR})
+    RowReduce = frozenset({Op.SOFTMAX, Op.NORM, Op.SCALE})
+    Pairwise = frozenset({Op.MATMUL, Op.COS, Op.DIST})
+    Matrix = frozenset({Op.MATMUL, Op.TRANSPOSE, Op.SCALE, Op.SOFTMAX, Op.NORM, Op.COS, Op.DIST})
+
+
+# The DSL's function names and their ops / arities. The grammar parses any NAME(args);
+# this table decides which names exist.
+FUNCTIONS: dict[str, tuple[Op, int]] = {
+    "exp": (Op.EXP, 1), "log": (Op.LOG, 1), "sqrt": (Op.SQRT, 1), "abs": (Op.ABS, 1),
+    "relu": (Op.RELU, 1), "sigmoid": (Op.SIGMOID, 1), "tanh": (Op.TANH, 1),
+    "softplus": (Op.SOFTPLUS, 1), "logsigmoid": (Op.LOGSIGMOID, 1), "softsign": (Op.SOFTSIGN, 1),
+    "neg": (Op.NEG, 1), "transpose": (Op.TRANSPOSE, 1), "scale": (Op.SCALE, 1),
+    "softmax": (Op.SOFTMAX, 1), "norm": (Op.NORM, 1),
+    "cos": (Op.COS, 2), "dist": (Op.DIST, 2), "max": (Op.MAX, 2), "min": (Op.MIN, 2),
+    "pow": (Op.POW, 2), "add": (Op.ADD, 2), "matmul": (Op.MATMUL, 2),
+    "where": (Op.WHERE, 3), "mask": (Op.WHERE, 2),  # mask(x, cond) == where(cond, x, -inf)
+}
+
+# Math of every op, for the README's reference, `attnc ops`, and error hints.
+OP_DOC: dict[Op, str] = {
+    Op.NEG: "-x", Op.ADD: "x + y (broadcasting)", Op.SUB: "x - y", Op.MUL: "x * y elementwise",
+    Op.DIV: "x / y elementwise", Op.POW: "x ^ c, elementwise power", Op.MAX: "max(x, y) elementwise",
+    Op.MIN: "min(x, y) elementwise", Op.EXP: "e^x", Op.LOG: "ln x", Op.SQRT: "sqrt(x)",
+    Op.ABS: "|x|", Op.RELU: "max(x, 0)", Op.SIGMOID: "1 / (1 + e^-x)", Op.TANH: "tanh x",
+    Op.SOFTPLUS: "log(1 + e^x)", Op.LOGSIGMOID: "log(sigmoid(x)) = -softplus(-x)",
+    Op.SOFTSIGN: "x / (1 + |x|)", Op.MATMUL: "x @ y, (a,b)@(b,c) -> (a,c)",
+    Op.TRANSPOSE: "x^T", Op.SCALE: "x / sqrt(last dim of x)",
+    Op.SOFTMAX: "exp(x_ij) / sum_j exp(x_ij), row-wise", Op.NORM: "sqrt(sum_j x_ij^2), (a,b) -> (a,1)",
+    Op.COS: "cos(x, y)_ab = x_a . y_b / (|x_a| |y_b|)",
+    Op.DIST: "dist(x, y)_ab = |x_a - y_b|_2",
+    Op.WHERE: "where(c, x, y) = x where c else y; mask(x, c) = where(c, x, -inf)",
+}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One IR operation. Change only through `replace(node, ...)`."""
+
+    op: Op
+    operands: tuple[int, ...] = ()          # graph node ids, in order
+    shape: Shape = ()                       # symbolic shape
+    name: str | None = None                 # INPUT / SYMBOL / INDEX name
+    value: float | None = None              # CONST value
+    span: Span | None = field(default=None, compare=False)
+
+    def replace(self, **kw) -> "Node":
+        return replace(self, **kw)
+
+    @property
+    def is_bool(self) -> bool:
+        return self.op in GroupOp.Boolean
+
+
+class GraphBuilder:
+    """Builds a formula graph, hash-consing identical nodes (same op, operands, attrs)."""
+
+    def __init__(self, source: str = "", name: str | None = None):
+        self.g = nx.DiGraph(source=source, name=name, output=None)
+        self._memo: dict[tuple, int] = {}
+
+    def add(self, node: Node) -> int:
+        key = (node.op, node.operands, node.name, node.value)
+        if node.op is Op.CONST and node.value is not None:
+            key = (node.op, (), None, float(node.value).hex())
+        if key in self._memo:
+            return self._memo[key]
+        nid = len(self.g)
+        self.g.add_node(nid, node=node)
+        for idx, src in enumerate(node.operands):
+            # an operand used twice (x * x) keeps one edge; positions live on the Node
+            self.g.add_edge(src, nid, index=idx)
+        self._memo[key] = nid
+        return nid
+
+    def finish(self, output: int) -> nx.DiGraph:
+        self.g.graph["output"] = output
+        return prune(self.g)
+
+
+def node_of(g: nx.DiGraph, nid: int) -> Node:
+    return g.nodes[nid]["node"]
+
+
+def output_of(g: nx.DiGraph) -> int:
+    return g.graph["output"]
+
+
+def topo(g: nx.DiGraph) -> Iterator[tuple[int, Node]]:
+    """Nodes in a deterministic topological order (ties broken by node id)."""
+    for nid in nx.lexicographical_topological_sort(g):
+        yield nid, g.nodes[nid]["node"]
+
+
+def prune(g: nx.DiGraph) -> nx.DiGraph:
+    """Drop nodes the output does not depend on (unused let bindings)."""
+    out = g.graph["output"]
+    keep = nx.ancestors(g, out) | {out}
+    if len(keep) == len(g):
+        return g
+    return g.subgraph(keep).copy()
+
+
+def inputs_used(g: nx.DiGraph) -> tuple[str, ...]:
+    names = {n.name for _, n in _nodes(g) if n.op is Op.INPUT}
+    return tuple(x for x in INPUT_NAMES if x in names)
+
+
+def op_counts(g: nx.DiGraph) -> dict[str, int]:
+    c = Counter(n.op.value for _, n in _nodes(g) if n.op not in GroupOp.Leaf)
+    return dict(sorted(c.items()))
+
+
+def path_length(g: nx.DiGraph) -> int:
+    """Operations on the longest input -> output path (leaves not counted)."""
+    depth: dict[int, int] = {}
+    for nid, node in topo(g):
+        preds = [depth[p] for p in g.predecessors(nid)]
+        depth[nid] = (max(preds) if preds else 0) + (0 if node.op in GroupOp.Leaf else 1)
+    return depth[output_of(g)]
+
+
+def _nodes(g: nx.DiGraph) -> Iterable[tuple[int, Node]]:
+    return ((nid, data["node"]) for nid, data in g.nodes(data=True))
+
+
+def label(node: Node) -> str:
+    if node.op is Op.CONST:
+        return format_number(node.value)
+    if node.op in (Op.INPUT, Op.SYMBOL, Op.INDEX):
+        return node.name
+    return node.op.value
+
+
+def format_number(x: float) -> str:
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    if float(x).is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return repr(float(x))
+
+
+def shape_str(shape: Shape) -> str:
+    if shape == ():
+        return "scalar"
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def to_dot(g: nx.DiGraph, title: str | None = None) -> str:
+    """A graphviz picture of the graph: one box per op with its shape, edges labelled by position."""
+    out = output_of(g)
+    lines = ["digraph attnc {", '  rankdir="BT";', '  node [fontname="Helvetica", fontsize=11];']
+    if title or g.graph.get("source"):
+        text = (title or g.graph["source"]).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\l")
+        lines.append(f'  labelloc="t"; label="{text}";')
+    for nid, node in topo(g):
+        if node.op is Op.INPUT:
+            style = 'shape=ellipse, style=filled, fillcolor="#cfe2ff"'
+        elif node.op in GroupOp.Leaf:
+            style = 'shape=ellipse, style=filled, fillcolor="#eeeeee"'
+        elif node.op in GroupOp.Matrix:
+            style = 'shape=box, style="rounded,filled", fillcolor="#ffe5b4"'
+        else:
+            style = 'shape=box, style="rounded,filled", fillcolor="#e2f0d9"'
+        if nid == out:
+            style += ", penwidth=2.5"
+        lab = label(node) + ("" if node.shape == () else f"\\n{shape_str(node.shape)}")
+        lines.append(f'  n{nid} [label="{lab}", {style}];')
+    for nid, node in topo(g):
+        for idx, src in enumerate(node.operands):
+            extra = f' [label="{idx}", fontsize=9]' if len(node.operands) > 1 else ""
+            lines.append(f"  n{src} -> n{nid}{extra};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,139 @@
+"""Runtime helpers the generated PyTorch code calls (the reference / CPU path).
+
+Tensors are (B, H, rows, cols); a key-padding `keep` mask is (B, 1, 1, n) bool, True = real
+token, or None. Padding semantics, the same in every backend: every reduction over the token
+axis n (softmax over an n-long row, a matmul whose inner dim is n, norm/cos/dist over n-long
+rows) ignores padded tokens, so padded keys contribute nothing to any output row. Rows whose
+every entry is masked give 0 from softmax, never NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ---- scalars (python floats; symbolic n and d are ints at run time) --------------------------
+
+
+def s_log(x: float) -> float:
+    return math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
+
+
+def s_sqrt(x: float) -> float:
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
+def s_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def s_softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def s_sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + s_exp(-x))
+
+
+def s_pow(x: float, y: float) -> float:
+    try:
+        return float(x ** y) if not (x < 0 and not float(y).is_integer()) else math.nan
+    except (OverflowError, ZeroDivisionError):
+        return math.inf
+
+
+def s_div(x: float, y: float) -> float:
+    if y == 0:
+        return math.copysign(math.inf, x) if x != 0 else math.nan
+    return x / y
+
+
+# ---- tensors -----------------------------------------------------------------------------------
+
+
+def key_keep(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, n) bool key padding mask -> (B, 1, 1, n) broadcastable keep mask."""
+    if mask is None:
+        return None
+    return mask[:, None, None, :]
+
+
+def row_index(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device, dtype=like.dtype).view(n, 1)  # (n, 1)
+
+
+def col_index(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device, dtype=like.dtype).view(1, n)  # (1, n)
+
+
+def mask_cols(x: torch.Tensor, keep: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor:
+    """Set the padded columns (last axis, token positions) of x to `fill`."""
+    return x if keep is None else x.masked_fill(~keep, fill)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b; with `keep` (inner dim is n) padded tokens are dropped from the contraction."""
+    if keep is not None:
+        a = mask_cols(a, keep)
+        b = mask_cols(b.transpose(-1, -2), keep).transpose(-1, -2)
+    return a @ b
+
+
+def softmax(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Row softmax, safe for -inf entries and fully masked rows (which give 0)."""
+    if keep is not None:
+        x = x.masked_fill(~keep, -math.inf)
+    m = x.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x - m)
+    s = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(s > 0, s, torch.ones_like(s))
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with a zero (not NaN) gradient at 0 and 0 for tiny negative round-off."""
+    pos = x > 0
+    return torch.where(pos, x, torch.ones_like(x)).sqrt() * pos
+
+
+def norm(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Row L2 norm, keepdim: (.., a, b) -> (.., a, 1)."""
+    x = mask_cols(x, keep)
+    return safe_sqrt((x * x).sum(dim=-1, keepdim=True))
+
+
+def scale(x: torch.Tensor) -> torch.Tensor:
+    return x / math.sqrt(x.shape[-1])
+
+
+def cos(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None,
+        eps: float = 1e-8) -> torch.Tensor:
+    """Pairwise cosine similarity of rows: (.., a, m), (.., b, m) -> (.., a, b)."""
+    a = mask_cols(a, keep)
+    b = mask_cols(b, keep)
+    an = a / norm(a).clamp_min(eps)
+    bn = b / norm(b).clamp_min(eps)
+    return an @ bn.transpose(-1, -2)
+
+
+def dist(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Pairwise euclidean distance of rows: (.., a, m), (.., b, m) -> (.., a, b)."""
+    a = mask_cols(a, keep)
+    b = mask_cols(b, keep)
+    sq = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1, keepdim=True).transpose(-1, -2) \
+        - 2 * (a @ b.transpose(-1, -2))
+    return safe_sqrt(sq)
+
+
+def softsign(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + x.abs())
+
+
+logsigmoid = F.logsigmoid
+softplus = F.softplus
+relu = torch.relu
+sigmoid = torch.sigmoid
