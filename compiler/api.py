@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import networkx as nx
 
-from attnc.grammar.parser import parse
+from attnc.grammar.parser import parse, parse_file
 
 from . import cache as _cache
 from .check import DEFAULT_CHECKS, CheckOptions, check
@@ -78,24 +78,57 @@ def analyze(text: str, *, name: str | None = None, checks: CheckOptions = DEFAUL
             _ANALYSES.move_to_end(key)
             return hit
     try:
-        graph = parse(text, name=name)
-        graph = check(graph, checks)
-        expr = simplify(to_sympy(graph))
-        canonical = print_canonical(expr)
-        simplified = lower(expr, source=text, name=name, fallback=graph)
-        if not inputs_used(simplified):
-            out = node_of(graph, output_of(graph))
-            raise CheckError("after simplification the output does not depend on any input "
-                             f"(it is {canonical})", out.span,
-                             hint="terms that cancel (x - x, 0 * x) leave nothing to attend over")
+        result = _analyze_graph(parse(text, name=name), text, text, name, checks)
     except AttncError as e:
         raise e.with_source(text, name)
-    result = Analysis(text, name, graph, simplified, expr, canonical, formula_hash(canonical), checks)
     with _LOCK:
         _ANALYSES[key] = result
         while len(_ANALYSES) > _MEMO_SIZE:
             _ANALYSES.popitem(last=False)
     return result
+
+
+def analyze_file(text: str, *, path: str | None = None,
+                 checks: CheckOptions = DEFAULT_CHECKS) -> list[Analysis]:
+    """Analyze every formula of a file (`formula NAME = ...` definitions, or one bare formula)."""
+    out = []
+    try:
+        for f in parse_file(text, name=None):
+            out.append(_analyze_graph(f.graph, f.snippet, text, f.name, checks))
+    except AttncError as e:
+        raise e.with_source(text, path)
+    return out
+
+
+def compile_file(text: str, backend: str = "torch", *, path: str | None = None,
+                 checks: CheckOptions = DEFAULT_CHECKS, cache_dir=None) -> dict[str, "CompiledAttention"]:
+    """Compile every formula of a file; returns {name: CompiledAttention} in file order."""
+    return {a.name or "formula": _compile_analysis(a, backend, cache_dir, {})
+            for a in analyze_file(text, path=path, checks=checks)}
+
+
+def _analyze_graph(graph, source: str, full_text: str, name, checks: CheckOptions) -> Analysis:
+    try:
+        graph = check(graph, checks)
+        expr = simplify(to_sympy(graph))
+        canonical = print_canonical(expr)
+        simplified = lower(expr, source=source, name=name, fallback=graph)
+        _check_simplified(graph, simplified, canonical, checks)
+    except AttncError as e:
+        raise e.with_source(full_text, name)
+    return Analysis(source, name, graph, simplified, expr, canonical, formula_hash(canonical), checks)
+
+
+def _check_simplified(graph, simplified, canonical: str, checks: CheckOptions) -> None:
+    """Inputs that cancel (x - x, 0 * x) are gone after simplification: check the count again."""
+    used = inputs_used(simplified)
+    if len(used) >= min(checks.min_inputs, len(inputs_used(graph))) and used:
+        return
+    out = node_of(graph, output_of(graph))
+    what = "any input" if not used else f"only {' '.join(used)}"
+    raise CheckError(f"after simplification the output depends on {what} (it is {canonical})",
+                     out.span, hint="terms that cancel (x - x, 0 * x) do not count as uses; "
+                     f"use at least {checks.min_inputs} inputs for real")
 
 
 class CompiledAttention:
@@ -178,6 +211,12 @@ def compile(formula: str, backend: str = "torch", *, name: str | None = None,
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
     analysis = analyze(formula, name=name, checks=checks)
+    return _compile_analysis(analysis, backend, cache_dir, backend_options)
+
+
+def _compile_analysis(analysis: Analysis, backend: str, cache_dir, backend_options: dict):
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "triton" if _triton_usable() else "torch"
     key = (analysis.hash, backend, str(cache_dir), tuple(sorted(backend_options.items())))
@@ -213,7 +252,6 @@ def _build_torch(analysis: Analysis, cache_dir) -> CompiledAttention:
 
 
 def _module_from_source(source: str, digest: str):
-    import importlib.util
     import sys
     import tempfile
 
@@ -222,7 +260,6 @@ def _module_from_source(source: str, digest: str):
         path.write_text(source)
         mod = _cache.load_module(path, f"attnc_gen.mem_{digest}")
     sys.modules.pop(f"attnc_gen.mem_{digest}", None)
-    del importlib
     return mod
 
 
@@ -240,4 +277,4 @@ _MEMO_SIZE = 4096
 _ANALYSES: OrderedDict = OrderedDict()
 _COMPILED: OrderedDict = OrderedDict()
 
-__all__ = ["compile", "analyze", "Analysis", "CompiledAttention", "formula_hash", "INPUT_NAMES"]
+__all__ = ["compile", "compile_file", "analyze", "analyze_file", "Analysis", "CompiledAttention", "formula_hash", "INPUT_NAMES"]

@@ -51,8 +51,9 @@ class Formula:
     """One parsed formula: its name (None for a bare formula), text and IR graph."""
 
     name: str | None
-    source: str
+    source: str          # the whole text the formula came from (spans refer to it)
     graph: nx.DiGraph
+    snippet: str         # this formula's own text
 
 
 def parse(text: str, name: str | None = None) -> nx.DiGraph:
@@ -154,7 +155,10 @@ class _Builder:
                                      hint=f"the first definition is at {seen[fname]}; rename one")
                 seen[fname] = _span(s.children[0])
                 body = s.children[1:]
-                out.append(self._formula(fname, shared + list(body), {}, _span(s.meta)))
+                spans = [_span(c.meta) if isinstance(c, Tree) else _span(c) for c in body]
+                spans = [x for x in spans if x is not None]
+                body_span = spans[0].merge(spans[-1]) if spans else _span(s.meta)
+                out.append(self._formula(fname, shared + list(body), {}, body_span))
             else:
                 raise ParseError("a file of named formulas cannot also hold a bare expression",
                                  _span(s.meta) if isinstance(s, Tree) else _span(s),
@@ -194,7 +198,9 @@ class _Builder:
             raise ParseError("empty formula", span, hint="write an expression such as "
                              "softmax(Q @ K^T / sqrt(d)) @ V")
         graph = self.gb.finish(result)
-        return Formula(fname, self.text, graph)
+        snippet = self.text[span.start:span.end] if span is not None else self.text
+        graph.graph["source"] = snippet
+        return Formula(fname, self.text, graph, snippet)
 
     # -- expressions --------------------------------------------------------------------------
     def node(self, op: Op, operands: list[int], span: Span | None, **attrs) -> int:

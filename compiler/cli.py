@@ -1,0 +1,277 @@
+"""`attnc compile | check | equiv | ops | demo` — the compiler's commands (this module prints)."""
+from __future__ import annotations
+
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .api import analyze, analyze_file, compile as compile_formula
+from .check import CheckOptions
+from .equiv import equivalent, fingerprint
+from .errors import AttncError, BackendError
+from .ir import FUNCTIONS, OP_DOC, Op, label, shape_str, topo
+from .report import report
+
+PAPER_FORMULAS = {
+    "standard": "softmax(Q @ K^T / sqrt(d)) @ V",
+    "autobert-zero layer 2": "softmax(Q @ log(1 + exp(K^T)) / sqrt(d)) @ (K + Q)",
+    "autobert-zero layer 12": "softmax(Q @ (K / sqrt(d) + V)^T / sqrt(d)) @ V",
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compile", help="compile formulas and show what came out",
+                       description="Compile a formula (or a file of `formula NAME = ...` "
+                                   "definitions) and report its canonical form, hash, inputs, "
+                                   "parameters and FLOPs.")
+    p.add_argument("formula", metavar="FORMULA_OR_FILE")
+    p.add_argument("--show", choices=["ir", "sympy", "code", "triton"], action="append", default=[],
+                   help="also print the IR, the SymPy expression, the generated PyTorch code or "
+                        "the generated Triton code (repeatable)")
+    p.add_argument("--graph", metavar="OUT.{dot,png,svg}", help="write a picture of the formula DAG")
+    p.add_argument("--simplified", action="store_true", help="draw the simplified graph with --graph")
+    p.add_argument("--explain", action="store_true", help="say which kernel class the formula falls in")
+    p.add_argument("--json", action="store_true", help="print one JSON object (a list for files)")
+    p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"],
+                   help="backend whose code to generate (default torch)")
+    p.add_argument("--dtype", default="float32", help="dtype for --show triton (default float32)")
+    _size_args(p)
+    _check_args(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("check", help="check a formula (parse, shapes, inputs) without compiling")
+    p.add_argument("formula", metavar="FORMULA_OR_FILE")
+    _check_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("equiv", help="are two formulas equal? exit 0 if so, 1 if not",
+                       description="Exit 0 when the formulas are equivalent (by the rewrite rules, "
+                                   "or numerically on random float64 inputs), 1 when not.")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true")
+    _check_args(p)
+    p.set_defaults(func=cmd_equiv)
+
+    p = sub.add_parser("ops", help="list the operations of the formula language")
+    p.set_defaults(func=cmd_ops)
+
+    p = sub.add_parser("demo", help="the main job: compile the paper's formulas (and, with the "
+                                    "runtime, pretrain and fine-tune a tiny hybrid)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--compile-only", action="store_true", help="only compile the paper's formulas")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (runtime demo)")
+    p.set_defaults(func=cmd_demo)
+
+
+def _size_args(p) -> None:
+    g = p.add_argument_group("sizes for the parameter and FLOP counts")
+    g.add_argument("--seq", type=int, default=128, help="sequence length n (default 128)")
+    g.add_argument("--dim", type=int, default=64, help="head dim d (default 64)")
+    g.add_argument("--heads", type=int, default=12, help="heads (default 12)")
+    g.add_argument("--hidden", type=int, default=768, help="hidden size (default 768)")
+    g.add_argument("--batch", type=int, default=1, help="batch (default 1)")
+
+
+def _check_args(p) -> None:
+    p.add_argument("--min-inputs", type=int, default=2, help="fewest distinct inputs (default 2)")
+    p.add_argument("--max-inputs", type=int, default=4, help="most distinct inputs (default 4)")
+
+
+def _checks(args) -> CheckOptions:
+    return CheckOptions(min_inputs=args.min_inputs, max_inputs=args.max_inputs)
+
+
+def _analyses(text_or_path: str, checks: CheckOptions):
+    path = Path(text_or_path)
+    looks_like_file = "\n" not in text_or_path and len(text_or_path) < 4096 and (
+        path.suffix in (".attn", ".txt", ".formula") or path.is_file())
+    if looks_like_file:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise AttncError(f"cannot read formula file {text_or_path}: {e.strerror}",
+                             hint="pass a formula in quotes or an existing file") from None
+        return analyze_file(text, path=str(path), checks=checks)
+    return [analyze(text_or_path, checks=checks)]
+
+
+def cmd_compile(args) -> int:
+    checks = _checks(args)
+    results = []
+    for a in _analyses(args.formula, checks):
+        rep = report(a, n=args.seq, d=args.dim, batch=args.batch, heads=args.heads, hidden=args.hidden)
+        fn = compile_formula(a.source, backend=args.backend, name=a.name, checks=checks) \
+            if a.name is None else None
+        entry = rep.to_dict()
+        entry["fingerprint"] = fingerprint(a.simplified)
+        if args.explain or "triton" in args.show:
+            from attnc.kernels import explain
+            entry["kernel"] = explain(a)
+        results.append((a, rep, entry, fn))
+    if args.graph:
+        a = results[0][0]
+        if len(results) > 1:
+            stem = Path(args.graph)
+            for k, (ak, *_rest) in enumerate(results):
+                _write_graph(ak, str(stem.with_name(f"{stem.stem}_{ak.name or k}{stem.suffix}")),
+                             args.simplified)
+        else:
+            _write_graph(a, args.graph, args.simplified)
+    if args.json:
+        objs = [e for _, _, e, _ in results]
+        print(json.dumps(objs[0] if len(objs) == 1 else objs, indent=2))
+        return 0
+    for a, rep, entry, fn in results:
+        _print_report(a, rep, entry)
+        for what in args.show:
+            print(f"\n--- {what} ---")
+            print(_show(a, what, args, fn))
+        if len(results) > 1:
+            print()
+    return 0
+
+
+def _print_report(a, rep, entry) -> None:
+    title = f"[{a.name}] " if a.name else ""
+    print(f"{title}{' '.join(a.source.split())}")
+    print(f"  canonical   {rep.canonical}")
+    print(f"  hash        {rep.hash}   (float64 fingerprint {entry['fingerprint']})")
+    print(f"  inputs      {' '.join(rep.inputs)}   path length {rep.path_length}   ops "
+          + ", ".join(f"{k} {v}" for k, v in rep.ops.items()))
+    s = rep.sizes
+    print(f"  params      {rep.params:,}   (projections for hidden {s['hidden']}, {s['heads']} heads "
+          f"of {s['d']})")
+    print(f"  flops       {rep.flops:,}   (per head: {rep.flops_per_head}; n={s['n']}, d={s['d']}, "
+          f"batch {s['batch']}, {s['heads']} heads)")
+    if "kernel" in entry:
+        print("  kernel      " + entry["kernel"].replace("\n", "\n              "))
+
+
+def _show(a, what: str, args, fn) -> str:
+    if what == "ir":
+        return format_ir(a.graph) + "\n\nsimplified:\n" + format_ir(a.simplified)
+    if what == "sympy":
+        return str(a.expr)
+    if what == "code":
+        if fn is None:
+            fn = compile_formula(a.canonical, backend="torch", checks=a.checks)
+        return fn.source
+    from attnc.kernels import triton_source
+    return triton_source(a, dtype=args.dtype, head_dim=args.dim)
+
+
+def format_ir(g) -> str:
+    lines = []
+    for nid, node in topo(g):
+        ops = ", ".join(f"%{o}" for o in node.operands)
+        where = f"  @ {node.span}" if node.span else ""
+        text = label(node) if node.op in (Op.INPUT, Op.SYMBOL, Op.INDEX, Op.CONST) else node.op.value
+        lines.append(f"%{nid} = {text}{' ' + ops if ops else ''} : {shape_str(node.shape)}{where}")
+    return "\n".join(lines)
+
+
+def _write_graph(a, out: str, simplified: bool) -> None:
+    dot = a.dot(simplified=simplified)
+    path = Path(out)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("dot", "gv", "png", "svg", "pdf"):
+        raise AttncError(f"--graph {out}: unknown picture format {fmt!r}", hint="use .dot, .png or .svg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ("dot", "gv"):
+        path.write_text(dot)
+    else:
+        exe = shutil.which("dot")
+        if exe is None:
+            raise BackendError(f"cannot draw {out}: graphviz's `dot` is not installed",
+                               hint="install it (apt-get install graphviz) or write a .dot file")
+        subprocess.run([exe, f"-T{fmt}", "-o", str(path)], input=dot.encode(), check=True)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_check(args) -> int:
+    for a in _analyses(args.formula, _checks(args)):
+        name = f"[{a.name}] " if a.name else ""
+        print(f"ok: {name}{a.canonical}   inputs {' '.join(a.inputs)}")
+    return 0
+
+
+def cmd_equiv(args) -> int:
+    checks = _checks(args)
+    a, b = analyze(args.a, checks=checks), analyze(args.b, checks=checks)
+    res = equivalent(a, b)
+    if args.json:
+        print(json.dumps({"equivalent": res.equal, "how": res.how or None, "max_diff": res.max_diff,
+                          "a": a.canonical, "b": b.canonical, "hash_a": a.hash, "hash_b": b.hash}))
+    elif res.equal and res.how == "rules":
+        print(f"equivalent by the rewrite rules: both are {a.canonical}  [{a.hash}]")
+    elif res.equal:
+        print(f"numerically equivalent (max |a - b| = {res.max_diff:.3g} on random float64 inputs); "
+              f"the rules give different forms:\n  a: {a.canonical}\n  b: {b.canonical}")
+    else:
+        print(f"not equivalent (max |a - b| = {res.max_diff:.3g}):\n  a: {a.canonical}\n  b: {b.canonical}")
+    return 0 if res.equal else 1
+
+
+def cmd_ops(args) -> int:
+    names = {op: [k for k, (o, _) in FUNCTIONS.items() if o is op] for op in OP_DOC}
+    print(f"{'op':12s} {'write it as':28s} math")
+    syntax = {Op.NEG: "-x", Op.ADD: "x + y", Op.SUB: "x - y", Op.MUL: "x * y", Op.DIV: "x / y",
+              Op.POW: "x ^ c", Op.MATMUL: "x @ y", Op.TRANSPOSE: "x^T, transpose(x)"}
+    for op, doc in OP_DOC.items():
+        how = syntax.get(op, ", ".join(f"{k}(...)" for k in names[op]))
+        print(f"{op.value:12s} {how:28s} {doc}")
+    print("\ninputs Q K V P (n x d); sizes n d; positions i (n x 1), j (1 x n); constants, inf, pi, e;")
+    print("comparisons < <= > >= == != and & | ! only inside where(cond, x, y) / mask(x, cond);")
+    print("`let name = expr` bindings, `#` comments, `formula NAME = ...` / `formula NAME { ... }` files.")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    print("== attnc demo: the AutoBERT-Zero paper's formulas ==")
+    for title, text in PAPER_FORMULAS.items():
+        a = analyze(text)
+        rep = report(a)
+        fn = compile_formula(text)
+        print(f"\n[{title}] {text}")
+        print(f"  canonical  {a.canonical}")
+        print(f"  hash {a.hash}  inputs {' '.join(a.inputs)}  params {rep.params:,}  "
+              f"flops {rep.flops:,} (n=128, d=64, 12 heads)")
+        try:
+            from attnc.kernels import explain
+            print("  kernel     " + explain(a).splitlines()[0])
+        except (ImportError, AttncError):
+            pass
+        _smoke(fn)
+    if args.compile_only:
+        return 0
+    try:
+        from attnc.runtime.demo import run_demo
+    except ImportError:
+        print("\n(the runtime is not installed; compile-only demo)")
+        return 0
+    print("\n== pretrain a tiny attention/conv hybrid on wiki-sample, fine-tune on rt-polarity ==")
+    kw = {} if args.steps is None else {"steps": args.steps}
+    metrics = run_demo(os.fspath(args.out), progress=True, **kw)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _smoke(fn) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, p = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(4))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 12:] = False
+    out = fn(q=q, k=k, v=v, p=p, key_padding_mask=mask)
+    print(f"  ran on (2, 2, 16, 8) with padding: output {tuple(out.shape)}, "
+          f"finite={bool(torch.isfinite(out).all())}")
+
+
+__all__ = ["register", "PAPER_FORMULAS", "format_ir"]
+

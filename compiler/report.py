@@ -1,0 +1,87 @@
+"""Per-formula reports: canonical form, inputs, projection parameters and FLOPs.
+
+FLOPs count one per multiply-add half (a matmul (a, b) @ (b, c) is 2abc), one per elementwise
+op or transcendental, 5 per softmax entry (max, subtract, exp, sum, divide), and are given per
+(batch, head) as a polynomial in n and d as well as for concrete sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import networkx as nx
+import sympy as sp
+
+from .ir import GroupOp, Op, inputs_used, op_counts, path_length, topo
+from .symbolic import n as N_SYM, d as D_SYM
+
+_SIZE = {"n": N_SYM, "d": D_SYM, 1: sp.Integer(1)}
+
+
+def _numel(shape) -> sp.Expr:
+    out = sp.Integer(1)
+    for s in shape:
+        out *= _SIZE[s]
+    return out
+
+
+def flops_expr(g: nx.DiGraph) -> sp.Expr:
+    """FLOPs per (batch, head) as a polynomial in n and d."""
+    total = sp.Integer(0)
+    for _, node in topo(g):
+        if node.op in GroupOp.Leaf or node.shape == () or node.op is Op.TRANSPOSE:
+            continue
+        ins = [g.nodes[o]["node"].shape for o in node.operands]
+        out = _numel(node.shape)
+        if node.op is Op.MATMUL:
+            total += 2 * out * _SIZE[ins[0][1]]
+        elif node.op is Op.SOFTMAX:
+            total += 5 * out
+        elif node.op is Op.NORM:
+            total += 2 * _numel(ins[0]) + out
+        elif node.op is Op.COS:
+            m = _SIZE[ins[0][1]]
+            total += 2 * out * m + 3 * (_numel(ins[0]) + _numel(ins[1])) + out
+        elif node.op is Op.DIST:
+            m = _SIZE[ins[0][1]]
+            total += 2 * out * m + 2 * (_numel(ins[0]) + _numel(ins[1])) + 4 * out
+        else:
+            total += out
+    return sp.expand(total)
+
+
+def projection_params(inputs, hidden: int, heads: int, head_dim: int) -> int:
+    """Weights + biases of the per-input projections (hidden -> heads*head_dim) and the output
+    projection (heads*head_dim -> hidden) of one attention layer."""
+    inner = heads * head_dim
+    return len(inputs) * (hidden * inner + inner) + (inner * hidden + hidden)
+
+
+@dataclass(frozen=True)
+class Report:
+    name: str | None
+    formula: str
+    canonical: str
+    hash: str
+    inputs: tuple[str, ...]
+    ops: dict
+    path_length: int
+    flops_per_head: str
+    flops: int
+    params: int
+    sizes: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def report(analysis, *, n: int = 128, d: int = 64, batch: int = 1, heads: int = 12,
+           hidden: int = 768) -> Report:
+    g = analysis.simplified
+    expr = flops_expr(g)
+    flops = int(expr.subs({N_SYM: n, D_SYM: d})) * batch * heads
+    return Report(
+        name=analysis.name, formula=analysis.source.strip(), canonical=analysis.canonical,
+        hash=analysis.hash, inputs=inputs_used(g), ops=op_counts(analysis.graph),
+        path_length=path_length(analysis.graph), flops_per_head=str(expr), flops=flops,
+        params=projection_params(inputs_used(g), hidden, heads, d),
+        sizes={"n": n, "d": d, "batch": batch, "heads": heads, "hidden": hidden})
