@@ -4,12 +4,13 @@
     fn = attnc.compile("softmax(Q @ K^T / sqrt(d)) @ V", backend="torch")
     out = fn(q=q, k=k, v=v, key_padding_mask=mask)   # (batch, heads, n, d)
 """
-from attnc.compiler.api import Analysis, CompiledAttention, analyze, compile
+from attnc.compiler.api import (Analysis, CompiledAttention, analyze, analyze_file, compile,
+                                compile_file)
 from attnc.compiler.check import CheckOptions
 from attnc.compiler.errors import (AttncError, BackendError, CheckError, ConfigError, DataError,
                                    ParseError, ShapeError)
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "analyze", "Analysis", "CompiledAttention", "CheckOptions", "AttncError",
+__all__ = ["compile", "compile_file", "analyze", "analyze_file", "Analysis", "CompiledAttention", "CheckOptions", "AttncError",
            "ParseError", "ShapeError", "CheckError", "BackendError", "ConfigError", "DataError"]

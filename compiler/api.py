@@ -115,6 +115,8 @@ def _analyze_graph(graph, source: str, full_text: str, name, checks: CheckOption
         simplified = lower(expr, source=source, name=name, fallback=graph)
         _check_simplified(graph, simplified, canonical, checks)
     except AttncError as e:
+        if e.span is None:   # errors of the symbolic stage point at the whole formula
+            e.span = node_of(graph, output_of(graph)).span
         raise e.with_source(full_text, name)
     return Analysis(source, name, graph, simplified, expr, canonical, formula_hash(canonical), checks)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from .errors import CheckError, ShapeError
-from .ir import GroupOp, Op, inputs_used, node_of, output_of, shape_str, topo
+from .ir import Op, inputs_used, node_of, output_of, shape_str, topo
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,63 @@ def check(g: nx.DiGraph, options: CheckOptions = DEFAULT_CHECKS) -> nx.DiGraph:
                 raise CheckError(f"non-finite constant {node.value} used in arithmetic", node.span,
                                  hint="inf may only fill masked entries: where(cond, x, -inf) or "
                                       "mask(x, cond)")
+    _check_scalars(g)
     return g
+
+
+# scalar sub-expressions are evaluated at these sizes; a non-finite value is an error
+SAMPLE_SIZES = ({"n": 7, "d": 5}, {"n": 512, "d": 64})
+_S_UNARY = {Op.NEG: lambda x: -x, Op.EXP: "s_exp", Op.LOG: "s_log", Op.SQRT: "s_sqrt", Op.ABS: abs,
+            Op.RELU: lambda x: max(x, 0.0), Op.SIGMOID: "s_sigmoid", Op.TANH: math.tanh,
+            Op.SOFTPLUS: "s_softplus", Op.LOGSIGMOID: lambda x: -_s("s_softplus")(-x),
+            Op.SOFTSIGN: lambda x: x / (1 + abs(x))}
+_S_BINARY = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
+             Op.DIV: "s_div", Op.POW: "s_pow", Op.MAX: max, Op.MIN: min}
+
+
+def _s(name):
+    from . import torch_ops
+    return getattr(torch_ops, name)
+
+
+def _check_scalars(g: nx.DiGraph) -> None:
+    """Evaluate every scalar sub-expression; reject ones that are not finite (log(0), 1/0, ...)."""
+    for sizes in SAMPLE_SIZES:
+        val: dict[int, float] = {}
+        for nid, node in topo(g):
+            if node.op is Op.DIV and val.get(node.operands[1]) == 0.0:
+                raise CheckError("division by zero", node.span,
+                                 hint="the divisor is a constant 0 (at " + ", ".join(
+                                     f"{k}={v}" for k, v in sizes.items()) + ")")
+            if node.shape != () or node.is_bool or node.op is Op.WHERE:
+                continue
+            if node.op is Op.CONST:
+                val[nid] = node.value
+                continue
+            if node.op is Op.SYMBOL:
+                val[nid] = float(sizes[node.name])
+                continue
+            args = [val.get(o) for o in node.operands]
+            if any(a is None for a in args):
+                continue
+            fn = _S_UNARY.get(node.op) or _S_BINARY.get(node.op)
+            if fn is None:
+                continue
+            fn = _s(fn) if isinstance(fn, str) else fn
+            try:
+                v = float(fn(*args))
+            except (OverflowError, ZeroDivisionError, ValueError):
+                v = math.nan
+            if not math.isfinite(v):
+                at = ", ".join(f"{k}={v}" for k, v in sizes.items()) if _has_symbol(g, nid) else ""
+                raise CheckError(f"this constant expression is not finite ({v}{' at ' + at if at else ''})",
+                                 node.span, hint="check for division by zero, log of 0 or of a "
+                                 "negative, sqrt of a negative, or overflow")
+            val[nid] = v
+
+
+def _has_symbol(g: nx.DiGraph, nid: int) -> bool:
+    return any(node_of(g, a).op is Op.SYMBOL for a in nx.ancestors(g, nid))
 
 
 def _only_fill(g: nx.DiGraph, nid: int) -> bool:
@@ -78,8 +134,4 @@ def _output_hint(shape) -> str:
     return "the output must be (n, d)"
 
 
-def fill_only_consts(g: nx.DiGraph) -> frozenset[int]:
-    return frozenset(nid for nid, n in topo(g) if n.op is Op.CONST and not math.isfinite(n.value))
-
-
-__all__ = ["CheckOptions", "DEFAULT_CHECKS", "check", "GroupOp"]
+__all__ = ["CheckOptions", "DEFAULT_CHECKS", "check"]

@@ -11,7 +11,7 @@ from typing import Callable
 from .errors import ShapeError, Span
 from .ir import GroupOp, Node, Op, Shape, shape_str
 
-SYM = {"@": Op.MATMUL}
+
 OP_TEXT = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "^", Op.MATMUL: "@",
            Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
            Op.AND: "&", Op.OR: "|", Op.NOT: "!", Op.NEG: "-", Op.TRANSPOSE: "^T"}

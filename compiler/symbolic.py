@@ -21,11 +21,11 @@ from typing import Callable
 
 import networkx as nx
 import sympy as sp
-from sympy import (HadamardPower, HadamardProduct, MatAdd, MatMul, MatrixExpr, MatrixSymbol, Transpose,
-                   ZeroMatrix)
+from sympy import (HadamardPower, HadamardProduct, MatAdd, MatMul, MatPow, MatrixExpr, MatrixSymbol,
+                   Transpose, ZeroMatrix)
 from sympy.core.symbol import Str
 
-from .errors import AttncError
+from .errors import AttncError, CheckError
 from .ir import GroupOp, INPUT_NAMES, GraphBuilder, Node, Op, node_of, output_of, topo
 from . import shapes
 
@@ -247,6 +247,17 @@ def coeff_and_mat(x):
     return ONE, x
 
 
+def chain_factors(x) -> list:
+    """The matrix factors of a product, with A^k (SymPy's MatPow of A @ A) written out."""
+    out = []
+    for a in x.args:
+        if isinstance(a, MatPow) and a.exp.is_Integer and a.exp > 0:
+            out.extend([a.base] * int(a.exp))
+        elif is_mat(a):
+            out.append(a)
+    return out
+
+
 def _canon(x):
     y = x.doit(deep=False)
     return None if y == x else y
@@ -310,13 +321,11 @@ def _hadamard_power(x):
         return Bcast(ONE, *x.shape)
     if isinstance(base, Bcast):
         return Bcast(base.value ** p if not is_mat(base.value) else HadamardPower(base.value, p), *x.shape)
-    if isinstance(base, HadamardPower) and p.is_integer:
+    if isinstance(base, HadamardPower) and p.is_integer and base.exp.is_integer:
         return HadamardPower(base.base, base.exp * p)
     c, m = coeff_and_mat(base)
     if c != 1 and (p.is_integer or c.is_positive):
         return MatMul(c ** p, HadamardPower(m, p))
-    if isinstance(base, Ew) and base.fname == "sqrt" and p == 2:
-        return base.arg  # sqrt(x)^2 -> x on the domain where sqrt is real
     return None
 
 
@@ -463,6 +472,11 @@ MAX_REWRITES = 200
 
 def simplify(expr):
     """Apply RULES bottom-up until no rule changes anything."""
+    bad = [a for a in sp.preorder_traversal(expr) if a in (sp.zoo, sp.nan, sp.I)]
+    if bad:
+        raise CheckError("a constant expression evaluates to a non-finite value "
+                         f"({bad[0]})",
+                         hint="check constant divisions by zero, log(0), sqrt of negatives")
     memo: dict = {}
     budget = [MAX_REWRITES]
 
@@ -541,7 +555,9 @@ def _p(x, elementwise: bool = True) -> tuple[str, int]:
         c, m = coeff_and_mat(x)
         if c != 1:
             return _scaled(c, _p(m, elementwise))
-        return " @ ".join(_wrap(_p(a, False), P_UNARY) for a in x.args), P_PROD
+        return " @ ".join(_wrap(_p(a, False), P_UNARY) for a in chain_factors(x)), P_PROD
+    if isinstance(x, MatPow):
+        return _p(MatMul(x), elementwise)
     if isinstance(x, HadamardProduct):
         parts = sorted(_wrap(_p(a), P_UNARY) for a in x.args)
         return " * ".join(parts), P_PROD
@@ -764,7 +780,10 @@ class _Lowering:
             c, m = coeff_and_mat(x)
             if c != 1:
                 return self._scaled(c, self.mat(m))
-            return self._chain([self.mat(a, exact=True) for a in x.args], list(x.args))
+            mats = chain_factors(x)
+            return self._chain([self.mat(a, exact=True) for a in mats], mats)
+        if isinstance(x, MatPow):
+            return self._mat(MatMul(x))
         if isinstance(x, HadamardProduct):
             ids = [self.mat(a) for a in x.args]
             out = ids[0]

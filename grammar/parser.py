@@ -61,7 +61,9 @@ def parse(text: str, name: str | None = None) -> nx.DiGraph:
     formulas = parse_file(text, name=name)
     if len(formulas) != 1:
         names = ", ".join(f.name or "?" for f in formulas)
-        raise ParseError(f"expected one formula, found {len(formulas)} ({names})", None, text,
+        second = formulas[1].graph
+        span = second.nodes[second.graph["output"]]["node"].span
+        raise ParseError(f"expected one formula, found {len(formulas)} ({names})", span, text,
                          hint="compile a file of several formulas with parse_file / attnc compile FILE")
     return formulas[0].graph
 
@@ -195,6 +197,7 @@ class _Builder:
                                      hint="bind intermediate values with 'let NAME = ...'")
                 result = self.expr(s, env)
         if result is None:
+            span = span or Span(1, 1, 1, 2, 0, 1)
             raise ParseError("empty formula", span, hint="write an expression such as "
                              "softmax(Q @ K^T / sqrt(d)) @ V")
         graph = self.gb.finish(result)
