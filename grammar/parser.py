@@ -70,6 +70,9 @@ def parse(text: str, name: str | None = None) -> nx.DiGraph:
 
 def parse_file(text: str, name: str | None = None) -> list[Formula]:
     """Parse a bare formula or a file of `formula NAME ...` definitions."""
+    if not isinstance(text, str):
+        raise ParseError(f"a formula must be a string, got {type(text).__name__}",
+                         hint='e.g. attnc.compile("softmax(Q @ K^T / sqrt(d)) @ V")')
     try:
         try:
             tree = _lark().parse(text)
@@ -95,7 +98,10 @@ def _syntax_error(e: UnexpectedInput, text: str) -> ParseError:
         msg, width = f"unexpected character {text[pos]!r}", 1
     else:  # pragma: no cover - lark's other subclasses
         msg, width = "syntax error", 1
-    expected = _expected(getattr(e, "expected", None) or getattr(e, "allowed", None) or set())
+    names = set(getattr(e, "expected", None) or getattr(e, "allowed", None) or set())
+    if text[:pos].count("{") <= text[:pos].count("}"):   # not inside a formula block
+        names.discard("RBRACE")
+    expected = _expected(names)
     hint = f"expected {expected}" if expected else None
     span = Span(line, col, line, col + width, pos, pos + width)
     return ParseError(msg, span, text, hint=hint)
@@ -116,6 +122,9 @@ _TOKEN_TEXT = {"NAME": "a name", "NUMBER": "a number", "LPAR": "'('", "RPAR": "'
 
 
 def _expected(names) -> str:
+    names = set(names)
+    if names - {"_NL", "SEMICOLON", "$END"}:   # newlines are always accepted by the post-lexer
+        names -= {"_NL", "SEMICOLON"}
     words = sorted({_TOKEN_TEXT.get(n, n.lower()) for n in names})
     if not words:
         return ""
