@@ -143,9 +143,10 @@ class CompiledAttention:
     """
 
     def __init__(self, analysis: Analysis, backend: str, impl: Callable, source: str,
-                 source_path: Path | None):
+                 source_path: Path | None, plan: str | None = None):
         self.analysis = analysis
         self.backend = backend
+        self.plan = plan or backend     # what runs: "torch", "streaming", "torch-fallback", ...
         self._impl = impl
         self.source = source            # generated source of the backend
         self.source_path = source_path

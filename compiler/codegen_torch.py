@@ -10,7 +10,7 @@ import networkx as nx
 
 from .ir import INPUT_NAMES, GroupOp, Node, Op, format_number, inputs_used, output_of, shape_str, topo
 
-CODEGEN_VERSION = "torch-1"
+CODEGEN_VERSION = "torch-2"
 
 _T_UNARY = {Op.NEG: "-{0}", Op.EXP: "torch.exp({0})", Op.LOG: "torch.log({0})",
             Op.SQRT: "torch.sqrt({0})", Op.ABS: "torch.abs({0})", Op.RELU: "ops.relu({0})",
@@ -111,7 +111,7 @@ def _op(node: Node, args: list[str], shapes: list) -> str:
             return f"{op.value}({args[0]}, {args[1]})"
         if scalar[1] or scalar[0]:
             t, s = (args[0], args[1]) if scalar[1] else (args[1], args[0])
-            return f"torch.clamp_{op.value}({t}, {s})"
+            return f"torch.clamp_{'min' if op is Op.MAX else 'max'}({t}, {s})"  # max(x, c) = clamp_min
         return f"torch.{'maximum' if op is Op.MAX else 'minimum'}({args[0]}, {args[1]})"
     if op in _T_LOGIC:
         if all(scalar):

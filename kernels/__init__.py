@@ -1,1 +1,31 @@
+"""attnc.kernels: fused Triton kernels generated from compiled formulas.
 
+    classify(graph)           -> Classification (streaming plan, or the reason it is not)
+    explain(analysis)         -> text: the class, q'/k'/v', score, normalisation, or the reason
+    triton_source(analysis, dtype="float32", head_dim=64) -> the generated Triton module
+    build_triton(analysis, cache_dir=None, **options)     -> CompiledAttention (backend "triton")
+
+Importing this package does not import triton; the kernels need it (and a CUDA device, or
+TRITON_INTERPRET=1 for the CPU interpreter) only when a streaming formula is built.
+"""
+from __future__ import annotations
+
+from .plan import Classification, StreamingPlan, classify
+
+
+def build_triton(analysis, cache_dir=None, **options):
+    from .runtime import build_triton as _build
+    return _build(analysis, cache_dir=cache_dir, **options)
+
+
+def explain(analysis) -> str:
+    from .runtime import explain as _explain
+    return _explain(analysis)
+
+
+def triton_source(analysis, dtype: str = "float32", head_dim: int = 64) -> str:
+    from .runtime import triton_source as _source
+    return _source(analysis, dtype=dtype, head_dim=head_dim)
+
+
+__all__ = ["Classification", "StreamingPlan", "build_triton", "classify", "explain", "triton_source"]

@@ -111,6 +111,13 @@ def test_causal_mask_and_alibi_against_manual():
     torch.testing.assert_close(fn(q=q, k=k, v=v), torch.softmax(s, -1) @ v)
 
 
+def test_elementwise_max_min_with_scalars_and_matrices():
+    q, k, v, _ = qkvp(n=5, d=4)
+    got = attnc.compile("max(Q, 0) * K + min(V, 0.5) + max(Q, K) - min(0, K)")(q=q, k=k, v=v)
+    want = q.clamp(min=0) * k + v.clamp(max=0.5) + torch.maximum(q, k) - k.clamp(max=0)
+    torch.testing.assert_close(got, want)
+
+
 def test_cos_and_dist_against_manual():
     q, k, v, _ = qkvp(n=7, d=5)
     cos = F.cosine_similarity(q[..., :, None, :], k[..., None, :, :], dim=-1)

@@ -1,0 +1,656 @@
+"""Lower a streaming plan into tile statements, and differentiate them (reverse mode).
+
+Every value inside the fused kernel has a *kind*, the shape of the tile that holds it:
+
+    S   scalar (a literal, or a runtime argument s0, s1, ... computed on the host from n and d)
+    QD  (BLOCK_M, BLOCK_D) query-row tile      Q1  (BLOCK_M,) query-row feature
+    KD  (BLOCK_N, BLOCK_D) key-row tile        K1  (BLOCK_N,) key-row feature
+    P   (BLOCK_M, BLOCK_N) score tile
+
+`Lowering` turns IR nodes into a list of `Stmt` (one tile op each, in topological order);
+`forward_lines` prints them as Triton; `reverse_lines` prints the adjoint code. Local
+derivatives of the elementwise ops come from SymPy (`sympy.diff` of the op's definition,
+printed as Triton by `TritonPrinter`); row reductions (row sum, row softmax over the head
+dim) and the pairwise dot product have their vector-Jacobian products written out here.
+
+Padded head-dim columns and padded / masked tokens may hold garbage in intermediate tiles:
+they are masked (with tl.where, never by multiplication) wherever values are *consumed* across
+lanes: row reductions, dot products, and stores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import networkx as nx
+import sympy as sp
+from attnc.compiler import torch_ops as ops
+from attnc.compiler.ir import GroupOp, Op, node_of
+
+COS_EPS = 1e-8   # torch_ops.cos clamps row norms to this
+
+
+# ---- SymPy definitions of the elementwise ops ----------------------------------------------
+
+class Sigmoid(sp.Function):
+    def fdiff(self, argindex=1):
+        s = Sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+class Softplus(sp.Function):
+    def fdiff(self, argindex=1):
+        return Sigmoid(self.args[0])
+
+
+class LogSigmoid(sp.Function):
+    def fdiff(self, argindex=1):
+        return Sigmoid(-self.args[0])
+
+
+class Step(sp.Function):
+    """1 where x > 0 else 0 (the derivative of relu, zero at 0 like torch)."""
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+
+class Relu(sp.Function):
+    def fdiff(self, argindex=1):
+        return Step(self.args[0])
+
+
+class SafeSqrtGrad(sp.Function):
+    def fdiff(self, argindex=1):  # pragma: no cover - second derivatives are never taken
+        raise NotImplementedError
+
+
+class SafeSqrt(sp.Function):
+    """sqrt(x) for x > 0, else 0, with a zero derivative there (torch_ops.safe_sqrt)."""
+
+    def fdiff(self, argindex=1):
+        return SafeSqrtGrad(self.args[0])
+
+
+class RowSoftmax1(sp.Function):
+    """softmax over a single column: 1 (0 for -inf); derivative 0."""
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)
+
+
+def sym_op(op, args: list):
+    """The SymPy expression of one elementwise op applied to `args`."""
+    a = args[0]
+    b = args[1] if len(args) > 1 else None
+    table = {
+        Op.NEG: lambda: -a, Op.ADD: lambda: a + b, Op.SUB: lambda: a - b, Op.MUL: lambda: a * b,
+        Op.DIV: lambda: a / b, Op.POW: lambda: a ** b, Op.MAX: lambda: sp.Max(a, b),
+        Op.MIN: lambda: sp.Min(a, b), Op.EXP: lambda: sp.exp(a), Op.LOG: lambda: sp.log(a),
+        Op.SQRT: lambda: sp.sqrt(a), Op.ABS: lambda: sp.Abs(a), Op.RELU: lambda: Relu(a),
+        Op.SIGMOID: lambda: Sigmoid(a), Op.TANH: lambda: sp.tanh(a),
+        Op.SOFTPLUS: lambda: Softplus(a), Op.LOGSIGMOID: lambda: LogSigmoid(a),
+        Op.SOFTSIGN: lambda: a / (1 + sp.Abs(a)), "safesqrt": lambda: SafeSqrt(a),
+        "softmax1": lambda: RowSoftmax1(a),
+    }
+    return table[op]()
+
+
+def sym_const(value: float):
+    if float(value).is_integer() and abs(value) < 2 ** 31:
+        return sp.Integer(int(value))
+    return sp.Float(value, 17)
+
+
+# ---- SymPy -> Triton printer ----------------------------------------------------------------
+
+_FUNCS = {"exp": "tl.exp", "log": "tl.log", "Abs": "tl.abs", "sign": "_sign", "tanh": "_tanh",
+          "Sigmoid": "_sigmoid", "Softplus": "_softplus", "LogSigmoid": "_logsigmoid",
+          "Step": "_step", "SafeSqrt": "_safe_sqrt", "SafeSqrtGrad": "_safe_sqrt_grad",
+          "Heaviside": "_heaviside", "Relu": "_relu", "RowSoftmax1": "_softmax1"}
+
+
+def literal(value: float) -> str:
+    if math.isnan(value):
+        return 'float("nan")'
+    if value in (math.inf, -math.inf):
+        return 'float("inf")' if value > 0 else '-float("inf")'
+    text = repr(float(value))
+    return f"({text})" if value < 0 else text
+
+
+def to_triton(expr, names: dict[str, str]) -> str:
+    """Print a SymPy expression as a Triton expression; symbols are renamed through `names`."""
+    if expr.is_Symbol:
+        return names.get(expr.name, expr.name)
+    if expr.is_number:
+        return literal(float(expr))
+    if expr.is_Add:
+        terms = list(expr.as_ordered_terms())
+        out = to_triton(terms[0], names)
+        for t in terms[1:]:
+            if t.could_extract_minus_sign():
+                out += f" - {to_triton(-t, names)}"
+            else:
+                out += f" + {to_triton(t, names)}"
+        return f"({out})"
+    if expr.is_Mul:
+        coeff, rest = expr.as_coeff_Mul()
+        num, den = [], []
+        for f in sp.Mul.make_args(rest):
+            if f.is_Pow and f.exp.is_number and f.exp < 0:
+                den.append(f.base ** (-f.exp))
+            else:
+                num.append(f)
+        parts = ([] if coeff == 1 else [literal(float(coeff))]) + [to_triton(f, names) for f in num]
+        text = " * ".join(parts) if parts else "1.0"
+        if den:
+            text = f"{text} / ({' * '.join(to_triton(f, names) for f in den)})"
+        return f"({text})"
+    if expr.is_Pow:
+        base = to_triton(expr.base, names)
+        e = expr.exp
+        if e.is_number:
+            ev = float(e)
+            if ev.is_integer() and 1 <= abs(ev) <= 8:
+                prod = " * ".join([base] * int(abs(ev)))
+                return f"({prod})" if ev > 0 else f"(1.0 / ({prod}))"
+            if ev == 0.5:
+                return f"tl.sqrt({base})"
+            if ev == -0.5:
+                return f"(1.0 / tl.sqrt({base}))"
+            return f"_pow({base}, {literal(ev)})"
+        return f"_pow({base}, {to_triton(e, names)})"
+    if isinstance(expr, (sp.Max, sp.Min)):
+        fn = "tl.maximum" if isinstance(expr, sp.Max) else "tl.minimum"
+        # tensor operands first: tl.maximum(python float, tensor) is not reliable
+        args = [to_triton(a, names) for a in sorted(expr.args, key=lambda a: bool(a.is_number))]
+        out = args[0]
+        for a in args[1:]:
+            out = f"{fn}({out}, {a})"
+        return out
+    if isinstance(expr, sp.Heaviside):
+        return f"_heaviside({to_triton(expr.args[0], names)})"
+    if expr.is_Function:
+        name = type(expr).__name__
+        if name in _FUNCS:
+            return f"{_FUNCS[name]}({', '.join(to_triton(a, names) for a in expr.args)})"
+    raise NotImplementedError(f"cannot print {expr!r} as Triton")  # pragma: no cover
+
+
+@lru_cache(maxsize=4096)
+def _derivative(op, arg_keys: tuple, wrt: int):
+    """d op(args) / d args[wrt] as a SymPy expression over the arg symbols and O (the output)."""
+    args = [sp.Symbol(k, real=True) if isinstance(k, str) else sym_const(k) for k in arg_keys]
+    f = sym_op(op, args)
+    d = sp.diff(f, args[wrt])
+    if f.is_Function or f.is_Pow:
+        d = d.subs(f, sp.Symbol("O__", real=True))
+    return d
+
+
+# ---- tile statements ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Val:
+    text: str            # a variable name, a literal, or a runtime scalar name
+    kind: str            # S QD Q1 KD K1 P
+    is_bool: bool = False
+    value: float | None = None   # for literal scalars
+
+    @property
+    def scalar(self) -> bool:
+        return self.kind == "S"
+
+
+@dataclass
+class Stmt:
+    var: str
+    kind: str
+    op: object            # an Op, or one of: load index acc rowsum rowsoftmax dot where cmp
+    args: tuple = ()
+    is_bool: bool = False
+    name: str | None = None      # input name for loads
+    note: str = ""               # comment
+
+
+def join_kinds(kinds) -> str:
+    ks = {k for k in kinds if k != "S"}
+    if not ks:
+        return "S"
+    if "P" in ks or (ks & {"QD", "Q1"} and ks & {"KD", "K1"}):
+        return "P"
+    side = "Q" if ks & {"QD", "Q1"} else "K"
+    return side + ("D" if ks & {"QD", "KD"} else "1")
+
+
+def bcast(v: Val, to: str) -> str:
+    """Text of `v` broadcast to a tile of kind `to`."""
+    if v.kind == to or v.scalar:
+        return v.text
+    if v.kind in ("Q1", "K1") and to in ("QD", "KD"):
+        return f"{v.text}[:, None]"
+    if v.kind == "Q1" and to == "P":
+        return f"{v.text}[:, None]"
+    if v.kind == "K1" and to == "P":
+        return f"{v.text}[None, :]"
+    raise ValueError(f"cannot broadcast {v.kind} to {to}")  # pragma: no cover
+
+
+BLOCK_OF = {"Q": "BLOCK_M", "K": "BLOCK_N"}
+ROWS_OF = {"Q": "offs_m", "K": "offs_n"}
+
+
+def reduce_to(expr: str, frm: str, to: str) -> str:
+    """Sum a contribution of kind `frm` down to kind `to` (the adjoint of a broadcast)."""
+    if frm == to:
+        return expr
+    if frm in ("QD", "KD") and to == frm[0] + "1":
+        return f"tl.sum(tl.where(d_mask[None, :], {expr}, 0.0), 1)"
+    if frm == "P" and to == "Q1":
+        return f"tl.sum(tl.where(valid, {expr}, 0.0), 1)"
+    if frm == "P" and to == "K1":
+        return f"tl.sum(tl.where(valid, {expr}, 0.0), 0)"
+    raise ValueError(f"cannot reduce {frm} to {to}")  # pragma: no cover
+
+
+def full(expr: str, kind: str) -> str:
+    """`expr` (maybe smaller) as a full tile of `kind` (adjoint invariant: full shapes)."""
+    shape = {"QD": "(BLOCK_M, BLOCK_D)", "KD": "(BLOCK_N, BLOCK_D)", "Q1": "(BLOCK_M,)",
+             "K1": "(BLOCK_N,)", "P": "(BLOCK_M, BLOCK_N)"}[kind]
+    return f"tl.broadcast_to({expr}, {shape})"
+
+
+def tile_mask(kind: str) -> str:
+    side = kind[0]
+    return f"{'m' if side == 'Q' else 'n'}_mask[:, None] & d_mask[None, :]"
+
+
+class ScalarTable:
+    """Scalar sub-expressions: folded to literals, or computed on the host from n and d."""
+
+    def __init__(self, g: nx.DiGraph):
+        self.g = g
+        self.values: dict = {}       # key -> Val
+        self.host_lines: list[str] = []
+        self.args: list[str] = []    # runtime scalar names passed to kernels
+        self._tmp: dict = {}
+
+    def get(self, nid: int) -> Val:
+        key = ("node", nid)
+        if key in self.values:
+            return self.values[key]
+        text, value = self._host(nid)
+        self.values[key] = self._val(text, value)
+        return self.values[key]
+
+    def rsqrt(self, dim) -> Val:
+        key = ("rsqrt", dim)
+        if key not in self.values:
+            if dim == 1:
+                self.values[key] = Val(literal(1.0), "S", value=1.0)
+            else:
+                self.values[key] = self._val(f"1.0 / math.sqrt({dim})", None)
+        return self.values[key]
+
+    def literal(self, value: float) -> Val:
+        return Val(literal(value), "S", value=float(value))
+
+    def _val(self, text: str, value):
+        if value is not None:
+            return Val(literal(value), "S", value=float(value))
+        name = f"s{len(self.args)}"
+        self.host_lines.append(f"    {name} = {text}")
+        self.args.append(name)
+        return Val(name, "S")
+
+    def _host(self, nid: int):
+        """(python text over n, d and host temporaries, folded value or None)."""
+        if nid in self._tmp:
+            return self._tmp[nid]
+        node = node_of(self.g, nid)
+        op = node.op
+        if op is Op.CONST:
+            res = (repr(float(node.value)), float(node.value))
+        elif op is Op.SYMBOL:
+            res = (node.name, None)
+        else:
+            args = [self._host(o) for o in node.operands]
+            fn, fmt = _SCALAR_OPS[op]
+            if all(v is not None for _, v in args):
+                value = fn(*[v for _, v in args])
+                res = (repr(value), value)
+            else:
+                res = (fmt.format(*[f"({t})" for t, _ in args]), None)
+        self._tmp[nid] = res
+        return res
+
+
+_SCALAR_OPS = {
+    Op.NEG: (lambda a: -a, "-{0}"), Op.ADD: (lambda a, b: a + b, "{0} + {1}"),
+    Op.SUB: (lambda a, b: a - b, "{0} - {1}"), Op.MUL: (lambda a, b: a * b, "{0} * {1}"),
+    Op.DIV: (ops.s_div, "ops.s_div({0}, {1})"), Op.POW: (ops.s_pow, "ops.s_pow({0}, {1})"),
+    Op.MAX: (max, "max({0}, {1})"), Op.MIN: (min, "min({0}, {1})"),
+    Op.EXP: (ops.s_exp, "ops.s_exp({0})"), Op.LOG: (ops.s_log, "ops.s_log({0})"),
+    Op.SQRT: (ops.s_sqrt, "ops.s_sqrt({0})"), Op.ABS: (abs, "abs({0})"),
+    Op.RELU: (lambda a: max(a, 0.0), "max({0}, 0.0)"), Op.SIGMOID: (ops.s_sigmoid, "ops.s_sigmoid({0})"),
+    Op.TANH: (math.tanh, "math.tanh({0})"), Op.SOFTPLUS: (ops.s_softplus, "ops.s_softplus({0})"),
+    Op.LOGSIGMOID: (lambda a: -ops.s_softplus(-a), "-ops.s_softplus(-{0})"),
+    Op.SOFTSIGN: (lambda a: a / (1 + abs(a)), "{0} / (1 + abs({0}))"),
+    Op.LT: (lambda a, b: a < b, "{0} < {1}"), Op.LE: (lambda a, b: a <= b, "{0} <= {1}"),
+    Op.GT: (lambda a, b: a > b, "{0} > {1}"), Op.GE: (lambda a, b: a >= b, "{0} >= {1}"),
+    Op.EQ: (lambda a, b: a == b, "{0} == {1}"), Op.NE: (lambda a, b: a != b, "{0} != {1}"),
+    Op.AND: (lambda a, b: a and b, "{0} and {1}"), Op.OR: (lambda a, b: a or b, "{0} or {1}"),
+    Op.NOT: (lambda a: not a, "not {0}"),
+    Op.WHERE: (lambda c, a, b: a if c else b, "{1} if {0} else {2}"),
+}
+
+
+class Lowering:
+    """IR nodes of a streaming plan -> tile statements, per side (q rows, k rows, score tile)."""
+
+    def __init__(self, g: nx.DiGraph, plan):
+        self.g = g
+        self.plan = plan
+        self.stmts: list[Stmt] = []
+        self.by_var: dict[str, Stmt] = {}
+        self.memo: dict = {}
+        self.scalars = ScalarTable(g)
+        self._n = 0
+
+    # -- building ------------------------------------------------------------------------------
+    def add(self, kind: str, op, args: tuple, *, is_bool=False, name=None, note="", prefix=None) -> Val:
+        prefix = prefix or {"Q": "q", "K": "k", "P": "p"}[kind[0]]
+        var = f"{prefix}{self._n}"
+        self._n += 1
+        st = Stmt(var, kind, op, tuple(args), is_bool, name, note)
+        self.stmts.append(st)
+        self.by_var[var] = st
+        return Val(var, kind, is_bool)
+
+    def ew(self, op, args, note="") -> Val:
+        kind = join_kinds(a.kind for a in args)
+        return self.add(kind, op, args, note=note)
+
+    def val(self, nid: int, side: str) -> Val:
+        key = (nid, side)
+        if key not in self.memo:
+            self.memo[key] = self._lower(nid, side)
+        return self.memo[key]
+
+    def _kind(self, shape, side: str) -> str:
+        if side == "p":
+            return "P"
+        feat = shape[1] if shape[0] == "n" else shape[0]
+        return side.upper() + ("D" if feat == "d" else "1")
+
+    def _lower(self, nid: int, side: str) -> Val:
+        g = self.g
+        node = node_of(g, nid)
+        shape, op = node.shape, node.op
+        if shape == ():
+            return self.scalars.get(nid)
+        if side == "p" and shape == ("n", 1):
+            return self.val(nid, "q")
+        if side == "p" and shape == (1, "n"):
+            return self.val(nid, "k")
+        note = f"{op.value} {shape}"
+        if nid == self.plan.matmul:
+            return self.add("QD", "acc", (), note="W @ v'", prefix="q")
+        kind = self._kind(shape, side)
+        if op is Op.INPUT:
+            return self.add(kind, "load", (), name=node.name, note=f"{node.name}")
+        if op is Op.INDEX:
+            return self.add(kind, "index", (), note=f"position {node.name}")
+        if op is Op.TRANSPOSE:
+            return self.val(node.operands[0], side)
+        args = [self.val(o, side) for o in node.operands]
+        if op in GroupOp.Boolean:
+            return self.add(join_kinds(a.kind for a in args), op, args, is_bool=True, note=note)
+        if op is Op.WHERE:
+            return self.add(join_kinds(a.kind for a in args), "where", args, note=note)
+        if op in GroupOp.Unary or op in GroupOp.Binary:
+            return self.ew(op, args, note)
+        if op is Op.SCALE:
+            cols = shape[1]
+            if cols == 1:
+                return args[0]
+            return self.ew(Op.MUL, [args[0], self.scalars.rsqrt(cols)], note)
+        if op is Op.NORM:
+            return self.norm(args[0], note)
+        if op is Op.SOFTMAX:
+            x = args[0]
+            if x.kind in ("Q1", "K1"):
+                return self.ew("softmax1", [x], note)
+            return self.add(x.kind, "rowsoftmax", [x], note=note)
+        if op is Op.MATMUL:
+            a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
+            return self.pdot(a, b, note)
+        if op is Op.COS:
+            a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
+            return self.pdot(self.unit(a), self.unit(b), note)
+        if op is Op.DIST:
+            a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
+            sq = self.ew(Op.ADD, [self.sqnorm(a), self.sqnorm(b)])
+            two_ab = self.ew(Op.MUL, [self.pdot(a, b), self.scalars.literal(2.0)])
+            return self.ew("safesqrt", [self.ew(Op.SUB, [sq, two_ab])], note)
+        raise NotImplementedError(op)  # pragma: no cover - classify() rejects the rest
+
+    def sqnorm(self, x: Val) -> Val:
+        sq = self.ew(Op.MUL, [x, x])
+        if x.kind in ("Q1", "K1"):
+            return sq
+        return self.add(x.kind[0] + "1", "rowsum", [sq])
+
+    def norm(self, x: Val, note="norm") -> Val:
+        if x.kind in ("Q1", "K1"):
+            return self.ew(Op.ABS, [x], note)
+        return self.ew("safesqrt", [self.sqnorm(x)], note)
+
+    def unit(self, x: Val) -> Val:
+        n = self.ew(Op.MAX, [self.norm(x), self.scalars.literal(COS_EPS)])
+        return self.ew(Op.DIV, [x, n])
+
+    def pdot(self, a: Val, b: Val, note="") -> Val:
+        if a.kind == "QD" and b.kind == "KD":
+            return self.add("P", "dot", [a, b], note=note)
+        return self.ew(Op.MUL, [a, b], note)
+
+    # -- queries -------------------------------------------------------------------------------
+    def closure(self, targets) -> list[Stmt]:
+        """The statements `targets` (var names) depend on, in order."""
+        need: set[str] = set()
+        stack = [t for t in targets if t in self.by_var]
+        while stack:
+            v = stack.pop()
+            if v in need:
+                continue
+            need.add(v)
+            stack.extend(a.text for a in self.by_var[v].args if a.text in self.by_var)
+        return [s for s in self.stmts if s.var in need]
+
+
+# ---- printing -------------------------------------------------------------------------------
+
+def _arg_key(a: Val):
+    if a.scalar and a.value is not None:
+        return a.value
+    return a.text
+
+
+def forward_expr(st: Stmt) -> str:
+    op, args, kind = st.op, st.args, st.kind
+    if op == "rowsum":
+        return f"tl.sum(tl.where(d_mask[None, :], {args[0].text}, 0.0), 1)"
+    if op == "rowsoftmax":
+        return f"_row_softmax({args[0].text}, d_mask[None, :])"
+    if op == "dot":
+        a, b = args
+        return (f"tl.dot(tl.where({tile_mask('QD')}, {a.text}, 0.0).to(DOT_DTYPE), "
+                f"tl.trans(tl.where({tile_mask('KD')}, {b.text}, 0.0)).to(DOT_DTYPE), "
+                "input_precision=DOT_PREC)")
+    if op == "where":
+        c, a, b = (bcast(x, kind) for x in args)
+        return f"tl.where({c}, {a}, {b})"
+    if isinstance(op, Op) and op in GroupOp.Boolean:
+        xs = [bcast(x, kind) for x in args]
+        if op is Op.NOT:
+            return f"~({xs[0]})"
+        sym = {Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
+               Op.AND: "&", Op.OR: "|"}[op]
+        return f"({xs[0]} {sym} {xs[1]})"
+    # elementwise, through SymPy
+    keys = tuple(_arg_key(a) for a in args)
+    syms = [sp.Symbol(k, real=True) if isinstance(k, str) else sym_const(k) for k in keys]
+    names = {a.text: bcast(a, kind) for a in args if not a.scalar}
+    expr = sym_op(op, syms)
+    if not (expr.free_symbols & {s for s, a in zip(syms, args) if not a.scalar}):
+        # the op cancelled its tile operands (x - x): still a full tile
+        shape = {"QD": "(BLOCK_M, BLOCK_D)", "KD": "(BLOCK_N, BLOCK_D)", "Q1": "(BLOCK_M,)",
+                 "K1": "(BLOCK_N,)", "P": "(BLOCK_M, BLOCK_N)"}[kind]
+        return f"tl.full({shape}, {to_triton(expr, names)}, tl.float32)"
+    return to_triton(expr, names)
+
+
+def forward_lines(stmts: list[Stmt], indent: str, leaf_text) -> list[str]:
+    """Triton lines computing `stmts`; `leaf_text(stmt)` gives the text of load/index/acc leaves."""
+    out = []
+    for st in stmts:
+        if st.op in ("load", "index", "acc"):
+            text = leaf_text(st)
+            if text is None:
+                continue
+        else:
+            text = forward_expr(st)
+        note = f"  # {st.note}" if st.note else ""
+        out.append(f"{indent}{st.var} = {text}{note}")
+    return out
+
+
+@dataclass
+class Reverse:
+    lines: list[str] = field(default_factory=list)
+    grads: dict[str, list[str]] = field(default_factory=dict)   # wrt var -> contributions
+
+
+def reverse_lines(low: Lowering, seeds: dict[str, list[str]], wrt: set[str], indent: str,
+                  tag: str = "") -> Reverse:
+    """Adjoint code: propagate `seeds` (var -> adjoint expressions) back to the `wrt` vars.
+
+    Statements not on a path from a wrt var to a seeded var are skipped. Returns the printed
+    lines and, for each wrt var, the list of contribution expressions (full tiles).
+    """
+    by_var = low.by_var
+    # forward reachability from wrt
+    desc: set[str] = set(wrt)
+    for st in low.stmts:
+        if any(a.text in desc for a in st.args) and not st.is_bool:
+            desc.add(st.var)
+    # backward reachability from seeds
+    anc: set[str] = set()
+    stack = [s for s in seeds]
+    while stack:
+        v = stack.pop()
+        if v in anc:
+            continue
+        anc.add(v)
+        if v in by_var:
+            stack.extend(a.text for a in by_var[v].args)
+    active = desc & anc
+    contribs: dict[str, list[str]] = {v: list(exprs) for v, exprs in seeds.items() if v in active}
+    res = Reverse()
+    for st in reversed(low.stmts):
+        if st.var not in active or st.var in wrt or st.var not in contribs:
+            continue
+        g = f"g{tag}_{st.var}"
+        parts = contribs[st.var]
+        res.lines.append(f"{indent}{g} = {parts[0]}")
+        for p in parts[1:]:
+            res.lines.append(f"{indent}{g} = {g} + {p}")
+        for a, expr in _vjp(st, g):
+            if a.text in active:
+                contribs.setdefault(a.text, []).append(expr)
+    for v in wrt:
+        if v in contribs:
+            res.grads[v] = contribs[v]
+    return res
+
+
+def _vjp(st: Stmt, g: str):
+    """(arg, contribution text) for each differentiable argument of `st`, given adjoint `g`."""
+    op, args, kind = st.op, st.args, st.kind
+    seen: set[str] = set()
+    diff_args = []
+    for a in args:
+        if a.scalar or a.is_bool or a.text in seen:
+            continue
+        seen.add(a.text)
+        diff_args.append(a)
+    if op in ("load", "index", "acc") or st.is_bool:
+        return []
+    if op == "rowsum":
+        (a,) = diff_args
+        return [(a, full(f"{g}[:, None]", a.kind))]
+    if op == "rowsoftmax":
+        (a,) = diff_args
+        o = st.var
+        return [(a, f"{o} * ({g} - tl.sum(tl.where(d_mask[None, :], {g} * {o}, 0.0), 1)[:, None])")]
+    if op == "dot":
+        a, b = args
+        gm = f"tl.where(valid, {g}, 0.0).to(DOT_DTYPE)"
+        out = []
+        for x in diff_args:
+            if x is a or x.text == a.text:
+                out.append((a, (f"tl.dot({gm}, tl.where({tile_mask('KD')}, {b.text}, 0.0).to(DOT_DTYPE), "
+                                "input_precision=DOT_PREC)")))
+            if x is b or x.text == b.text:
+                out.append((b, (f"tl.dot(tl.trans({gm}), tl.where({tile_mask('QD')}, {a.text}, 0.0)"
+                                ".to(DOT_DTYPE), input_precision=DOT_PREC)")))
+        return out
+    if op == "where":
+        c, a, b = args
+        cond = bcast(c, kind)
+        out = []
+        for x in diff_args:
+            terms = []
+            if x.text == a.text:
+                terms.append(f"tl.where({cond}, {g}, 0.0)")
+            if x.text == b.text:
+                terms.append(f"tl.where({cond}, 0.0, {g})")
+            out.append((x, reduce_to(" + ".join(terms), kind, x.kind)))
+        return out
+    keys = tuple(_arg_key(a) for a in args)
+    names = {a.text: bcast(a, kind) for a in args if not a.scalar}
+    names["O__"] = st.var
+    out = []
+    for x in diff_args:
+        idx = keys.index(x.text)
+        d = _derivative(op, keys, idx)
+        if d == 0:
+            continue
+        if d == 1:
+            expr = g
+        elif d == -1:
+            expr = f"-{g}"
+        else:
+            expr = f"{g} * {to_triton(d, names)}"
+        out.append((x, reduce_to(expr, kind, x.kind)))
+    return out
+
+
+__all__ = [
+    "Lowering",
+    "Stmt",
+    "Val",
+    "bcast",
+    "forward_lines",
+    "full",
+    "join_kinds",
+    "literal",
+    "reduce_to",
+    "reverse_lines",
+    "sym_op",
+    "tile_mask",
+    "to_triton",
+]
