@@ -41,12 +41,14 @@ def _bench(args) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1")
     if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("no CUDA device: timings are meaningless here, so this only checks correctness "
-                  "(Triton interpreter vs the torch backend) at a small shape", flush=True)
+        if os.environ.get("ATTNC_BENCH_CHILD") != "1":
+                print("no CUDA device: on a CPU attnc bench can only check correctness (the Triton "
+                  "kernels under the interpreter vs the torch backend, at a small shape); time on a GPU",
+                  flush=True)
         if os.environ.get("TRITON_INTERPRET") != "1":
             # the interpreter must be on before triton is imported: rerun in a fresh process
             env = dict(os.environ, TRITON_INTERPRET="1")
+            env["ATTNC_BENCH_CHILD"] = "1"
             cmd = [sys.executable, "-m", "attnc", "bench", args.formula, "--json", args.json_path]
             return subprocess.run(cmd, env=env, check=False).returncode
         result = bench.correctness_check(args.formula)
