@@ -10,7 +10,11 @@ from attnc.compiler.check import CheckOptions
 from attnc.compiler.errors import (AttncError, BackendError, CheckError, ConfigError, DataError,
                                    ParseError, ShapeError)
 
+from attnc import _hf
+
 __version__ = "0.1.0"
+
+_hf.install()   # AutoConfig / AutoModel* know model_type "attnc_bert" once transformers loads
 
 __all__ = ["compile", "compile_file", "analyze", "analyze_file", "Analysis", "CompiledAttention", "CheckOptions", "AttncError",
            "ParseError", "ShapeError", "CheckError", "BackendError", "ConfigError", "DataError"]

@@ -1,1 +1,68 @@
+"""attnc.runtime — a BERT runtime on Hugging Face transformers with per-layer compiled attention.
 
+    import attnc.runtime as rt
+    config = rt.resolve_config("tiny-hybrid")           # or "5-564-1054-8-512", a JSON file, ...
+    model = rt.AttncBertForMaskedLM(config)
+    model.save_pretrained("out"); transformers.AutoModelForMaskedLM.from_pretrained("out")
+
+After `import attnc`, model_type "attnc_bert" is registered with AutoConfig, AutoModel,
+AutoModelForMaskedLM, AutoModelForPreTraining and AutoModelForSequenceClassification as soon
+as transformers loads them (attnc/_hf.py), without importing transformers up front.
+"""
+from .config import (
+    AUTOBERT_ZERO_FORMULAS,
+    KERNEL_SIZES,
+    MODEL_TYPE,
+    PRESETS,
+    STANDARD_FORMULA,
+    AttncBertConfig,
+    parse_arch,
+    parse_layer,
+    resolve_config,
+)
+from .counters import count_flops, count_parameters, flops_breakdown
+from .modeling import (
+    AttncBertForMaskedLM,
+    AttncBertForPreTraining,
+    AttncBertForSequenceClassification,
+    AttncBertModel,
+    AttncBertPreTrainedModel,
+    from_bert,
+    load_bert_weights,
+)
+
+
+def register_auto_classes() -> None:
+    """Register the attnc BERT classes with the transformers Auto* factories now (idempotent).
+
+    `import attnc` already arranges this (attnc/_hf.py) as soon as transformers loads its Auto
+    classes; call it to force the registration eagerly."""
+    import importlib
+
+    from attnc import _hf
+
+    for name, hook in _hf._HOOKS.items():
+        hook(importlib.import_module(name))
+
+__all__ = [
+    "AUTOBERT_ZERO_FORMULAS",
+    "KERNEL_SIZES",
+    "MODEL_TYPE",
+    "PRESETS",
+    "STANDARD_FORMULA",
+    "AttncBertConfig",
+    "AttncBertForMaskedLM",
+    "AttncBertForPreTraining",
+    "AttncBertForSequenceClassification",
+    "AttncBertModel",
+    "AttncBertPreTrainedModel",
+    "count_flops",
+    "count_parameters",
+    "flops_breakdown",
+    "from_bert",
+    "load_bert_weights",
+    "parse_arch",
+    "parse_layer",
+    "register_auto_classes",
+    "resolve_config",
+]
