@@ -256,8 +256,16 @@ def cmd_demo(args) -> int:
         return 0
     print("\n== pretrain a tiny attention/conv hybrid on wiki-sample, fine-tune on rt-polarity ==")
     kw = {} if args.steps is None else {"steps": args.steps}
-    metrics = run_demo(os.fspath(args.out), progress=True, **kw)
-    print(json.dumps(metrics, indent=2))
+    result = run_demo(os.fspath(args.out), progress=True, **kw)
+    pre, fin = result["pretrain"], result["finetune"]
+    acc = fin["dev"]["validation"]["accuracy"]
+    majority = fin["majority_baseline"]["validation"]
+    print(f"\npretrain  MLM loss on held-out blocks {pre['eval_loss_before']:.3f} -> "
+          f"{pre['eval_loss_after']:.3f}   ({args.out}/pretrain, loads with AutoModel)")
+    print(f"finetune  rt-polarity dev accuracy {acc:.3f}  (majority class {majority:.3f})")
+    print(f"done in {result['seconds']:.0f} s; full metrics in {args.out}/demo.json")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "demo.json").write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 
