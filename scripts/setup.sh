@@ -11,8 +11,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch (CPU build) first" >&2
     pip_install "torch==2.13.0" || pip_install torch
 fi
-if ! "$PY" -c "import attnc, lark, sympy, transformers, datasets, gensim, hypothesis" >/dev/null 2>&1 \
-        || [ "${ATTNC_REINSTALL:-0}" = 1 ]; then
+# (re)install when something is missing or the installed attnc is another checkout
+here_is_installed='import pathlib, sys, attnc, lark, sympy, transformers, datasets, gensim, hypothesis
+sys.exit(pathlib.Path(attnc.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())'
+if ! "$PY" -c "$here_is_installed" >/dev/null 2>&1 || [ "${ATTNC_REINSTALL:-0}" = 1 ]; then
     echo "setup: installing attnc and its dependencies" >&2
     pip_install -e ".[test,viz,data]"
 fi
