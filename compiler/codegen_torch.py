@@ -10,7 +10,7 @@ import networkx as nx
 
 from .ir import INPUT_NAMES, GroupOp, Node, Op, format_number, inputs_used, output_of, shape_str, topo
 
-CODEGEN_VERSION = "torch-2"
+CODEGEN_VERSION = "torch-3"
 
 _T_UNARY = {Op.NEG: "-{0}", Op.EXP: "torch.exp({0})", Op.LOG: "torch.log({0})",
             Op.SQRT: "torch.sqrt({0})", Op.ABS: "torch.abs({0})", Op.RELU: "ops.relu({0})",
@@ -35,8 +35,8 @@ def generate(g: nx.DiGraph, *, formula: str, canonical: str, digest: str) -> str
     names: dict[int, str] = {}
     body: list[str] = []
     for nid, node in topo(g):
-        expr = _leaf(node, ref) if node.op in GroupOp.Leaf else _op(node, [names[o] for o in node.operands],
-                                                                    [_shape(g, o) for o in node.operands])
+        expr = _leaf(node, ref) if node.op in GroupOp.Leaf else _op(
+            node, [names[o] for o in node.operands], [_shape(g, o) for o in node.operands], ref)
         if node.op in GroupOp.Leaf:
             names[nid] = expr
             continue
@@ -90,7 +90,7 @@ def _keep(shape_axis) -> str:
     return "keep" if shape_axis == "n" else "None"
 
 
-def _op(node: Node, args: list[str], shapes: list) -> str:
+def _op(node: Node, args: list[str], shapes: list, ref: str) -> str:
     op = node.op
     scalar = [s == () for s in shapes]
     if op in _T_UNARY or op in _S_UNARY:
@@ -120,7 +120,7 @@ def _op(node: Node, args: list[str], shapes: list) -> str:
     if op is Op.WHERE:
         if scalar[0]:
             return f"({args[1]} if {args[0]} else {args[2]})"
-        return f"torch.where({args[0]}, {args[1]}, {args[2]})"
+        return f"ops.where({args[0]}, {args[1]}, {args[2]}, {ref})"
     if op is Op.MATMUL:
         return f"ops.matmul({args[0]}, {args[1]}, {_keep(shapes[0][1])})"
     if op is Op.SOFTMAX:

@@ -263,6 +263,39 @@ def _canon(x):
     return None if y == x else y
 
 
+def _expand_scalars(x):
+    """Scalar coefficients and broadcast constants in one (expanded) form, so that equal
+    scalars print alike: (1 - 1/sqrt(d)) / sqrt(d) -> 1/sqrt(d) - 1/d."""
+    if isinstance(x, MatMul):
+        c, m = coeff_and_mat(x)
+        e = sp.expand(c)
+        if e != c:
+            return MatMul(e, m) if e != 1 else m
+    if isinstance(x, Bcast) and not is_mat(x.value):
+        e = sp.expand(x.value)
+        if e != x.value:
+            return Bcast(e, *x.shape)
+    return None
+
+
+def _distribute(x):
+    """c * (a + b) -> c a + c b. SymPy distributes numbers over sums; this does it for every
+    scalar, and for a product with a sum factor the scalar goes into the first such factor:
+    c * (a @ (b + e)) -> a @ (c b + c e),  c * ((a + b) * e) -> (c a + c b) * e."""
+    c, m = coeff_and_mat(x) if isinstance(x, MatMul) else (ONE, None)
+    if c == 1:
+        return None
+    if isinstance(m, MatAdd):
+        return MatAdd(*[MatMul(c, t) for t in m.args])
+    if isinstance(m, (MatMul, HadamardProduct)):
+        factors = chain_factors(m) if isinstance(m, MatMul) else sorted(m.args, key=sp.default_sort_key)
+        for k, f in enumerate(factors):
+            if isinstance(f, MatAdd):
+                factors[k] = MatAdd(*[MatMul(c, t) for t in f.args])
+                return m.func(*factors)
+    return None
+
+
 def _transpose_in(x):
     if not isinstance(x, Transpose):
         return None
@@ -342,16 +375,35 @@ def _bcast_fold(x):
         if c != 1 and is_mat(v):
             return MatMul(c, Bcast(m, *x.shape))
         return None
-    if isinstance(x, MatMul):  # c * Bcast(s) -> Bcast(c * s) for a scalar s
+    if isinstance(x, MatMul):
         c, m = coeff_and_mat(x)
-        if c != 1 and isinstance(m, Bcast) and not is_mat(m.value):
+        if c != 1 and isinstance(m, Bcast) and not is_mat(m.value):   # c * bcast(s) -> bcast(c s)
             return Bcast(c * m.value, *m.shape)
-    if isinstance(x, MatAdd):  # Bcast(a) + Bcast(b) -> Bcast(a + b) for scalars
-        scal = [t for t in x.args if isinstance(t, Bcast) and not is_mat(t.value)]
-        if len(scal) > 1:
-            rest = [t for t in x.args if t not in scal]
-            total = Bcast(sp.Add(*[t.value for t in scal]), *x.shape)
-            return MatAdd(*rest, total) if rest else total
+        if isinstance(m, MatMul):   # A @ bcast(s) @ B -> s * (A @ bcast(1) @ B): constants leave @
+            factors = chain_factors(m)
+            scal = [f for f in factors if isinstance(f, Bcast) and not is_mat(f.value) and f.value != 1]
+            if scal:
+                coeff = c * sp.Mul(*[f.value for f in scal])
+                factors = [Bcast(ONE, *f.shape) if f in scal else f for f in factors]
+                return MatMul(coeff, *factors)
+    if isinstance(x, (MatAdd, HadamardProduct)):
+        # bcast(a) + bcast(b) -> bcast(a + b), bcast(a) * bcast(b) -> bcast(a * b), for broadcasts
+        # of same-shaped values (scalars, columns or rows)
+        groups: dict = {}
+        for t in x.args:
+            if isinstance(t, Bcast):
+                groups.setdefault(shape_of(t.value), []).append(t)
+        merged = [g for g in groups.values() if len(g) > 1]
+        if merged:
+            rest = [t for t in x.args if not any(t in g for g in merged)]
+            for g in merged:
+                vals = [t.value for t in g]
+                if not is_mat(vals[0]):
+                    v = sp.Add(*vals) if isinstance(x, MatAdd) else sp.Mul(*vals)
+                else:
+                    v = MatAdd(*vals) if isinstance(x, MatAdd) else HadamardProduct(*vals)
+                rest.append(Bcast(v, *x.shape))
+            return x.func(*rest) if len(rest) > 1 else rest[0]
     return None
 
 
@@ -446,6 +498,34 @@ def _cos_scale(x):
     return None
 
 
+def _norm_scale(x):
+    """norm(c * x) -> |c| norm(x)."""
+    if isinstance(x, RowNorm):
+        c, m = coeff_and_mat(x.args[0])
+        if c != 1:
+            return MatMul(sp.Abs(c), RowNorm(m))
+    return None
+
+
+_EWN_SCALAR = {"max": sp.Max, "min": sp.Min, "pow": lambda a, b: a ** b}
+
+
+def _ewn_const(x):
+    """max/min/pow of constants (scalars, constant broadcasts, zero matrices) is a constant."""
+    if not isinstance(x, EwN) or x.fname not in _EWN_SCALAR:
+        return None
+    vals = []
+    for o in x.operands:
+        if isinstance(o, ZeroMatrix):
+            o = sp.Integer(0)
+        elif isinstance(o, Bcast) and not is_mat(o.value):
+            o = o.value
+        if is_mat(o):
+            return None
+        vals.append(o)
+    return Bcast(_EWN_SCALAR[x.fname](*vals), *x.shape)
+
+
 def _where_same(x):
     if isinstance(x, EwN) and x.fname == "where" and x.operands[1] == x.operands[2]:
         return bcast(x.operands[1], x.shape)                           # where(c, x, x) -> x
@@ -455,6 +535,8 @@ def _where_same(x):
 RULES: list[tuple[str, Callable]] = [
     ("canonical sums and products (x + x = 2x, neg∘neg, scalar folding, (cA)B = c(AB))",
      lambda x: _canon(x) if isinstance(x, (MatAdd, MatMul, HadamardProduct)) else None),
+    ("scalars distribute over sums (c(a + b) = ca + cb)", _distribute),
+    ("scalar coefficients in expanded form", _expand_scalars),
     ("transposes move to the leaves ((AB)^T = B^T A^T, x^T^T = x, f(x)^T = f(x^T))", _transpose_in),
     ("scalars leave elementwise products (cA ∘ B = c(A ∘ B))", _hadamard_scalars),
     ("elementwise powers (x^1 = x, (cx)^p = c^p x^p, (x^a)^b = x^ab)", _hadamard_power),
@@ -464,7 +546,9 @@ RULES: list[tuple[str, Callable]] = [
     ("-softplus(-x) = logsigmoid(x)", _logsigmoid),
     ("softmax is invariant to per-row shifts", _softmax_shift),
     ("cosine similarity ignores positive scales", _cos_scale),
+    ("norm(c x) = |c| norm(x)", _norm_scale),
     ("where(c, x, x) = x", _where_same),
+    ("max / min / pow of constants are constants", _ewn_const),
 ]
 
 MAX_REWRITES = 200

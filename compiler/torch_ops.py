@@ -129,6 +129,13 @@ def dist(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> 
     return safe_sqrt(sq)
 
 
+def where(cond: torch.Tensor, a, b, like: torch.Tensor) -> torch.Tensor:
+    """torch.where keeping `like`'s dtype when both branches are Python scalars."""
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        a = torch.tensor(a, dtype=like.dtype, device=like.device)
+    return torch.where(cond, a, b)
+
+
 def softsign(x: torch.Tensor) -> torch.Tensor:
     return x / (1 + x.abs())
 

@@ -32,9 +32,9 @@ def formula_of(draw, shape: str, depth: int) -> str:
         a, b = draw(st.sampled_from(INPUTS)), draw(st.sampled_from(INPUTS))
         return f"({a} @ {b}^T / sqrt(d))"
     sub = lambda s: formula_of(s, depth - 1)  # noqa: E731
-    choices = ["unary", "add", "sub", "scale", "div", "neg"]
+    choices = ["unary", "add", "sub", "scale", "div", "neg", "maxmin", "pow", "scale_op"]
     if shape == "nd":
-        choices += ["matmul", "matmul", "softmax_attn"]
+        choices += ["matmul", "matmul", "softmax_attn", "rownorm"]
     if shape == "nn":
         choices += ["qk", "cos", "dist", "softmax", "pos", "mask", "transpose", "mul"]
     if shape == "dn":
@@ -56,6 +56,17 @@ def formula_of(draw, shape: str, depth: int) -> str:
         return f"({draw(sub(shape))} / {draw(sub('s'))})"
     if kind == "neg":
         return f"-({draw(sub(shape))})"
+    if kind == "maxmin":
+        fn = draw(st.sampled_from(["max", "min"]))
+        other = draw(st.sampled_from([draw(sub(shape)), draw(sub("s")), "0"]))
+        return f"{fn}({draw(sub(shape))}, {other})"
+    if kind == "pow":
+        # sigmoid keeps the base positive, so fractional and negative powers stay finite
+        return f"(sigmoid({draw(sub(shape))}) ^ {draw(st.sampled_from(['2', '0.5', '3', '-1']))})"
+    if kind == "scale_op":
+        return f"scale({draw(sub(shape))})"
+    if kind == "rownorm":
+        return f"({draw(sub('nd'))} / (1 + norm({draw(sub('nd'))})))"
     if kind == "norm":
         return f"norm({draw(sub('nd'))})"
     if kind == "matmul":
@@ -71,7 +82,8 @@ def formula_of(draw, shape: str, depth: int) -> str:
     if kind == "pos":
         return f"({draw(sub('nn'))} - {draw(sub('s'))} * abs(i - j))"
     if kind == "mask":
-        cond = draw(st.sampled_from(["j <= i", "i - j < 3", "(j <= i) & (i - j < 4)", "j != i"]))
+        cond = draw(st.sampled_from(["j <= i", "i - j < 3", "(j <= i) & (i - j < 4)", "j != i",
+                                     "!(j > i) | (j == 0)", "abs(i - j) >= 2"]))
         return f"where({cond}, {draw(sub('nn'))}, {draw(st.sampled_from(['-inf', '0', '-3']))})"
     if kind == "transpose":
         inner = "nd" if shape == "dn" else "nn"

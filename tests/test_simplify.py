@@ -13,7 +13,7 @@ CASES = [
     ("(Q @ K^T)^T^T @ V", "Q @ K^T @ V"),                                     # x^T^T = x
     ("(K @ Q^T)^T @ V", "Q @ K^T @ V"),                                       # (AB)^T = B^T A^T
     ("softmax(Q @ (K / sqrt(d) + V)^T / sqrt(d)) @ V",
-     "softmax(Q @ (K^T / sqrt(d) + V^T) / sqrt(d)) @ V"),                   # (A + B)^T = A^T + B^T
+     "softmax(Q @ (K^T / d + V^T / sqrt(d))) @ V"),                         # (A + B)^T = A^T + B^T
     ("-(-(softmax(Q @ K^T) @ V))", "softmax(Q @ K^T) @ V"),                   # neg∘neg
     ("softmax(Q @ K^T) @ V + softmax(Q @ K^T) @ V", "2 * softmax(Q @ K^T) @ V"),  # x + x = 2x
     ("softmax((2 * Q) @ (3 * K)^T) @ V", "softmax(6 * Q @ K^T) @ V"),      # constants leave @
