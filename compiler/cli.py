@@ -112,7 +112,10 @@ def cmd_compile(args) -> int:
         if args.explain or "triton" in args.show:
             from attnc.kernels import explain
             entry["kernel"] = explain(a)
-        results.append((a, rep, entry, fn))
+        shows = [(what, _show(a, what, args, fn)) for what in args.show]  # errors before output
+        if shows:
+            entry["show"] = dict(shows)
+        results.append((a, rep, entry, shows))
     if args.graph:
         a = results[0][0]
         if len(results) > 1:
@@ -126,11 +129,11 @@ def cmd_compile(args) -> int:
         objs = [e for _, _, e, _ in results]
         print(json.dumps(objs[0] if len(objs) == 1 else objs, indent=2))
         return 0
-    for a, rep, entry, fn in results:
+    for a, rep, entry, shows in results:
         _print_report(a, rep, entry)
-        for what in args.show:
+        for what, text in shows:
             print(f"\n--- {what} ---")
-            print(_show(a, what, args, fn))
+            print(text)
         if len(results) > 1:
             print()
     return 0
