@@ -55,6 +55,8 @@ def pretrain(model: str | dict | AttncBertConfig, out_dir: str | os.PathLike, *,
     if resume and ckpt is None:
         raise DataError(f"--resume: no checkpoint under {out / CKPT_DIR}",
                         hint="run without --resume first (with --save-every N to write checkpoints)")
+    if ckpt is None:   # a bad model spec fails now, before any data work
+        resolve_config(model, layers=layers, formula=formula)
     with _quiet_datasets(progress), _quiet_transformers(progress):
         # tokenizer: the checkpoint's, a given one, a trained one or the default vocab
         corpus_ds = D.load_corpus(corpus)

@@ -235,3 +235,13 @@ def test_cli_user_errors(argv, words, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_bad_model_spec_fails_before_any_data_work(tmp_path):
+    """A bad layer spec is reported even when the corpus would also fail to load."""
+    from attnc import ConfigError
+    from attnc.runtime.train import pretrain
+
+    with pytest.raises(ConfigError, match="kernel size 4"):
+        pretrain("2-64-128-2-64", tmp_path / "out", corpus=str(tmp_path / "no-such-corpus"),
+                 steps=1, layers=["conv:4"], progress=False)
