@@ -95,6 +95,8 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for key, label in (("relative_residual", "relative residual norm"), ("avg_cosine", "avg pairwise cosine")):
         ax.plot(xs, [r[key] for r in result["layers"]], marker="o", label=label)
+    short = {"embeddings": "emb", "attention": "attn", "conv": "conv"}
+    ax.set_xticks(xs, [f"{r['layer']}\n{short.get(r.get('kind'), '')}" for r in result["layers"]])
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylim(0, 1.05)
     ax.legend()
