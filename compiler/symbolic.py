@@ -820,6 +820,13 @@ class _Lowering:
     def const(self, v: float) -> int:
         return self.gb.add(Node(Op.CONST, (), (), value=float(v)))
 
+    def fold(self, op: Op, ids: list[int]) -> int:
+        """((a op b) op c) ... for an n-ary sum / product / max / min."""
+        out = ids[0]
+        for o in ids[1:]:
+            out = self.node(op, [out, o])
+        return out
+
     def leaf(self, op: Op, name: str, shape) -> int:
         return self.gb.add(Node(op, (), shape, name=name))
 
@@ -869,11 +876,7 @@ class _Lowering:
         if isinstance(x, MatPow):
             return self._mat(MatMul(x))
         if isinstance(x, HadamardProduct):
-            ids = [self.mat(a) for a in x.args]
-            out = ids[0]
-            for o in ids[1:]:
-                out = self.node(Op.MUL, [out, o])
-            return out
+            return self.fold(Op.MUL, [self.mat(a) for a in x.args])
         if isinstance(x, HadamardPower):
             base = self.mat(x.base)
             if x.exp == -1:
@@ -952,20 +955,12 @@ class _Lowering:
         if x.is_Symbol:
             return self.leaf(Op.SYMBOL, x.name, ())
         if isinstance(x, sp.Add):
-            ids = [self.scalar(a) for a in x.args]
-            out = ids[0]
-            for o in ids[1:]:
-                out = self.node(Op.ADD, [out, o])
-            return out
+            return self.fold(Op.ADD, [self.scalar(a) for a in x.args])
         if isinstance(x, sp.Mul):
             num, den = sp.fraction(x)
             if den != 1:
                 return self.node(Op.DIV, [self.scalar(num), self.scalar(den)])
-            ids = [self.scalar(a) for a in x.args]
-            out = ids[0]
-            for o in ids[1:]:
-                out = self.node(Op.MUL, [out, o])
-            return out
+            return self.fold(Op.MUL, [self.scalar(a) for a in x.args])
         if isinstance(x, sp.Pow):
             b, e = x.args
             if e == sp.Rational(1, 2):
@@ -979,11 +974,7 @@ class _Lowering:
                 return self.node(op, [self.scalar(x.args[0])])
         if isinstance(x, (sp.Max, sp.Min)):
             op = Op.MAX if isinstance(x, sp.Max) else Op.MIN
-            ids = [self.scalar(a) for a in x.args]
-            out = ids[0]
-            for o in ids[1:]:
-                out = self.node(op, [out, o])
-            return out
+            return self.fold(op, [self.scalar(a) for a in x.args])
         raise LoweringError(f"scalar {x}")
 
 
