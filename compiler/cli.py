@@ -64,7 +64,7 @@ def register(sub) -> None:
                                     "runtime, pretrain and fine-tune a tiny hybrid)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--compile-only", action="store_true", help="only compile the paper's formulas")
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (runtime demo)")
+    p.add_argument("--steps", type=int, default=None, help="MLM steps per weight-shared child (search demo)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -253,20 +253,26 @@ def cmd_demo(args) -> int:
     if args.compile_only:
         return 0
     try:
-        from attnc.runtime.demo import run_demo
+        from attnc.runtime.demo import run_search_demo
     except ImportError:
         print("\n(the runtime is not installed; compile-only demo)")
         return 0
-    print("\n== pretrain a tiny attention/conv hybrid on wiki-sample, fine-tune on rt-polarity ==")
-    kw = {} if args.steps is None else {"steps": args.steps}
-    result = run_demo(os.fspath(args.out), progress=True, **kw)
-    pre, fin = result["pretrain"], result["finetune"]
-    acc = fin["dev"]["validation"]["accuracy"]
-    majority = fin["majority_baseline"]["validation"]
-    print(f"\npretrain  MLM loss on held-out blocks {pre['eval_loss_before']:.3f} -> "
-          f"{pre['eval_loss_after']:.3f}   ({args.out}/pretrain, loads with AutoModel)")
-    print(f"finetune  rt-polarity dev accuracy {acc:.3f}  (majority class {majority:.3f})")
-    print(f"done in {result['seconds']:.0f} s; full metrics in {args.out}/demo.json")
+    print("\n== a small OP-NAS search: 4-layer attention/conv hybrids, BIWS proxy "
+          "(wiki-sample MLM + rt-polarity) ==")
+    kw = {} if args.steps is None else {"shared_steps": args.steps}
+    result = run_search_demo(os.fspath(args.out), progress=True, **kw)
+    s = result["search"]
+    print(f"\n{s['evaluated']} evaluated, {s['failed']} failed, {s['duplicates']} duplicates "
+          f"({s['proxy']})")
+    if s["best_score"] is None:
+        print("no candidate finished; see the study's error texts")
+        return 1
+    print(f"best rt-polarity dev accuracy {s['best_score']:.3f}; its layers:")
+    for i, layer in enumerate(s["best_layers"]):
+        print(f"  layer {i}: {layer}")
+    if result["export"]:
+        print(f"exported to {result['export']} (loads with transformers.AutoModel after `import attnc`)")
+    print(f"done in {result['seconds']:.0f} s; study in {s['study']}, full summary in {args.out}/demo.json")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "demo.json").write_text(json.dumps(result, indent=2, default=str))
     return 0

@@ -21,7 +21,7 @@ from attnc.compiler.ir import output_of
 from .lower import Lowering, Stmt, forward_lines, literal, reverse_lines, tile_mask
 from .plan import StreamingPlan, render
 
-GEN_VERSION = "triton-1"
+GEN_VERSION = "triton-3"
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_HEAD_DIM = 256
 
@@ -112,19 +112,26 @@ def _interpreting():
 
 
 def _configs(kind):
-    """Autotuning space on a GPU; one small config under the CPU interpreter."""
+    """Autotuning space on a GPU (pruned by head dim); one small config under the CPU interpreter.
+
+    ATTNC_TRITON_AUTOTUNE=0 keeps only the first (default) config of each kernel: tests on a GPU
+    use it so that every (formula, dtype, head dim) compiles one kernel variant, not dozens.
+    """
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    big = BLOCK_D > 64
     if kind == "pre":
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16}, num_warps=w)
-                for bm in (32, 64, 128) for w in (4, 8)]
-    if kind == "fwd":
-        blocks = [(64, 32), (64, 64), (128, 32), (128, 64)] if BLOCK_D <= 64 else [(64, 32), (64, 64), (128, 32)]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn in blocks for w in (4, 8) for s in (2, 3)]
-    blocks = [(32, 32), (32, 64), (64, 32), (64, 64)] if BLOCK_D <= 64 else [(32, 32), (64, 32), (32, 64)]
+        space = [(64, 16, 4, 1), (128, 16, 4, 1), (128, 16, 8, 1)]
+    elif kind == "fwd":
+        space = ([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)] if big else
+                 [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 3)])
+    else:
+        space = ([(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)] if big else
+                 [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)])
+    if os.environ.get("ATTNC_TRITON_AUTOTUNE", "1") == "0":
+        space = space[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in blocks for w in (4, 8) for s in (1, 2)]
+            for bm, bn, w, s in space]
 '''
 
 
@@ -242,11 +249,12 @@ class _Gen:
         return [f"{indent}offs_n = {start} + tl.arange(0, BLOCK_N)",
                 f"{indent}n_mask = offs_n < n_ctx",
                 f"{indent}k_offs = base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d",
-                f"{indent}k_tile_mask = n_mask[:, None] & d_mask[None, :]",
                 f"{indent}key_ok = n_mask",
                 f"{indent}if HAS_MASK:",
                 f"{indent}    keep = tl.load(Mask_ptr + off_b * stride_mb + offs_n, mask=n_mask, other=0)",
-                f"{indent}    key_ok = key_ok & (keep != 0)"]
+                f"{indent}    key_ok = key_ok & (keep != 0)",
+                f"{indent}# padded key rows load as 0 (never their stored values) and get no gradient",
+                f"{indent}k_tile_mask = key_ok[:, None] & d_mask[None, :]"]
 
     @staticmethod
     def head(pid_rows: str) -> list[str]:
@@ -289,8 +297,9 @@ class _Gen:
             L += [f"        z = tl.where(valid, {self.zt}, -float(\"inf\"))",
                   "        m_new = tl.maximum(m_i, tl.max(z, 1))",
                   "        m_use = tl.where(m_new == -float(\"inf\"), 0.0, m_new)",
-                  "        alpha = tl.exp(m_i - m_use)",
-                  "        p = tl.exp(z - m_use[:, None])",
+                  # exp2 with log2(e) applied in one fused multiply-add per score
+                  "        alpha = tl.exp2((m_i - m_use) * LOG2E)",
+                  "        p = tl.exp2(z * LOG2E - (m_use * LOG2E)[:, None])",
                   "        l_i = l_i * alpha + tl.sum(p, 1)",
                   "        acc_o = acc_o * alpha[:, None]",
                   "        m_i = m_new"]
@@ -340,7 +349,7 @@ class _Gen:
         L = []
         if self.softmax:
             L += [f"{indent}z = tl.where(valid, {self.zt}, -float(\"inf\"))",
-                  f"{indent}p = tl.exp(z - lse[:, None])"]
+                  f"{indent}p = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])"]
         else:
             L.append(f"{indent}p = tl.where(valid, {self.zt}, 0.0)")
         L.append(f"{indent}dp = tl.dot(d_acc.to(DOT_DTYPE), tl.trans({self.vmasked()}).to(DOT_DTYPE), "
@@ -583,6 +592,7 @@ class _Gen:
             f"DTYPE = {dtype!r}",
             f"HEAD_DIM = {head_dim}",
             f"BLOCK_D = {block_d(head_dim)}",
+            "LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = exp2(x * log2(e))",
             "",
             "",
             "def scalar_args(n, d):",
@@ -607,6 +617,12 @@ def plan_inputs(g: nx.DiGraph, plan: StreamingPlan) -> tuple[str, ...]:
     return _Gen(g, plan).inputs
 
 
+def plan_sides(g: nx.DiGraph, plan: StreamingPlan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs read at query rows, inputs read at key rows) by the fused kernels."""
+    gen = _Gen(g, plan)
+    return gen.q_side, gen.k_side
+
+
 def generate(g: nx.DiGraph, plan: StreamingPlan, *, formula: str, canonical: str, digest: str,
              dtype: str = "float32", head_dim: int = 64) -> str:
     """The Triton module (kernels + host launchers) for a streaming plan."""
@@ -614,4 +630,5 @@ def generate(g: nx.DiGraph, plan: StreamingPlan, *, formula: str, canonical: str
                                 head_dim=head_dim)
 
 
-__all__ = ["DTYPES", "GEN_VERSION", "MAX_HEAD_DIM", "block_d", "generate", "literal", "plan_inputs"]
+__all__ = ["DTYPES", "GEN_VERSION", "MAX_HEAD_DIM", "block_d", "generate", "literal", "plan_inputs",
+           "plan_sides"]

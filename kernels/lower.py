@@ -263,8 +263,10 @@ def full(expr: str, kind: str) -> str:
 
 
 def tile_mask(kind: str) -> str:
+    # key rows use key_ok (in bounds and not padded): padded K / V / P rows are never read, so
+    # inf or NaN written there cannot reach a product with a real row (issue 11)
     side = kind[0]
-    return f"{'m' if side == 'Q' else 'n'}_mask[:, None] & d_mask[None, :]"
+    return f"{'m_mask' if side == 'Q' else 'key_ok'}[:, None] & d_mask[None, :]"
 
 
 class ScalarTable:

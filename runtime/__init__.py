@@ -29,6 +29,7 @@ from .modeling import (
     AttncBertPreTrainedModel,
     from_bert,
     load_bert_weights,
+    plan_summary,
 )
 
 
@@ -63,6 +64,7 @@ __all__ = [
     "load_bert_weights",
     "parse_arch",
     "parse_layer",
+    "plan_summary",
     "register_auto_classes",
     "resolve_config",
 ]

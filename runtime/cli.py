@@ -35,11 +35,13 @@ def register(subparsers) -> None:
     p.add_argument("--nsp", action="store_true", help="sentence pairs + next-sentence prediction")
     p.add_argument("--tokenizer", metavar="DIR_OR_VOCAB", help="default: the uncased 30,522 vocab")
     p.add_argument("--train-vocab", type=int, metavar="SIZE", help="train a WordPiece vocab on the corpus")
-    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--teacher", metavar="NAME_OR_DIR",
+                   help="distil from a teacher: minilm-l6 (shipped weights) or a Hugging Face BERT folder")
+    p.add_argument("--distill", metavar="W=X,...",
+                   help="distillation weights, e.g. hidden_mse=1,logit_kl=0,temperature=1,task_loss=1")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per step")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="also stop after this long")
+    _common_training_flags(p)
     p.set_defaults(func=_pretrain)
 
     p = subparsers.add_parser("finetune", help="fine-tune a saved model on a task -> metrics JSON",
@@ -57,9 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-train", type=int, help="use the first N (shuffled) training examples")
     p.add_argument("--max-eval", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-progress", action="store_true")
+    _common_training_flags(p)
     p.set_defaults(func=_finetune)
 
     p = subparsers.add_parser("analyze", help="token-uniformity figures of a saved model",
@@ -93,6 +93,43 @@ def register(subparsers) -> None:
     p.set_defaults(func=_latency)
 
 
+def _common_training_flags(p) -> None:
+    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
+                   help="checkpoint every M minutes (default 10; 0 turns it off)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="bf16: autocast (CPU and GPU); fp16: CUDA with a grad scaler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _distill_config(text: str | None, teacher: str | None):
+    """--distill "hidden_mse=1,logit_kl=0.5" -> DistillConfig (numbers only; never evaluated)."""
+    from attnc.compiler.errors import ConfigError
+
+    from .trainer import DistillConfig
+
+    if text is None:
+        return DistillConfig() if teacher else None
+    if not teacher:
+        raise ConfigError("--distill needs --teacher", hint="add --teacher minilm-l6 or a BERT folder")
+    fields = DistillConfig.__dataclass_fields__
+    values = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or key.strip() not in fields:
+            raise ConfigError(f"bad --distill item {item!r}",
+                              hint=f"use NAME=NUMBER with NAME in {', '.join(fields)}")
+        try:
+            values[key.strip()] = float(val)
+        except ValueError:
+            raise ConfigError(f"--distill {key}: {val!r} is not a number", hint="e.g. hidden_mse=1.0") from None
+    return DistillConfig(**values)
+
+
 def _threads(n):
     if n:
         import torch
@@ -107,9 +144,18 @@ def _pretrain(args) -> int:
                  seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, mlm_prob=args.mlm_prob, nsp=args.nsp,
                  seed=args.seed, resume=args.resume, save_every=args.save_every, tokenizer=args.tokenizer,
                  train_vocab=args.train_vocab, progress=not args.no_progress, layers=args.layer,
-                 formula=args.formula)
-    print(f"pretrained {s['model']} for {s['steps']} steps on {s['corpus']} in {s['seconds']:.0f}s: "
-          f"held-out MLM loss {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f}; saved to {args.out}")
+                 formula=args.formula, device=args.device, precision=args.precision,
+                 checkpoint_minutes=args.checkpoint_minutes or None, time_budget_s=args.time_budget,
+                 grad_accum=args.grad_accum, teacher=args.teacher,
+                 distill=_distill_config(args.distill, args.teacher))
+    if s.get("plan"):
+        print(s["plan"])
+    print(f"pretrained {s['model']} for {s['steps']} steps on {s['corpus']} in {s['seconds']:.0f}s "
+          f"({s['device']}, {s['precision']}): held-out MLM loss {s['eval_loss_before']:.3f} -> "
+          f"{s['eval_loss_after']:.3f}; saved to {args.out}")
+    if "distill_loss_first10" in s:
+        print(f"distillation loss (teacher {s['teacher']}): {s['distill_loss_first10']:.4f} -> "
+              f"{s['distill_loss_last10']:.4f} (mean of the first / last 10 steps)")
     return 0
 
 
@@ -120,8 +166,12 @@ def _finetune(args) -> int:
     m = finetune(args.model_dir, args.task, out_dir=args.out, data_dir=args.data_dir, epochs=args.epochs,
                  max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                  max_train=args.max_train, max_eval=args.max_eval, seed=args.seed,
-                 progress=not args.no_progress)
-    print(json.dumps(m, indent=2))
+                 progress=not args.no_progress, resume=args.resume, save_every=args.save_every,
+                 checkpoint_minutes=args.checkpoint_minutes or None, device=args.device,
+                 precision=args.precision)
+    if m.get("plan"):
+        print(m["plan"], file=sys.stderr)   # stdout stays one JSON document
+    print(json.dumps({k: v for k, v in m.items() if k != "plan"}, indent=2))
     return 0
 
 

@@ -585,3 +585,59 @@ def _ranks(x) -> np.ndarray:
 
 def spearman(a, b) -> float:
     return pearson(_ranks(a), _ranks(b))
+
+
+# ================================================================================================
+# tokenised blocks cached on disk (the hundredth search candidate starts training at once)
+# ================================================================================================
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary (token -> id) and its lowercasing."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256(repr((vocab, getattr(tokenizer, "do_lower_case", None))).encode())
+    return h.hexdigest()[:16]
+
+
+def _corpus_key(corpus: str) -> str:
+    if corpus in _BUILTIN:
+        return corpus + ".v1"
+    p = Path(corpus)
+    if p.exists():   # local files: keyed by their paths, sizes and modification times
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        sig = repr([(str(f.resolve()), f.stat().st_mtime, f.stat().st_size) for f in files])
+        return "local-" + hashlib.sha256(sig.encode()).hexdigest()[:16]
+    return "hub-" + re.sub(r"[^A-Za-z0-9._-]+", "_", corpus)
+
+
+def cached_blocks(corpus: str, tokenizer, seq_len: int, *, progress: bool = False) -> torch.Tensor:
+    """Fixed-length [CLS] ... [SEP] blocks of `corpus` as a LongTensor (N, seq_len), built once with
+    make_blocks and cached under cache_dir()/blocks, keyed by corpus, tokenizer vocabulary hash and
+    seq_len; later calls (any process) only load the tensor file."""
+    if seq_len < 3:
+        raise DataError(f"seq_len {seq_len} is too short for [CLS] tokens [SEP]", hint="use seq_len >= 3")
+    path = cache_dir() / "blocks" / f"{_corpus_key(corpus)}-{tokenizer_hash(tokenizer)}-{seq_len}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    if not progress:
+        datasets.disable_progress_bars()
+    hf_logging.set_verbosity_error()   # "sequence longer than the model maximum" is expected here
+    try:
+        rows = make_blocks(load_corpus(corpus), tokenizer, seq_len)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars and not progress:
+            datasets.enable_progress_bars()
+    blocks = torch.tensor(list(rows), dtype=torch.int32 if len(tokenizer) < 2**31 else torch.long)
+    blocks = blocks.reshape(-1, seq_len).long()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    torch.save(blocks, tmp)
+    os.replace(tmp, path)   # atomic: concurrent builders write the same bytes
+    return blocks

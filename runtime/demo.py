@@ -1,9 +1,15 @@
-"""The main-job demo: compile the paper's formulas, pretrain a tiny attention/conv hybrid on
-wiki-sample, fine-tune it on rt-polarity — a few minutes on 2 CPU cores, fully offline.
+"""The main-job demos, fully offline on a few CPU cores.
 
-    from attnc.runtime.demo import run_demo
-    result = run_demo("runs/demo", steps=300)
-    result["finetune"]["dev"]["validation"]["accuracy"]   # beats result["finetune"]["majority_baseline"]
+`run_search_demo` (what `attnc demo` runs after compiling the paper's formulas): a small OP-NAS
+search over 4-layer attention/conv hybrids with the BIWS proxy evaluator (weight-shared MLM
+pretraining on wiki-sample, fine-tuning on rt-polarity), then the best architecture exported with
+its supernet weights as a Hugging Face folder.
+
+    from attnc.runtime.demo import run_search_demo
+    result = run_search_demo("runs/demo", budget=12)
+    result["search"]["best_layers"]    # the best architecture, one line per layer
+
+`run_demo`: pretrain the fixed `tiny-hybrid` on wiki-sample and fine-tune it on rt-polarity.
 """
 from __future__ import annotations
 
@@ -14,6 +20,66 @@ from pathlib import Path
 from .config import AUTOBERT_ZERO_FORMULAS, STANDARD_FORMULA, resolve_config
 
 DEMO_MODEL = "tiny-hybrid"
+
+
+def run_search_demo(out_dir: str | os.PathLike, budget: int = 12, *, progress: bool = True, seed: int = 0,
+                    num_layers: int = 4, hidden_size: int = 64, shared_steps: int = 30,
+                    finetune_steps: int = 40, vocab_size: int = 4000) -> dict:
+    """A small OP-NAS search (study in OUT/search/study.db, resumable) and the best model exported to
+    OUT/best (loads with transformers.AutoModel after `import attnc`). Returns {"search": {...},
+    "export": path, "seconds"}."""
+    from attnc.search import opnas
+    from attnc.search.biws import export_model
+    from attnc.search.proxy import ProxyConfig, ProxyEvaluator
+
+    from .data import load_tokenizer
+
+    t0 = time.time()
+    out = Path(out_dir)
+    (out / "search").mkdir(parents=True, exist_ok=True)
+    space = opnas.Space(num_layers=num_layers, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                        num_heads=4)
+    cfg = ProxyConfig(task="rt-polarity", tokenizer=str(demo_tokenizer(vocab_size)), shared_pretrain_steps=shared_steps, finetune_steps=finetune_steps,
+                      batch_size=32, seq_len=64, finetune_max_len=48, max_train=2000, max_eval=500,
+                      seed=seed)
+    evaluator = ProxyEvaluator(cfg)
+    # a tiny population so that a dozen evaluations reach the mutation (OP-NAS) phase
+    result = opnas.search(space, evaluate=evaluator, algorithm="opnas", budget=budget, seed=seed,
+                          population=max(2, budget // 2), top_k=2, children=2,
+                          study=out / "search" / "study.db", progress=progress)
+    best = result.best_architecture
+    summary = {"evaluated": len(result.evaluations), "failed": result.failed,
+               "duplicates": result.duplicates, "illegal": result.illegal, "best_score": result.best_score,
+               "best_layers": [str(layer) for layer in best.layers] if best is not None else [],
+               "top": [{"score": e.score, "layers": [str(x) for x in e.architecture.layers]}
+                       for e in result.top(3)],
+               "proxy": repr(evaluator), "study": str(result.study)}
+    export = None
+    if best is not None and evaluator.supernet is not None:
+        model = export_model(evaluator.supernet, best)
+        export = out / "best"
+        model.save_pretrained(export)
+        load_tokenizer(cfg.tokenizer).save_pretrained(export)   # the folder is complete
+    return {"search": summary, "export": None if export is None else str(export), "seconds": time.time() - t0}
+
+
+def demo_tokenizer(vocab_size: int) -> Path:
+    """A WordPiece vocabulary of `vocab_size` trained on wiki-sample once and cached (a small vocab
+    keeps the MLM head, not the searched layers, from dominating the cost of tiny models)."""
+    from .data import cache_dir, load_corpus, train_wordpiece
+
+    path = cache_dir() / f"demo-wordpiece-{vocab_size}"
+    if not (path / "tokenizer.json").is_file():
+        import shutil
+        import tempfile
+
+        tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-wordpiece-")
+        train_wordpiece(load_corpus("wiki-sample")["text"], vocab_size).save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)   # atomic; a concurrent builder may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def run_demo(out_dir: str | os.PathLike, steps: int = 300, *, progress: bool = True, seed: int = 0,

@@ -14,6 +14,7 @@ then attention.output (dense + dropout + residual + LayerNorm) and the feed-forw
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,35 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput
 
+from attnc.compiler.errors import ConfigError
+
 from .config import STANDARD_FORMULA, AttncBertConfig
+
+_WARNED: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def plan_summary(model) -> str:
+    """One line per layer: what it runs on the model's device (sdpa, triton-fused, torch, conv)."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    lines = [f"plan on {device}:"]
+    layers = [m for m in model.modules() if isinstance(m, AttncBertLayer)]
+    for i, layer in enumerate(layers):
+        mixer = layer.attention.self
+        if isinstance(mixer, LightweightConv):
+            lines.append(f"  layer {i}: conv k={mixer.kernel_size}, heads={mixer.num_heads} -> torch conv1d")
+        else:
+            lines.append(f"  layer {i}: {mixer.formula} ({mixer.num_attention_heads} heads) -> "
+                         f"{mixer.plan(device)}")
+    return "\n".join(lines)
 
 # ================================================================================================
 # Pretrained-model base and the public models
@@ -322,22 +351,55 @@ class CompiledSelfAttention(nn.Module):
         self._compiled: dict[str, object] = {}                     # device type -> CompiledAttention
 
     def extra_repr(self) -> str:
-        path = "sdpa" if self.use_sdpa else "compiled"
-        return f"formula={self.formula!r}, heads={self.num_attention_heads}, path={path}"
+        try:
+            device = next(self.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        return f"formula={self.formula!r}, heads={self.num_attention_heads}, runs={self.plan(device)!r}"
+
+    def plan(self, device: torch.device | str = "cpu") -> str:
+        """What this layer runs on `device`: "sdpa", "triton-fused" or "torch" (with the reason
+        when the Triton backend was asked for but cannot fuse the formula)."""
+        if self.use_sdpa:
+            return "sdpa"
+        fn = self.compiled_for(torch.device(device))
+        if fn.plan == "streaming":
+            return "triton-fused"
+        if fn.plan == "torch-fallback":
+            reason = getattr(getattr(fn, "classification", None), "reason", None)
+            return f"torch (triton cannot fuse it: {reason})"
+        return "torch"
 
     def compiled_for(self, device: torch.device):
-        """The compiled op for tensors on `device`: torch on CPU, the config's backend on CUDA."""
+        """The compiled op for tensors on `device`: the torch backend on the CPU (the Triton one when
+        attention_backend="triton" and the Triton interpreter is on), the config's backend on CUDA
+        ("auto" = Triton). Warns once when Triton is not installed or cannot fuse the formula;
+        any other code-generation error is raised."""
         fn = self._compiled.get(device.type)
         if fn is None:
+            import importlib.util
+            import os
+
             import attnc
 
-            backend = "torch" if device.type != "cuda" else self.backend
-            try:
-                fn = attnc.compile(self.formula, backend=backend)
-            except (ImportError, AttributeError):   # no Triton backend here: reference path
-                if backend != "auto":
-                    raise
-                fn = attnc.compile(self.formula, backend="torch")
+            backend = self.backend
+            interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+            if device.type != "cuda":
+                backend = "triton" if backend == "triton" and interpreting else "torch"
+            elif backend == "auto":
+                backend = "triton"
+            if backend == "triton" and importlib.util.find_spec("triton") is None:
+                if self.backend == "triton":
+                    raise ConfigError("attention_backend='triton' but Triton is not installed",
+                                      hint="pip install triton, or use attention_backend='auto' / 'torch'")
+                _warn_once(("no-triton",), "Triton is not installed: compiled attention layers run the "
+                                           "PyTorch path on CUDA (pip install triton for fused kernels)")
+                backend = "torch"
+            fn = attnc.compile(self.formula, backend=backend)
+            if fn.plan == "torch-fallback":
+                reason = getattr(getattr(fn, "classification", None), "reason", "not a streaming formula")
+                _warn_once(("fallback", fn.hash), f"formula {self.formula!r} cannot be fused into one "
+                                                  f"Triton kernel ({reason}); it runs the PyTorch path")
             self._compiled[device.type] = fn
         return fn
 
@@ -351,12 +413,15 @@ class CompiledSelfAttention(nn.Module):
         if self.use_sdpa if use_sdpa is None else (use_sdpa and self.is_standard):
             # fast path: the standard formula is exactly softmax(QK^T/sqrt(dh))V -> SDPA (BERT's)
             attn_mask = None if mask is None else mask[:, None, None, :]          # (B, 1, 1, n)
-            y = F.scaled_dot_product_attention(heads["q"], heads["k"], heads["v"], attn_mask=attn_mask,
-                                               dropout_p=self.dropout_p if self.training else 0.0)
+            y = F.scaled_dot_product_attention(heads["q"], heads["k"], heads["v"], attn_mask=attn_mask)
         else:
-            # reference path: the attnc-compiled op (no dropout on attention probabilities)
             y = self.compiled_for(x.device)(key_padding_mask=mask, **heads)       # (B, h, n, dh)
-        return y.transpose(1, 2).reshape(B, n, self.all_head_size)               # (B, n, dq)
+        # One dropout setting for every attention layer, SDPA or compiled: dropout with
+        # attention_probs_dropout_prob on the per-head attention output. Fused kernels never
+        # materialise the probabilities, so dropping them would make compiled layers train
+        # differently from standard ones; a search must compare models trained alike.
+        y = y.transpose(1, 2).reshape(B, n, self.all_head_size)                  # (B, n, dq)
+        return F.dropout(y, self.dropout_p, self.training)   # contiguous: same mask on both paths
 
     def __getstate__(self):   # compiled ops are rebuilt on demand (deepcopy / pickle)
         state = self.__dict__.copy()

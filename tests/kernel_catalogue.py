@@ -75,7 +75,7 @@ BY_NAME = {c.name: c for c in CATALOGUE}
 def make_mask(kind: str | None, batch: int, n: int) -> torch.Tensor | None:
     if kind is None:
         return None
-    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask = torch.ones(batch, n, dtype=torch.bool, device="cpu")
     if kind == "pad":
         mask[-1, n - max(n // 4, 1):] = False
     elif kind == "head":
@@ -103,28 +103,47 @@ def _check(name: str, tri: torch.Tensor, eager: torch.Tensor, gold: torch.Tensor
 
 def check_formula(formula: str, *, n: int = 20, d: int = 16, dtype=torch.float32,
                   mask: str | None = "pad", batch: int = 2, heads: int = 1, grad: bool = True,
-                  cache_dir=None, seed: int = 0) -> attnc.CompiledAttention:
-    """Run `formula` on the triton and torch backends and compare (forward and gradients)."""
+                  cache_dir=None, seed: int = 0, device=None,
+                  poison: bool = False) -> attnc.CompiledAttention:
+    """Run `formula` on the triton and torch backends and compare (forward and gradients).
+
+    Inputs are drawn on the CPU (same numbers on every machine), then moved to `device`: CUDA
+    where there is one (the kernels compile for the GPU), else the CPU (Triton interpreter).
+    poison=True: the Triton run gets inf / NaN in the padded rows of every input the kernels read
+    only at key rows; padded keys contribute nothing, so it must still match the clean references."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(seed)
     ref = attnc.compile(formula, backend="torch", cache_dir=cache_dir)
     tri = attnc.compile(formula, backend="triton", cache_dir=cache_dir)
     names = tri.inputs
-    base = {x: torch.randn(batch, heads, n, d, generator=gen).to(dtype) for x in names}
+    base = {x: torch.randn(batch, heads, n, d, generator=gen, device="cpu").to(device, dtype)
+            for x in names}
     m = make_mask(mask, batch, n)
+    m = m.to(device) if m is not None else None
 
-    def run(fn, dt):
-        ts = {x: base[x].to(dt).requires_grad_(grad) for x in names}
+    bad = {}
+    if poison:
+        from attnc.kernels.codegen import plan_sides
+        q_side, k_side = plan_sides(tri.runner.analysis.simplified, tri.runner.plan)
+        pad = (~m)[:, None, :, None]
+        fill = torch.tensor([float("inf"), float("nan"), -float("inf")], device=device)
+        fill = fill[torch.arange(n, device=device) % 3][None, None, :, None].to(dtype)
+        bad = {x: torch.where(pad, fill, base[x]) for x in k_side if x not in q_side}
+        assert bad, f"{formula}: no input read only at key rows to poison"
+
+    def run(fn, dt, src=base):
+        ts = {x: src[x].to(dt).requires_grad_(grad) for x in names}
         out = fn(**{x.lower(): t for x, t in ts.items()}, key_padding_mask=m)
         return out, ts
 
     gold, gold_in = run(ref, torch.float64)
     eager, eager_in = run(ref, dtype)
-    out, tri_in = run(tri, dtype)
+    out, tri_in = run(tri, dtype, {**base, **bad})
     assert out.dtype == dtype and out.shape == (batch, heads, n, d)
     _check(f"{formula} [out]", out, eager, gold, dtype)
     if not grad:
         return tri
-    g = torch.randn(batch, heads, n, d, generator=gen).to(dtype)
+    g = torch.randn(batch, heads, n, d, generator=gen, device="cpu").to(device, dtype)
     gg = torch.autograd.grad(gold, list(gold_in.values()), g.double())
     ge = torch.autograd.grad(eager, list(eager_in.values()), g)
     gt = torch.autograd.grad(out, list(tri_in.values()), g)

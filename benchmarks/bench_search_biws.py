@@ -1,0 +1,188 @@
+"""BIWS fidelity and cost: does the weight-shared proxy rank architectures like longer training?
+
+For a fixed set of architectures (default 10, tiny widths) this measures
+  * ground truth: stand-alone training from scratch for --truth-steps MLM steps;
+  * BIWS proxy: children of a supernet that was first warmed up by --warmup evaluations of random
+    architectures of the same space (the training a search does anyway; --shared-steps each,
+    written back after each evaluation, as in a search); the scored children then all start from
+    that same supernet state, so the order of scoring does not favour later ones;
+  * from-scratch proxy of the same cost: --shared-steps steps from a random init;
+  * the regular from-scratch proxy: --scratch-steps steps (default 5x the shared budget);
+and prints Kendall's tau of each proxy against the ground truth plus the cost ratio (measured
+seconds per evaluation of the regular from-scratch proxy / the weight-shared one).
+Target: weight sharing >= 5x cheaper per evaluation at a tau no worse than the regular proxy's.
+
+Score = -held-out MLM loss on wiki-sample by default (--task rt-polarity fine-tunes as well;
+at these sizes rt-polarity accuracy is mostly noise, so the MLM loss is the default signal).
+
+    python benchmarks/bench_search_biws.py [--json benchmarks/results/search_biws_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+FORMULAS = {
+    "std": "softmax(Q @ K^T / sqrt(d)) @ V",
+    "azl2": "softmax(Q @ log(1 + exp(K^T)) / sqrt(d)) @ (K + Q)",
+    "azl12": "softmax(Q @ (K / sqrt(d) + V)^T / sqrt(d)) @ V",
+    "cos": "softsign(cos(Q, K)) @ V",
+    "dist": "softmax(-dist(Q, K)) @ (V + P)",
+    "qq": "softmax(Q @ K^T / sqrt(d)) @ Q",
+    "lin": "Q @ (K^T @ V) / n",
+    "sig": "sigmoid(Q @ K^T / sqrt(d)) @ V / n",
+}
+ARCHS = [   # a layer is a FORMULAS key or a kernel size
+    ("std", "std", "std"), (3, 3, 3), (65, 65, 65), ("azl2", 7, "azl12"), ("cos", "cos", "std"),
+    ("dist", 15, "dist"), (9, "std", 31), ("qq", 5, "std"), ("lin", 3, "std"), ("azl12", "azl12", "azl12"),
+]
+KERNELS = (3, 5, 7, 9, 15, 31, 65)
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-b of two equally long score lists (ties counted as in scipy's tau-b)."""
+    n = len(a)
+    conc = disc = ties_a = ties_b = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif (da > 0) == (db > 0):
+                conc += 1
+            else:
+                disc += 1
+    denom = ((conc + disc + ties_a) * (conc + disc + ties_b)) ** 0.5
+    return (conc - disc) / denom if denom else 0.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--ffn", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--shared-steps", type=int, default=20)
+    ap.add_argument("--scratch-steps", type=int, default=None, help="default: 5x --shared-steps")
+    ap.add_argument("--truth-steps", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=20, help="random-architecture evaluations warming the supernet")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--task", default=None, help="fine-tuning task (default: none, score = -MLM loss)")
+    ap.add_argument("--finetune-steps", type=int, default=50)
+    ap.add_argument("--vocab", type=int, default=2000,
+                    help="train a WordPiece vocabulary of this size on the corpus (0: the default 30,522 vocab); "
+                         "a small vocabulary keeps the MLM head from dominating the cost at these widths")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    scratch_steps = args.scratch_steps or 5 * args.shared_steps
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from attnc.search.proxy import ProxyConfig, ProxyEvaluator
+    from attnc.search.space import Architecture, LayerChoice
+
+    def arch_of(layers):
+        return Architecture(layers=tuple(LayerChoice.conv(x) if isinstance(x, int)
+                                         else LayerChoice.attention(FORMULAS[x]) for x in layers),
+                            hidden_size=args.hidden, intermediate_size=args.ffn, num_heads=args.heads)
+
+    tokenizer = None
+    if args.vocab:
+        from attnc.runtime.data import cache_dir, load_corpus, train_wordpiece
+
+        tokenizer = cache_dir() / f"bench-biws-wordpiece-{args.vocab}"
+        if not (tokenizer / "tokenizer.json").is_file():
+            train_wordpiece(load_corpus("wiki-sample")["text"], args.vocab).save_pretrained(tokenizer)
+        tokenizer = str(tokenizer)
+
+    def cfg(**kw):
+        return ProxyConfig(task=args.task, tokenizer=tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
+                           finetune_max_len=args.seq_len, finetune_steps=args.finetune_steps,
+                           seed=args.seed, **kw)
+
+    archs = [arch_of(a) for a in ARCHS]
+    names = [" ".join(map(str, a)) for a in ARCHS]
+
+    def run_scratch(steps: int, label: str):
+        ev = ProxyEvaluator(cfg(weight_sharing=False, pretrain_steps=steps))
+        run = ev.runner()
+        scores, secs = [], []
+        for name, arch in zip(names, archs):
+            r = run(arch, None, args.seed)
+            scores.append(r.score)
+            secs.append(r.seconds)
+            print(f"  {label:<14} {name:<22} score {r.score:+.4f}  {r.seconds:.2f}s", flush=True)
+        return scores, secs
+
+    t_all = time.time()
+    ProxyEvaluator(cfg(weight_sharing=False)).runner()(archs[0], None, 0)   # fill the data caches first
+    print(f"ground truth: {args.truth_steps} MLM steps from scratch", flush=True)
+    truth, truth_s = run_scratch(args.truth_steps, "truth")
+    print(f"from-scratch proxy, {scratch_steps} steps", flush=True)
+    scratch, scratch_s = run_scratch(scratch_steps, "scratch")
+    print(f"from-scratch proxy of the weight-shared cost, {args.shared_steps} steps", flush=True)
+    same, same_s = run_scratch(args.shared_steps, "scratch-same")
+
+    print(f"BIWS proxy: {args.warmup} warm-up evaluations, then {args.shared_steps} steps per child", flush=True)
+    ws = ProxyEvaluator(cfg(weight_sharing=True, shared_pretrain_steps=args.shared_steps))
+    run = ws.runner()
+    rng = random.Random(args.seed)
+    pool = list(FORMULAS) + list(KERNELS)
+    warm_s = []
+    for i in range(args.warmup):
+        a = arch_of(tuple(rng.choice(pool) for _ in range(3)))
+        r = run(a, ws.prepare(a), args.seed + 1000 + i)
+        ws.commit(a, r)
+        warm_s.append(r.seconds)
+    shared, shared_s = [], []
+    # every scored child starts from the same warmed-up supernet (no write-back while scoring): with
+    # write-backs the later children would inherit more training and the order would be measured
+    for i, (name, arch) in enumerate(zip(names, archs)):
+        r = run(arch, ws.prepare(arch), args.seed)
+        shared.append(r.score)
+        shared_s.append(r.seconds)
+        print(f"  {'biws':<14} {name:<22} score {r.score:+.4f}  {r.seconds:.2f}s", flush=True)
+
+    mean = lambda xs: sum(xs) / len(xs)   # noqa: E731
+    out = {
+        "command": "python benchmarks/bench_search_biws.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"} | {"scratch_steps": scratch_steps},
+        "torch_threads": torch.get_num_threads(),
+        "architectures": names,
+        "scores": {"truth": truth, "biws": shared, "scratch": scratch, "scratch_same_cost": same},
+        "kendall_tau": {"biws": kendall_tau(shared, truth), "scratch": kendall_tau(scratch, truth),
+                        "scratch_same_cost": kendall_tau(same, truth)},
+        "seconds_per_eval": {"truth": mean(truth_s), "biws": mean(shared_s), "biws_warmup": mean(warm_s),
+                             "scratch": mean(scratch_s), "scratch_same_cost": mean(same_s)},
+        "total_seconds": time.time() - t_all,
+    }
+    out["cost_ratio_scratch_over_biws"] = out["seconds_per_eval"]["scratch"] / out["seconds_per_eval"]["biws"]
+    tau = out["kendall_tau"]
+    out["target_met"] = bool(out["cost_ratio_scratch_over_biws"] >= 5 and tau["biws"] >= tau["scratch"])
+    print(f"Kendall tau vs {args.truth_steps}-step training: BIWS {tau['biws']:+.3f}, "
+          f"scratch ({scratch_steps} steps) {tau['scratch']:+.3f}, "
+          f"scratch same cost ({args.shared_steps} steps) {tau['scratch_same_cost']:+.3f}")
+    print(f"seconds per evaluation: BIWS {out['seconds_per_eval']['biws']:.2f}, scratch "
+          f"{out['seconds_per_eval']['scratch']:.2f} -> ratio {out['cost_ratio_scratch_over_biws']:.2f}x; "
+          f"target (>= 5x at a tau no worse) {'met' if out['target_met'] else 'NOT met'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""`attnc search opnas | report | export` (registered by attnc.cli).
+
+    attnc search opnas --out runs/s --layers 4 --budget 100
+    attnc search opnas --out runs/s --evaluator attnc.search.synthetic:known_ops --budget 50
+    attnc search report runs/s --json --plot runs/s/search.png
+    attnc search export runs/s --rank 1 --out runs/s/best
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+from attnc.compiler.errors import ConfigError, DataError
+
+_EVAL_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def register(subparsers) -> None:
+    top = subparsers.add_parser("search", help="architecture search (OP-NAS) over formulas and convolutions",
+                                description="Architecture search: run, report on and export OP-NAS studies.")
+    sub = top.add_subparsers(dest="search_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    p = sub.add_parser("opnas", help="run or resume an OP-NAS / EA / random search",
+                       description="Search per-layer attention formulas and convolutions. The study "
+                                   "(DIR/study.db) holds every candidate; --resume continues it.")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--budget", type=int, default=100, help="finished evaluations (duplicates don't count)")
+    p.add_argument("--algorithm", choices=("opnas", "ea", "random"), default="opnas")
+    p.add_argument("--no-weight-sharing", action="store_true")
+    p.add_argument("--evaluator", metavar="MODULE:FUNCTION",
+                   help="a function architecture -> score (higher is better); default: the BIWS proxy")
+    p.add_argument("--resume", action="store_true", help="continue the study in DIR")
+    p.add_argument("--population", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--children", type=int, default=5)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", type=int, metavar="N", help="start a local Ray with N workers")
+    p.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_opnas)
+
+    p = sub.add_parser("report", help="best architectures and counts of a study",
+                       description="Summarise a study: best architectures, evaluated / failed / duplicate "
+                                   "counts; optional plots.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE", help="best-so-far curve and operation-priority heatmap (PNG/PDF)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("export", help="an architecture of a study as a Hugging Face folder",
+                       description="Write the architecture of the given rank with its supernet weights "
+                                   "(a fresh initialisation, with a warning, when the study has none).")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--out", required=True, metavar="MODEL")
+    p.set_defaults(func=_export)
+
+
+def load_evaluator(spec: str):
+    """'module:function' -> the function (imported by name; nothing is evaluated)."""
+    if not _EVAL_RE.match(spec):
+        raise ConfigError(f"bad --evaluator {spec!r}", hint="write MODULE:FUNCTION, e.g. mypkg.scores:score")
+    mod, fn = spec.split(":")
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as e:
+        raise ConfigError(f"cannot import evaluator module {mod!r}: {e}",
+                          hint="make it importable (PYTHONPATH or an installed package)") from None
+    f = getattr(module, fn, None)
+    if not callable(f):
+        raise ConfigError(f"evaluator module {mod} has no function {fn!r}")
+    return f
+
+
+def _opnas(args) -> int:
+    from . import opnas
+
+    out = Path(args.out)
+    db = out / "study.db"
+    if db.exists() and not args.resume:
+        raise ConfigError(f"{db} exists", hint="pass --resume to continue it, or choose another --out")
+    if args.resume and not db.exists():
+        raise ConfigError(f"nothing to resume: no study at {db}")
+    evaluate = load_evaluator(args.evaluator) if args.evaluator else None
+    space = opnas.Space(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.ffn,
+                        num_heads=args.heads)
+    result = opnas.search(space, evaluate, algorithm=args.algorithm,
+                          weight_sharing=not args.no_weight_sharing, budget=args.budget, seed=args.seed,
+                          population=args.population, top_k=args.top_k, children=args.children,
+                          alpha=args.alpha, study=db, ray=args.ray, ray_address=args.ray_address,
+                          progress=not args.no_progress)
+    summary = _summary(result, top=5)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _layer_info(layer, a) -> dict:
+    """A layer's JSON plus, for attention, the compiler's projection parameters and FLOPs (n=128)."""
+    info = layer.to_json()
+    if layer.kind == "attention":
+        from attnc.compiler.api import analyze
+        from attnc.compiler.check import CheckOptions
+        from attnc.compiler.report import report
+        # the space checked the formula already (perhaps with other input counts): accept 1-4 here
+        rep = report(analyze(layer.formula, checks=CheckOptions(min_inputs=1, max_inputs=4)), n=128, d=a.hidden_size // a.num_heads,
+                     heads=a.num_heads, hidden=a.hidden_size)
+        info.update(params=rep.params, flops=rep.flops)
+    return info
+
+
+def _summary(result, top: int) -> dict:
+    def arch(e):
+        return {"id": e.id, "score": e.score, "generation": e.generation,
+                "layers": [_layer_info(c, e.architecture) for c in e.architecture.layers],
+                "architecture": e.architecture.to_json()}
+    best = result.top(top)
+    return {"study": result.study, "evaluated": len(result.evaluations), "failed": result.failed,
+            "duplicates": result.duplicates, "illegal": result.illegal,
+            "best": arch(best[0]) if best else None, "top": [arch(e) for e in best]}
+
+
+def _print_summary(s: dict) -> None:
+    print(f"study {s['study']}: {s['evaluated']} evaluated, {s['failed']} failed, "
+          f"{s['duplicates']} duplicates (not evaluated), {s['illegal']} illegal graphs rejected")
+    for rank, e in enumerate(s["top"], 1):
+        print(f"#{rank}  score {e['score']:.4f}  (candidate {e['id']}, generation {e['generation']})")
+        for i, layer in enumerate(e["layers"]):
+            what = (f"conv, kernel {layer['kernel_size']}" if layer["kind"] == "conv" else
+                    f"{layer['formula']}   ({layer['params']:,} params, {layer['flops']:,} FLOPs at n=128)")
+            print(f"    layer {i}: {what}")
+
+
+def _report(args) -> int:
+    from . import opnas
+
+    result = opnas.open_result(args.dir)
+    summary = _summary(result, top=args.top)
+    if args.plot:
+        plot_study(Path(args.dir), Path(args.plot))
+        summary["plot"] = args.plot
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def plot_study(folder: Path, out: Path) -> None:
+    """Best-so-far vs evaluations, and the operation priorities per path position (heatmap)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plots need matplotlib", hint='pip install "attnc[viz]"') from None
+    from . import opnas
+    from .study import Study
+
+    st = Study(folder / "study.db" if folder.is_dir() else folder)
+    try:
+        meta = st.meta()
+        space = opnas.Space(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["space"].items()})
+        rows = st.rows()
+    finally:
+        st.close()
+    done = sorted((r for r in rows if r.status == "done"), key=lambda r: r.finish_order)
+    best, curve = float("-inf"), []
+    for r in done:
+        best = max(best, r.score)
+        curve.append(best)
+    pri = opnas.op_priorities([(opnas._candidate_of(r), r.score) for r in done], space, meta["alpha"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(range(1, len(curve) + 1), curve, label=meta["algorithm"])
+    a1.set_xlabel("evaluations")
+    a1.set_ylabel("best score so far")
+    a1.legend()
+    if pri:
+        import numpy as np
+        m = np.array([[d[o] for o in space.primitives] for d in pri]).T
+        im = a2.imshow(m, aspect="auto", cmap="viridis")
+        a2.set_yticks(range(len(space.primitives)), space.primitives)
+        a2.set_xlabel("path position")
+        a2.set_title("operation priority (softmax of Eq. 3)")
+        fig.colorbar(im, ax=a2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _export(args) -> int:
+    from . import opnas
+    from .study import Study
+
+    result = opnas.open_result(args.dir)
+    ranked = result.top(len(result.evaluations))
+    if not 1 <= args.rank <= len(ranked):
+        raise DataError(f"rank {args.rank} out of range: the study has {len(ranked)} evaluated architectures")
+    arch = ranked[args.rank - 1].architecture
+    st = Study(result.study)
+    try:
+        name = st.latest_state_file()
+        state = st.load_state(name) if name else None
+    finally:
+        st.close()
+    blob = state.get("supernet") if isinstance(state, dict) else None
+    if blob is not None:
+        from .biws import Supernet, export_model
+        model = export_model(Supernet.from_state_copy(blob), arch)
+        source = f"supernet weights of {name}"
+    else:
+        from attnc.runtime.modeling import AttncBertForMaskedLM
+        print("warning: the study has no supernet weights; the exported model is freshly initialised",
+              file=sys.stderr)
+        model = AttncBertForMaskedLM(arch.to_config())
+        source = "fresh initialisation"
+    model.save_pretrained(args.out)
+    print(f"exported rank {args.rank} (score {ranked[args.rank - 1].score:.4f}) to {args.out} ({source})")
+    return 0

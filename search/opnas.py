@@ -1,0 +1,590 @@
+"""OP-NAS (AutoBERT-Zero, AAAI 2022): evolution of per-layer attention formulas and convolutions,
+guided by operation priorities (Equation 3), with random search and plain EA as baselines.
+
+    from attnc.search import opnas
+    space = opnas.Space(num_layers=4)
+    result = opnas.search(space, evaluate=my_fn, budget=100, study="runs/x/study.db")
+    result.best_architecture, result.best_score, result.evaluations
+
+Everything the loop needs is derived from the study rows (see study.py); candidate number t draws
+its randomness from the stream (seed, t), so a killed and resumed search makes exactly the same
+candidates as an uninterrupted one. Generations are made whole before any is evaluated, which is
+why in-process and Ray evaluation give the same study.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from attnc.compiler.errors import AttncError, ConfigError
+
+from .evaluator import CallableEvaluator, EvalResult, Evaluator
+from .paths import BINARY, EXTRA_UNARY, INPUTS, TABLE1, UNARY, Path as FPath, check_shapes, to_text
+from .space import KERNEL_SIZES, Architecture, LayerChoice
+from .study import Study
+
+ALGORITHMS = ("opnas", "ea", "random")
+MAX_TRIES = 500          # illegal candidates tolerated while making one layer before giving up
+
+
+@dataclass(frozen=True)
+class Space:
+    num_layers: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_heads: int = 4
+    primitives: tuple[str, ...] = TABLE1    # the paper's Table 1; EXTRA_UNARY may be added
+    min_inputs: int = 2
+    max_inputs: int = 4
+    kernel_sizes: tuple[int, ...] = KERNEL_SIZES
+    min_path: int = 2
+    max_path: int = 8
+    conv_prob: float = 0.25       # chance a sampled layer is a convolution (0: attention only)
+
+    def __post_init__(self):
+        if self.num_layers < 1:
+            raise ConfigError(f"num_layers must be positive, got {self.num_layers}")
+        bad = [p for p in self.primitives if p not in UNARY + BINARY and p not in EXTRA_UNARY]
+        if bad:
+            raise ConfigError(f"unknown primitive(s) {bad}", hint=f"choose from {TABLE1 + EXTRA_UNARY}")
+        if not any(p in BINARY for p in self.primitives):
+            raise ConfigError("the primitives need a binary op (add, matmul, cos, dist) to use 2+ inputs")
+        if not 1 <= self.min_inputs <= self.max_inputs <= 4:
+            raise ConfigError(f"need 1 <= min_inputs <= max_inputs <= 4, got {self.min_inputs}, {self.max_inputs}")
+        if not set(self.kernel_sizes) <= set(KERNEL_SIZES) or not self.kernel_sizes:
+            raise ConfigError(f"kernel sizes must be a non-empty subset of {KERNEL_SIZES}")
+        if not 1 <= self.min_path <= self.max_path:
+            raise ConfigError(f"need 1 <= min_path <= max_path, got {self.min_path}, {self.max_path}")
+        if not 0.0 <= self.conv_prob <= 1.0:
+            raise ConfigError(f"conv_prob must be in [0, 1], got {self.conv_prob}")
+        object.__setattr__(self, "primitives", tuple(self.primitives))
+        object.__setattr__(self, "kernel_sizes", tuple(self.kernel_sizes))
+
+    def checks(self):
+        from attnc.compiler.check import CheckOptions
+        return CheckOptions(min_inputs=self.min_inputs, max_inputs=self.max_inputs)
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+# --- candidates --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: Architecture
+    genes: tuple              # per layer: Path (attention) or None (conv)
+    illegal: int = 0          # illegal graphs rejected on the way
+
+
+class Stats:
+    """Counters of the generator, kept by the caller."""
+
+    def __init__(self):
+        self.illegal = 0
+
+
+def check_path(path: FPath, space: Space) -> LayerChoice | None:
+    """The layer a path compiles to, or None when it is illegal (shape pre-check, then compiler)."""
+    if not check_shapes(path):
+        return None
+    if not space.min_inputs <= len(path.inputs) <= space.max_inputs:
+        return None
+    from attnc.compiler.api import analyze
+    try:
+        a = analyze(to_text(path), checks=space.checks())
+    except AttncError:
+        return None
+    return LayerChoice("attention", formula=a.canonical)
+
+
+def _pick(rng: random.Random, dist: dict | None, options: Sequence):
+    if not dist:
+        return rng.choice(list(options))
+    keys = [o for o in options if o in dist] or list(options)
+    weights = [dist.get(o, 0.0) for o in keys]
+    if sum(weights) <= 0:
+        return rng.choice(keys)
+    return rng.choices(keys, weights=weights)[0]
+
+
+def _random_op(rng, space: Space, dist=None):
+    op = _pick(rng, dist, space.primitives)
+    return (op, rng.choice(INPUTS) if op in BINARY else None)
+
+
+def sample_path(rng: random.Random, space: Space, priorities: list | None = None,
+                stats: Stats | None = None) -> tuple[FPath, LayerChoice]:
+    """A random legal path (ops drawn from the per-position priorities when given)."""
+    for _ in range(MAX_TRIES):
+        k = rng.randint(space.min_path, space.max_path)
+        ops = tuple(_random_op(rng, space, priorities[p] if priorities and p < len(priorities) else None)
+                    for p in range(k))
+        path = FPath(rng.choice(INPUTS), ops)
+        layer = check_path(path, space)
+        if layer is not None:
+            return path, layer
+        if stats:
+            stats.illegal += 1
+    raise ConfigError(f"no legal formula in {MAX_TRIES} samples of this space",
+                      hint="allow more primitives, longer paths or fewer required inputs")
+
+
+def mutate_path(rng: random.Random, path: FPath, space: Space, priorities: list | None = None,
+                stats: Stats | None = None) -> tuple[FPath, LayerChoice]:
+    """One intra-layer mutation: insert, remove or replace an op, or change an input. A parent
+    of length k mutates with the first k position distributions (k + 1 for an insert at the end)."""
+    k = len(path.ops)
+    for _ in range(MAX_TRIES):
+        ops = list(path.ops)
+        start = path.start
+        kinds = ["replace", "input"] + (["insert"] if k < space.max_path else []) + (
+            ["remove"] if k > space.min_path else [])
+        kind = rng.choice(kinds)
+        if kind == "insert":
+            p = rng.randint(0, k)
+        else:
+            p = rng.randrange(k)
+        dist = priorities[p] if priorities and p < len(priorities) else None
+        if kind == "replace":
+            ops[p] = _random_op(rng, space, dist)
+        elif kind == "insert":
+            ops.insert(p, _random_op(rng, space, dist))
+        elif kind == "remove":
+            del ops[p]
+        else:   # change an input: the start or a binary op's operand
+            slots = [-1] + [i for i, (o, _) in enumerate(ops) if o in BINARY]
+            s = rng.choice(slots)
+            if s < 0:
+                start = rng.choice([x for x in INPUTS if x != start])
+            else:
+                ops[s] = (ops[s][0], rng.choice([x for x in INPUTS if x != ops[s][1]]))
+        child = FPath(start, tuple(ops))
+        layer = check_path(child, space)
+        if layer is not None and child != path:
+            return child, layer
+        if stats and layer is None:
+            stats.illegal += 1
+    raise ConfigError(f"no legal mutation of {to_text(path)} in {MAX_TRIES} tries")
+
+
+def sample_arch(rng: random.Random, space: Space, stats: Stats | None = None) -> Candidate:
+    layers, genes = [], []
+    for _ in range(space.num_layers):
+        if rng.random() < space.conv_prob:
+            layers.append(LayerChoice.conv(rng.choice(space.kernel_sizes)))
+            genes.append(None)
+        else:
+            path, layer = sample_path(rng, space, stats=stats)
+            layers.append(layer)
+            genes.append(path)
+    return Candidate(_arch(space, layers), tuple(genes))
+
+
+def mutate_arch(rng: random.Random, parent: Candidate, space: Space, priorities: list | None = None,
+                kernel_dists: list | None = None, stats: Stats | None = None) -> Candidate:
+    """Inter-layer mutation (random, as vanilla EA: attention <-> conv, kernel size), then one
+    intra-layer mutation of an attention layer guided by the priorities."""
+    layers, genes = list(parent.arch.layers), list(parent.genes)
+    L = len(layers)
+    for i in range(L):
+        if rng.random() >= 1.0 / L:
+            continue
+        kd = kernel_dists[i] if kernel_dists else None
+        if layers[i].kind == "attention" or rng.random() < 0.5:
+            if layers[i].kind == "attention" and space.conv_prob > 0:
+                layers[i], genes[i] = LayerChoice.conv(_pick(rng, kd, space.kernel_sizes)), None
+            elif layers[i].kind == "conv":
+                genes[i], layers[i] = sample_path(rng, space, priorities, stats)
+        else:   # another kernel size
+            others = [k for k in space.kernel_sizes if k != layers[i].kernel_size]
+            if others:
+                layers[i] = LayerChoice.conv(_pick(rng, kd, others))
+    attn = [i for i in range(L) if genes[i] is not None]
+    if attn:
+        i = rng.choice(attn)
+        genes[i], layers[i] = mutate_path(rng, genes[i], space, priorities, stats)
+    return Candidate(_arch(space, layers), tuple(genes))
+
+
+def _arch(space: Space, layers) -> Architecture:
+    return Architecture(tuple(layers), hidden_size=space.hidden_size,
+                        intermediate_size=space.intermediate_size, num_heads=space.num_heads)
+
+
+# --- operation priorities (Equation 3) ---------------------------------------------------------------
+
+
+def ucb(samples: list[tuple[Any, float]], options: Sequence, alpha: float) -> dict:
+    """u_i = mu_i + alpha * sqrt(2 ln N / N_i) for each option i, from (option, score) samples;
+    returns softmax(u) as {option: probability}. mu_i = mean score of the samples of i, N_i their
+    count, N all samples. An option never sampled gets mu = the mean of all samples and N_i = 1
+    (the largest bonus any option can have), so it is tried; with no samples the result is uniform."""
+    if not samples:
+        return {o: 1.0 / len(options) for o in options}
+    N = len(samples)
+    mean_all = sum(s for _, s in samples) / N
+    u = {}
+    for o in options:
+        got = [s for x, s in samples if x == o]
+        n_i = len(got) or 1
+        mu = sum(got) / len(got) if got else mean_all
+        u[o] = mu + alpha * math.sqrt(2.0 * math.log(N) / n_i)
+    top = max(u.values())
+    ex = {o: math.exp(v - top) for o, v in u.items()}
+    z = sum(ex.values())
+    return {o: v / z for o, v in ex.items()}
+
+
+def op_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float) -> list[dict]:
+    """One distribution per path position, up to the longest path evaluated."""
+    longest = max((len(g.ops) for c, _ in evaluated for g in c.genes if g is not None), default=0)
+    out = []
+    for p in range(longest):
+        samples = [(g.ops[p][0], s) for c, s in evaluated for g in c.genes if g is not None and len(g.ops) > p]
+        out.append(ucb(samples, space.primitives, alpha))
+    return out
+
+
+def kernel_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float) -> list[dict]:
+    """Per layer, the kernel sizes' own distribution (same Equation 3 over kernel sizes)."""
+    out = []
+    for i in range(space.num_layers):
+        samples = [(c.arch.layers[i].kernel_size, s) for c, s in evaluated
+                   if i < len(c.arch.layers) and c.arch.layers[i].kind == "conv"]
+        out.append(ucb(samples, space.kernel_sizes, alpha))
+    return out
+
+
+# --- the search loop ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    id: int
+    architecture: Architecture
+    score: float
+    generation: int
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best_architecture: Architecture | None
+    best_score: float | None
+    evaluations: list          # Evaluation of every successful evaluation, in completion order
+    failed: int                # evaluations that raised or gave NaN/inf (count toward the budget)
+    duplicates: int            # candidates not evaluated: equal to an evaluated one
+    illegal: int               # illegal graphs rejected while making the recorded candidates
+    study: str
+
+    def top(self, k: int = 5) -> list:
+        return sorted(self.evaluations, key=lambda e: (-e.score, e.id))[:k]
+
+
+def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm: str = "opnas",
+           weight_sharing: bool = True, budget: int = 100, seed: int = 0, population: int = 100,
+           top_k: int = 5, children: int = 5, alpha: float = 0.5, study: str | Path | None = None,
+           ray: int | None = None, ray_address: str | None = None, progress: bool = False,
+           callbacks: Sequence[Callable[[Evaluation], None]] = ()) -> SearchResult:
+    """Run (or resume: reopen the same study) a search until `budget` evaluations finished.
+
+    evaluate: None -> the BIWS proxy evaluator (attnc.search.proxy); a callable arch -> score
+    (higher is better); or an Evaluator. ray: start a local Ray with that many CPUs;
+    ray_address: join a cluster. study: the SQLite file (None: a new temporary folder).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algorithm!r}", hint=f"choose one of {', '.join(ALGORITHMS)}")
+    for name, v in (("budget", budget), ("population", population), ("top_k", top_k), ("children", children)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if not alpha >= 0:
+        raise ConfigError(f"alpha must be >= 0, got {alpha!r}")
+    evaluator = _resolve_evaluator(evaluate, weight_sharing)
+    if study is None:
+        import tempfile
+        study = Path(tempfile.mkdtemp(prefix="attnc-search-")) / "study.db"
+    st = Study(study)
+    # budget may grow on resume (search further); everything that shapes candidates must match
+    st.check_meta({"space": space.to_json(), "algorithm": algorithm, "seed": seed, "population": population,
+                   "top_k": top_k, "children": children, "alpha": alpha,
+                   "weight_sharing": bool(evaluator.weight_sharing)})
+    latest = st.latest_state_file()
+    if evaluator.weight_sharing and latest:
+        evaluator.load_state_dict(st.load_state(latest))
+    loop = _Loop(space, evaluator, algorithm, budget, seed, population, top_k, children, alpha, st, callbacks)
+    started_ray = _start_ray(ray, ray_address)
+    bar = None
+    try:
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=budget, desc=f"search {algorithm}", unit="eval")
+            loop.bar = bar
+        loop.run(use_ray=started_ray is not None)
+        return result_from_study(st)
+    finally:
+        if bar is not None:
+            bar.close()
+        if started_ray == "started":
+            import ray as _ray
+            _ray.shutdown()
+        st.close()
+
+
+def _resolve_evaluator(evaluate, weight_sharing: bool) -> Evaluator:
+    if evaluate is None:
+        from attnc.search.proxy import ProxyConfig, ProxyEvaluator   # heavy (trainer, data): lazy
+        return ProxyEvaluator(ProxyConfig(weight_sharing=weight_sharing))
+    if isinstance(evaluate, Evaluator):
+        return evaluate
+    if callable(evaluate):
+        return CallableEvaluator(evaluate)
+    raise ConfigError(f"evaluate must be None, a callable or an Evaluator, got {type(evaluate).__name__}")
+
+
+def _start_ray(ray_cpus, address):
+    if ray_cpus is None and address is None:
+        return None
+    try:
+        import ray as _ray
+    except ImportError:
+        raise ConfigError("Ray is not installed", hint='pip install "attnc[distributed]"') from None
+    if _ray.is_initialized():
+        return "joined"
+    import os
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is not None:
+        _ray.init(address=address, log_to_driver=False)
+    else:
+        _ray.init(num_cpus=int(ray_cpus), include_dashboard=False, log_to_driver=False)
+    return "started"
+
+
+def _candidate_of(row) -> Candidate:
+    genes = tuple(FPath.from_json(g) if g is not None else None for g in row.genes)
+    return Candidate(row.arch, genes, row.illegal)
+
+
+_FP_CACHE: dict[str, str] = {}
+
+
+def fingerprint_key(arch: Architecture, space: Space) -> str:
+    """Key of the architecture up to numerically equivalent formulas (float64 fingerprints)."""
+    import hashlib
+
+    from attnc.compiler.api import analyze
+    from attnc.compiler.equiv import fingerprint
+    parts = [f"{arch.hidden_size}-{arch.intermediate_size}-{arch.num_heads}"]
+    for c in arch.layers:
+        if c.kind == "conv":
+            parts.append(f"conv{c.kernel_size}")
+            continue
+        fp = _FP_CACHE.get(c.formula)
+        if fp is None:
+            fp = _FP_CACHE[c.formula] = fingerprint(analyze(c.formula, checks=space.checks()).simplified)
+        parts.append(f"fp:{fp}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+class _Loop:
+    def __init__(self, space, evaluator, algorithm, budget, seed, population, top_k, children, alpha, st,
+                 callbacks):
+        self.space, self.ev, self.algorithm, self.budget, self.seed = space, evaluator, algorithm, budget, seed
+        self.population, self.top_k, self.children, self.alpha = population, top_k, children, alpha
+        self.st, self.callbacks, self.bar = st, callbacks, None
+        self.runner = evaluator.runner()
+
+    def run(self, use_ray: bool) -> None:
+        stalls = 0
+        while True:
+            rows = self.st.rows()
+            finished = sum(r.status in ("done", "failed") for r in rows)
+            self._update_bar(rows)
+            if finished >= self.budget:
+                return
+            todo = [r for r in rows if r.status in ("pending", "running")]   # running: interrupted
+            if todo:
+                stalls = 0
+                (self._run_ray if use_ray else self._run_local)(todo)
+                continue
+            made = self._generation(rows, self.budget - finished)
+            self.st.insert_many(made)
+            if not any(m["status"] == "pending" for m in made):
+                stalls += 1
+                if stalls >= 20:
+                    warnings.warn(f"search stopped early: 20 generations in a row held only duplicates "
+                                  f"({finished} of {self.budget} evaluations done); the space is "
+                                  f"exhausted for these settings", stacklevel=3)
+                    return
+
+    # --- making candidates ----------------------------------------------------------------------------
+
+    def _generation(self, rows, remaining: int) -> list[dict]:
+        gen = max((r.generation for r in rows), default=-1) + 1
+        next_id = max((r.id for r in rows), default=0) + 1
+        done = [r for r in rows if r.status == "done"]
+        evaluated = [(_candidate_of(r), r.score) for r in done]
+        seen = {}
+        for r in rows:                                # keys of everything evaluated or to be evaluated
+            if r.status in ("done", "failed", "pending", "running"):
+                seen.setdefault(r.arch_key, r)
+                seen.setdefault(r.fp_key, r)
+        if gen == 0 or self.algorithm == "random" or not done:
+            plan = [(None, None)] * self.population
+        else:
+            parents = sorted(done, key=lambda r: (-r.score, r.id))[: self.top_k]
+            plan = [(p, None) for p in parents for _ in range(self.children)]
+        pri = kd = None
+        if self.algorithm == "opnas" and evaluated:
+            pri = op_priorities(evaluated, self.space, self.alpha)
+            kd = kernel_priorities(evaluated, self.space, self.alpha)
+        out, pending = [], 0
+        for parent, _ in plan:
+            if pending >= remaining:
+                break
+            cid = next_id + len(out)
+            rng = random.Random(f"attnc-opnas:{self.seed}:{cid}")   # str seeds are hashed stably
+            stats = Stats()
+            if parent is None:
+                cand = sample_arch(rng, self.space, stats)
+            else:
+                cand = mutate_arch(rng, _candidate_of(parent), self.space, pri, kd, stats)
+            ak, fk = cand.arch.key(), fingerprint_key(cand.arch, self.space)
+            item = {"id": cid, "generation": gen, "arch": cand.arch, "arch_key": ak, "fp_key": fk,
+                    "genes": [g.to_json() if g is not None else None for g in cand.genes],
+                    "parents": [parent.id] if parent is not None else [], "illegal": stats.illegal,
+                    "seed": (self.seed * 1_000_003 + cid) % (2 ** 31)}
+            twin = seen.get(ak) or seen.get(fk)
+            if twin is not None:
+                item.update(status="duplicate", duplicate_of=twin.id,
+                            score=twin.score if twin.status == "done" else None)
+            else:
+                item["status"] = "pending"
+                pending += 1
+                marker = _Pending(cid)
+                seen[ak] = seen[fk] = marker
+            out.append(item)
+        return out
+
+    # --- evaluating ----------------------------------------------------------------------------------
+
+    def _run_local(self, todo) -> None:
+        for r in todo:
+            self.st.mark_running(r.id)
+            payload = self.ev.prepare(r.arch)
+            t0 = time.perf_counter()
+            try:
+                res = self.runner(r.arch, payload, r.seed)
+                err = None
+            except Exception as e:   # a candidate that breaks is recorded, the search goes on
+                res, err = None, f"{type(e).__name__}: {e}"
+            self._finish(r, res, err, time.perf_counter() - t0)
+
+    def _run_ray(self, todo) -> None:
+        import ray as _ray
+        remote = _ray.remote(_ray_task)
+        runner_ref = _ray.put(self.runner)
+        refs = {}
+        for r in todo:
+            self.st.mark_running(r.id)
+            refs[remote.remote(runner_ref, r.arch, self.ev.prepare(r.arch), r.seed)] = r
+        waiting = list(refs)
+        while waiting:   # write-backs in completion order
+            ready, waiting = _ray.wait(waiting, num_returns=1)
+            res, err, secs = _ray.get(ready[0])
+            self._finish(refs[ready[0]], res, err, secs)
+
+    def _finish(self, row, res: EvalResult | None, err: str | None, seconds: float) -> None:
+        if err is None:
+            if not isinstance(res, EvalResult):
+                err = f"evaluator returned {type(res).__name__}, not an EvalResult"
+            elif not math.isfinite(res.score):
+                err = f"score is not finite ({res.score}): training diverged"
+        if err is not None:
+            self.st.finish(row.id, "failed", error=err, seconds=seconds)
+        else:
+            state_file = None
+            if self.ev.weight_sharing:
+                self.ev.commit(row.arch, res)
+                state_file = self.st.save_state(self.ev.state_dict(), row.id)
+            else:
+                self.ev.commit(row.arch, res)
+            self.st.finish(row.id, "done", score=float(res.score), metrics=res.metrics,
+                           seconds=res.seconds or seconds, steps=res.steps, state_file=state_file)
+            if state_file:
+                self.st.prune_states(keep=state_file)
+            ev = Evaluation(row.id, row.arch, float(res.score), row.generation, dict(res.metrics),
+                            res.seconds or seconds, res.steps)
+            for cb in self.callbacks:
+                cb(ev)
+        self._update_bar(None)
+
+    def _update_bar(self, rows) -> None:
+        if self.bar is None:
+            return
+        c = counts(self.st)
+        self.bar.n = c["evaluated"] + c["failed"]
+        self.bar.set_postfix(failed=c["failed"], dup=c["duplicates"],
+                             best=None if c["best"] is None else round(c["best"], 4), refresh=False)
+        self.bar.refresh()
+
+
+class _Pending:
+    """Stand-in for a candidate of the generation being made (for dedup within a generation)."""
+
+    status = "pending"
+    score = None
+
+    def __init__(self, cid):
+        self.id = cid
+
+
+def _ray_task(runner, arch, payload, seed):
+    t0 = time.perf_counter()
+    try:
+        return runner(arch, payload, seed), None, time.perf_counter() - t0
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}", time.perf_counter() - t0
+
+
+def counts(st: Study) -> dict:
+    rows = st.db.execute("SELECT status, COUNT(*), SUM(illegal) FROM candidates GROUP BY status").fetchall()
+    by = {s: (n, il or 0) for s, n, il in rows}
+    best = st.db.execute("SELECT MAX(score) FROM candidates WHERE status='done'").fetchone()[0]
+    return {"evaluated": by.get("done", (0, 0))[0], "failed": by.get("failed", (0, 0))[0],
+            "duplicates": by.get("duplicate", (0, 0))[0],
+            "pending": by.get("pending", (0, 0))[0] + by.get("running", (0, 0))[0],
+            "illegal": sum(il for _, il in by.values()), "best": best}
+
+
+def result_from_study(st: Study) -> SearchResult:
+    rows = st.rows()
+    done = sorted((r for r in rows if r.status == "done"), key=lambda r: r.finish_order)
+    evs = [Evaluation(r.id, r.arch, r.score, r.generation, r.metrics, r.seconds or 0.0, r.steps or 0)
+           for r in done]
+    best = max(evs, key=lambda e: (e.score, -e.id), default=None)
+    c = counts(st)
+    return SearchResult(best.architecture if best else None, best.score if best else None, evs,
+                        c["failed"], c["duplicates"], c["illegal"], str(st.path))
+
+
+def open_result(study: str | Path) -> SearchResult:
+    """The result of a (finished or not) search from its study file."""
+    p = Path(study)
+    if p.is_dir():
+        p = p / "study.db"
+    if not p.is_file():
+        raise ConfigError(f"no study at {p}", hint="pass the search's --out folder or its study.db")
+    st = Study(p)
+    try:
+        return result_from_study(st)
+    finally:
+        st.close()

@@ -1,0 +1,243 @@
+"""The proxy evaluator of the search: short MLM pretraining, then fine-tuning on a task.
+
+    from attnc.search.proxy import ProxyConfig, ProxyEvaluator
+    ev = ProxyEvaluator(ProxyConfig(task="rt-polarity", pretrain_steps=200, shared_pretrain_steps=40))
+
+Score = the task's dev metric (accuracy for rt-polarity / bbc-topic), or minus the held-out MLM loss
+when task is None; higher is better either way.
+
+With weight sharing (BIWS, search/biws.py) the driver owns a Supernet: prepare(arch) cuts the
+child's initial weights from it (the payload travels with the task, e.g. to a Ray worker), the
+runner pretrains the child for the shorter weight-shared budget and returns its trained MLM
+weights in EvalResult.weights, and commit(arch, result) writes them back into the supernet in
+completion order. Without weight sharing each child starts from a fresh random init (seeded) and
+pretrains for the longer from-scratch budget. Fine-tuning always trains a copy; only MLM weights
+are shared (the task head is not part of the supernet).
+
+Both the tokenised corpus (the trainer's cached_blocks, on disk) and the tokenised task are cached
+per process, so an evaluation after the first starts training at once.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from attnc.compiler.errors import ConfigError
+
+from .biws import Supernet, SupernetDims, attach_kernel_transform, trained_payload
+from .evaluator import EvalResult, Evaluator
+
+TASKS = ("rt-polarity", "bbc-topic")
+
+
+class TrainingDiverged(RuntimeError):
+    """A candidate's training produced a NaN/inf loss (the search records the candidate as failed)."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    corpus: str = "wiki-sample"             # MLM corpus (attnc.runtime.data.load_corpus names / paths)
+    task: str | None = "rt-polarity"        # fine-tuning task; None: score = -held-out MLM loss
+    pretrain_steps: int = 200               # MLM steps of a from-scratch child
+    shared_pretrain_steps: int = 40         # MLM steps of a weight-shared child (starts from the supernet)
+    finetune_steps: int = 100               # task steps (both modes)
+    batch_size: int = 32
+    seq_len: int = 64                       # MLM block length
+    finetune_max_len: int = 64              # task sequences are truncated to this many tokens
+    max_train: int | None = 2000            # task training examples used (None: all)
+    max_eval: int | None = 500              # task dev examples used (None: all)
+    lr: float = 1e-3                        # MLM peak learning rate
+    finetune_lr: float = 5e-4
+    eval_blocks: int = 64                   # held-out MLM blocks
+    weight_sharing: bool = True
+    tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
+    device: str = "cpu"                     # trainer device (auto | cpu | cuda | cuda:N)
+    seed: int = 0                           # supernet init and the task subset; each candidate gets its own seed
+
+    def __post_init__(self):
+        for name in ("pretrain_steps", "shared_pretrain_steps", "finetune_steps", "batch_size", "seq_len",
+                     "finetune_max_len", "eval_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"proxy {name} must be a positive integer, got {v!r}")
+        if self.task is not None and self.task not in TASKS and not self.task.startswith("glue/"):
+            raise ConfigError(f"unknown proxy task {self.task!r}",
+                              hint=f"use one of {', '.join(TASKS)}, glue/NAME, or None for MLM loss")
+
+    @property
+    def child_pretrain_steps(self) -> int:
+        return self.shared_pretrain_steps if self.weight_sharing else self.pretrain_steps
+
+
+# ------------------------------------------------------------------------------------------------
+# per-process caches (a Ray worker fills its own on its first task)
+# ------------------------------------------------------------------------------------------------
+
+_TOKENIZERS: dict = {}
+_BLOCKS: dict = {}
+_TASKS: dict = {}
+
+
+def _tokenizer(spec: str | None):
+    if spec not in _TOKENIZERS:
+        from attnc.runtime.data import load_tokenizer
+
+        _TOKENIZERS[spec] = load_tokenizer(spec)
+    return _TOKENIZERS[spec]
+
+
+def _blocks(cfg: ProxyConfig) -> torch.Tensor:
+    key = (cfg.corpus, cfg.tokenizer, cfg.seq_len)
+    if key not in _BLOCKS:
+        from attnc.runtime.data import cached_blocks
+
+        _BLOCKS[key] = cached_blocks(cfg.corpus, _tokenizer(cfg.tokenizer), cfg.seq_len)
+    return _BLOCKS[key]
+
+
+def _task_data(cfg: ProxyConfig):
+    key = (cfg.task, cfg.tokenizer, cfg.finetune_max_len, cfg.max_train, cfg.max_eval, cfg.seed)
+    if key not in _TASKS:
+        from attnc.runtime.data import load_task
+        from attnc.runtime.trainer import ClassificationData
+
+        task = load_task(cfg.task, seed=cfg.seed)
+        _TASKS[key] = ClassificationData(task, _tokenizer(cfg.tokenizer), cfg.finetune_max_len,
+                                         max_train=cfg.max_train, max_eval=cfg.max_eval, seed=cfg.seed)
+    return _TASKS[key]
+
+
+def vocab_size(cfg: ProxyConfig) -> int:
+    return len(_tokenizer(cfg.tokenizer))
+
+
+def _check_finite(losses, what: str) -> None:
+    bad = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+    if bad is not None:
+        raise TrainingDiverged(f"{what} loss is {losses[bad]} at step {bad + 1}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the runner (picklable: a frozen config only)
+# ------------------------------------------------------------------------------------------------
+
+
+class ProxyRunner:
+    """(arch, payload, seed) -> EvalResult. payload: Supernet.child_payload(arch), or None for a
+    from-scratch child."""
+
+    def __init__(self, config: ProxyConfig):
+        self.config = config
+
+    def __call__(self, arch, payload: Any, seed: int) -> EvalResult:
+        from attnc.runtime.modeling import AttncBertForMaskedLM, AttncBertForSequenceClassification
+        from attnc.runtime.trainer import MLMData, TrainConfig, train
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        tok = _tokenizer(cfg.tokenizer)
+        blocks = _blocks(cfg)
+        overrides = dict(vocab_size=len(tok), max_position_embeddings=max(cfg.seq_len, cfg.finetune_max_len))
+        torch.manual_seed(seed)   # the from-scratch init (a shared child overwrites it from the payload)
+        model = AttncBertForMaskedLM(arch.to_config(**overrides))
+        steps = cfg.pretrain_steps
+        if payload is not None:
+            model.load_state_dict(payload["state"])
+            for i, parts in payload["conv"].items():
+                attach_kernel_transform(model, int(i), parts["crop"], parts["transform"])
+            steps = cfg.shared_pretrain_steps
+        res = train(model, MLMData(blocks, tok, eval_blocks=cfg.eval_blocks),
+                    TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                                device=cfg.device, warmup=0.1))
+        _check_finite(res.metrics["losses"] + [res.metrics["final_eval"]["loss"]], "MLM")
+        mlm_loss = float(res.metrics["final_eval"]["loss"])
+        weights = None
+        if payload is not None:
+            weights = trained_payload(res.model)   # also turns the parametrised kernels into plain ones
+            weights = {"state": {k: v.cpu() for k, v in weights["state"].items()},
+                       "conv": {i: {k: v.cpu() for k, v in p.items()} for i, p in weights["conv"].items()}}
+        metrics = {"mlm_loss": mlm_loss, "pretrain_steps": steps, "weight_sharing": payload is not None}
+        total_steps = steps
+        if cfg.task is None:
+            score = -mlm_loss
+        else:
+            data = _task_data(cfg)
+            mlm = res.model.cpu()   # plain kernels by now (trained_payload removed the parametrisations)
+            ccfg = arch.to_config(**overrides, num_labels=data.task.num_labels)
+            torch.manual_seed(seed + 1)   # pooler + classifier init
+            clf = AttncBertForSequenceClassification(ccfg)
+            missing, unexpected = clf.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("pooler.") for k in missing):
+                raise RuntimeError(f"MLM -> classifier weight transfer mismatch: missing {missing}, "
+                                   f"unexpected {unexpected}")
+            fin = train(clf, data, TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size,
+                                               lr=cfg.finetune_lr, seed=seed, device=cfg.device, warmup=0.1))
+            _check_finite(fin.metrics["losses"], "fine-tuning")
+            final = fin.metrics["final_eval"]
+            score = float(final[data.primary])
+            metrics.update({"task": cfg.task, **{f"dev_{k}": float(v) for k, v in final.items()},
+                            "finetune_steps": cfg.finetune_steps})
+            total_steps += cfg.finetune_steps
+        if not math.isfinite(score):
+            raise TrainingDiverged(f"the proxy score is {score}")
+        seconds = time.perf_counter() - t0
+        metrics["seconds"] = seconds
+        return EvalResult(score=score, metrics=metrics, seconds=seconds, steps=total_steps, weights=weights)
+
+
+class ProxyEvaluator(Evaluator):
+    """Proxy training as the search's evaluator; with weight sharing it owns the BIWS supernet."""
+
+    def __init__(self, config: ProxyConfig = ProxyConfig(), supernet: Supernet | None = None):
+        if not isinstance(config, ProxyConfig):
+            raise ConfigError(f"ProxyEvaluator takes a ProxyConfig, got {type(config).__name__}")
+        self.config = config
+        self.weight_sharing = config.weight_sharing
+        self.supernet = supernet
+
+    def __repr__(self) -> str:
+        c = self.config
+        mode = (f"weight-shared, {c.shared_pretrain_steps} MLM steps" if c.weight_sharing
+                else f"from scratch, {c.pretrain_steps} MLM steps")
+        return (f"ProxyEvaluator({mode} on {c.corpus}, then "
+                + (f"{c.finetune_steps} steps on {c.task})" if c.task else "held-out MLM loss)"))
+
+    def _supernet_for(self, arch) -> Supernet:
+        if self.supernet is None:   # built on first use from the architectures' widths
+            self.supernet = Supernet(SupernetDims(
+                num_layers=len(arch.layers), hidden_size=arch.hidden_size,
+                intermediate_size=arch.intermediate_size, num_heads=arch.num_heads,
+                vocab_size=vocab_size(self.config),
+                max_position_embeddings=max(self.config.seq_len, self.config.finetune_max_len),
+                seed=self.config.seed))
+        return self.supernet
+
+    def prepare(self, arch) -> Any:
+        if not self.weight_sharing:
+            return None
+        return self._supernet_for(arch).child_payload(arch)
+
+    def runner(self) -> Callable[[Any, Any, int], EvalResult]:
+        return ProxyRunner(self.config)
+
+    def commit(self, arch, result: EvalResult) -> None:
+        if self.weight_sharing and result.weights is not None:
+            self._supernet_for(arch).write_back(arch, result.weights)
+        result.weights = None   # not kept in memory once written back
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config),
+                "supernet": None if self.supernet is None else self.supernet.state_copy()}
+
+    def load_state_dict(self, d: dict) -> None:
+        blob = d.get("supernet") if d else None
+        self.supernet = None if blob is None else Supernet.from_state_copy(blob)
+
+    def save_supernet(self, path) -> None:
+        """Write the supernet (for `attnc search export`); nothing without weight sharing."""
+        if self.supernet is not None:
+            self.supernet.save(path)

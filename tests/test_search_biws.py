@@ -1,0 +1,273 @@
+"""BIWS supernet (search/biws.py) and the proxy evaluator (search/proxy.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import runtime_helpers  # noqa: F401  (offline hub, shared data cache)
+from attnc.compiler.errors import ConfigError, DataError
+from attnc.runtime.modeling import AttncBertForMaskedLM
+from attnc.search import biws
+from attnc.search.space import Architecture, LayerChoice
+from attnc.search.biws import MAX_KERNEL, Supernet, SupernetDims, attach_kernel_transform, trained_payload
+
+FORMULA_QKV = "softmax(Q @ K^T / sqrt(d)) @ V"
+FORMULA_QK = "softmax(Q @ log(1 + exp(K^T)) / sqrt(d)) @ (K + Q)"    # uses only Q and K
+
+
+def make_arch(layers, hidden=32, ffn=48, heads=4):
+    """Architecture from formulas (str) and kernel sizes (int)."""
+    return Architecture(layers=tuple(LayerChoice.attention(x) if isinstance(x, str) else LayerChoice.conv(x)
+                                     for x in layers),
+                        hidden_size=hidden, intermediate_size=ffn, num_heads=heads)
+
+
+def tiny_supernet(num_layers=3, seed=0):
+    net = Supernet(SupernetDims(num_layers=num_layers, hidden_size=32, intermediate_size=48, num_heads=4,
+                                vocab_size=60, max_position_embeddings=32, seed=seed))
+    # random (not identity) transforms and kernels so a wrong crop/orientation cannot pass by symmetry
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in net.transforms:
+            for t in layer.values():
+                t.copy_(torch.randn(t.shape, generator=g))
+        for c in net.conv:
+            c.kernel.copy_(torch.randn(c.kernel.shape, generator=g))
+    return net
+
+
+def child_of(net, arch):
+    model = AttncBertForMaskedLM(net.child_config(arch, hidden_dropout_prob=0.0,
+                                                  attention_probs_dropout_prob=0.0))
+    model.load_state_dict(net.child_state(arch))
+    return model.eval()
+
+
+def test_child_conv_kernel_is_transform_times_centre_crop():
+    net = tiny_supernet()
+    arch = make_arch([7, FORMULA_QKV, MAX_KERNEL])
+    state = net.child_state(arch)
+    full = net.conv[0].kernel.detach()                  # (h, 65)
+    T = net.transforms[0]["7"].detach()                 # (7, 7)
+    for head in range(4):
+        crop = full[head, 29:36]                        # taps 29..35 are the centre 7 of 65
+        expected = torch.tensor([sum(float(T[r, c]) * float(crop[c]) for c in range(7)) for r in range(7)])
+        torch.testing.assert_close(state["bert.encoder.layer.0.attention.self.kernel"][head], expected,
+                                   rtol=1e-5, atol=1e-5)
+    # the 65 kernel is used as is
+    torch.testing.assert_close(state["bert.encoder.layer.2.attention.self.kernel"], net.conv[2].kernel.detach())
+    # the same child loaded into a real model
+    model = child_of(net, arch)
+    torch.testing.assert_close(model.bert.encoder.layer[0].attention.self.kernel.detach(),
+                               state["bert.encoder.layer.0.attention.self.kernel"])
+
+
+def test_child_state_loads_strictly_and_picks_the_formula_inputs():
+    net = tiny_supernet()
+    arch = make_arch([FORMULA_QK, 3, FORMULA_QKV])
+    model = AttncBertForMaskedLM(net.child_config(arch))
+    model.load_state_dict(net.child_state(arch), strict=True)   # exact key set and shapes
+    sa = model.bert.encoder.layer[0].attention.self
+    assert not hasattr(sa, "value") and not hasattr(sa, "extra")
+    torch.testing.assert_close(sa.key.weight, net.shared.bert.encoder.layer[0].attention.self.key.weight)
+    # the conv layer's output dense comes from the conv branch, not the attention branch
+    torch.testing.assert_close(model.bert.encoder.layer[1].attention.output.dense.weight, net.conv[1].dense.weight)
+
+
+@pytest.mark.parametrize("layers", [[FORMULA_QK, 5, FORMULA_QKV], [MAX_KERNEL, 31, FORMULA_QKV]])
+def test_child_outputs_equal_supernet_branch_outputs(layers):
+    net = tiny_supernet().eval()
+    arch = make_arch(layers)
+    model = child_of(net, arch)
+    ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 8:] = False
+    with torch.no_grad():
+        ref = net(arch, ids, mask).double()
+        out = model.bert(ids, attention_mask=mask.long()).last_hidden_state.double()
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, :8], ref[1, :8], rtol=1e-4, atol=1e-4)   # real tokens only
+
+
+def _snapshot(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_write_back_changes_exactly_the_used_positions():
+    net = tiny_supernet()
+    arch = make_arch([FORMULA_QK, 7, MAX_KERNEL])
+    before = _snapshot(net)
+    payload = net.child_payload(arch)
+    model = AttncBertForMaskedLM(net.child_config(arch))
+    model.load_state_dict(payload["state"])
+    attach_kernel_transform(model, 1, payload["conv"][1]["crop"], payload["conv"][1]["transform"])
+    # the parametrised kernel starts equal to the plain child kernel
+    torch.testing.assert_close(model.bert.encoder.layer[1].attention.self.kernel,
+                               payload["state"]["bert.encoder.layer.1.attention.self.kernel"])
+    # "train": perturb every trainable tensor of the child
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trained = trained_payload(model)
+    net.write_back(arch, trained)
+    after = _snapshot(net)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # the exact set, listed by hand: shared tensors, layer 0's Q and K projections and attention
+    # output, the conv branches of layers 1 and 2, T_7 of layer 1; nothing else (V, P of layer 0,
+    # the attention branches of layers 1-2, the conv branch of layer 0, the other transforms)
+    pre = "shared.bert.encoder.layer."
+    expected = {k for k in before if k.startswith("shared.") and ".encoder.layer." not in k
+                and k != "shared.bert.embeddings.position_ids" and "token_type_ids" not in k}
+    for i in range(3):
+        expected |= {k for k in before if k.startswith(f"{pre}{i}.") and
+                     (".intermediate." in k or ".output.LayerNorm" in k or ".output.dense" in k
+                      and ".attention." not in k)}
+    expected |= {f"{pre}0.attention.self.{p}.{w}" for p in ("query", "key") for w in ("weight", "bias")}
+    expected |= {f"{pre}0.attention.output.dense.{w}" for w in ("weight", "bias")}
+    expected |= {f"conv.{i}.{p}" for i in (1, 2) for p in ("input_proj.weight", "input_proj.bias", "kernel",
+                                                             "dense.weight", "dense.bias")}
+    expected |= {"transforms.1.7"}
+    assert changed == expected
+    k_before, k_after = before["conv.1.kernel"], after["conv.1.kernel"]
+    torch.testing.assert_close(k_after[:, :29], k_before[:, :29], rtol=0, atol=0)
+    torch.testing.assert_close(k_after[:, 36:], k_before[:, 36:], rtol=0, atol=0)
+    torch.testing.assert_close(k_after[:, 29:36], k_before[:, 29:36] + 1.0)
+    torch.testing.assert_close(after["transforms.1.7"], before["transforms.1.7"] + 1.0)
+    torch.testing.assert_close(after["conv.2.kernel"], before["conv.2.kernel"] + 1.0)
+    # the shared tensors moved by exactly the child's update (+1), the tied decoder once only
+    torch.testing.assert_close(after["shared.bert.embeddings.word_embeddings.weight"],
+                               before["shared.bert.embeddings.word_embeddings.weight"] + 1.0)
+    # and the next child built from the supernet sees the trained weights
+    again = net.child_state(arch)
+    for key, val in trained["state"].items():
+        torch.testing.assert_close(again[key], val, rtol=1e-5, atol=1e-5)
+
+
+def test_write_back_of_plain_small_kernel_state_is_an_error():
+    net = tiny_supernet()
+    arch = make_arch([FORMULA_QKV, 5, FORMULA_QKV])
+    with pytest.raises(DataError, match="crop and transform"):
+        net.write_back(arch, net.child_state(arch))
+
+
+def test_arch_widths_must_match_the_supernet():
+    net = tiny_supernet()
+    with pytest.raises(ConfigError, match="do not match"):
+        net.child_state(make_arch([FORMULA_QKV] * 3, hidden=64))
+
+
+def test_export_loads_with_automodel(tmp_path):
+    import attnc  # noqa: F401  (registers the model type)
+    from transformers import AutoModel
+
+    net = tiny_supernet()
+    arch = make_arch([FORMULA_QK, 9, FORMULA_QKV])
+    ckpt = net.save(tmp_path / "run")
+    assert ckpt.name == biws.SUPERNET_FILE
+    model = biws.export_model(tmp_path / "run", arch).eval()
+    model.save_pretrained(tmp_path / "model")
+    loaded = AutoModel.from_pretrained(tmp_path / "model").eval()
+    ids = torch.randint(5, 60, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = net.eval()(arch, ids)
+        out = loaded(ids).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the proxy evaluator (tiny sizes: hidden 32, 2 layers, a few steps)
+# ------------------------------------------------------------------------------------------------
+
+def _proxy_cfg(**kw):
+    from attnc.search.proxy import ProxyConfig
+
+    args = dict(pretrain_steps=6, shared_pretrain_steps=3, finetune_steps=4, batch_size=8, seq_len=32,
+                finetune_max_len=32, max_train=128, max_eval=64, eval_blocks=16)
+    args.update(kw)
+    return ProxyConfig(**args)
+
+
+def _tiny_arch():
+    return make_arch([FORMULA_QK, 5], hidden=32, ffn=48, heads=4)
+
+
+@pytest.mark.parametrize("task", ["rt-polarity", None])
+def test_proxy_from_scratch_gives_a_finite_score(task):
+    from attnc.search.proxy import ProxyEvaluator
+
+    ev = ProxyEvaluator(_proxy_cfg(task=task, weight_sharing=False))
+    arch = _tiny_arch()
+    assert ev.prepare(arch) is None
+    res = ev.runner()(arch, None, 0)
+    assert math.isfinite(res.score) and res.weights is None
+    if task is None:
+        assert res.score == -res.metrics["mlm_loss"] and res.steps == 6
+    else:
+        # rt-polarity is binary: accuracy on the dev subset, a multiple of 1/64
+        assert 0.0 <= res.score <= 1.0 and abs(res.score * 64 - round(res.score * 64)) < 1e-9
+        assert res.score == res.metrics["dev_accuracy"] and res.steps == 6 + 4
+    # the same seed reproduces the score (deterministic trainer); the MLM loss starts near ln(vocab)
+    assert ev.runner()(arch, None, 0).metrics["mlm_loss"] == res.metrics["mlm_loss"]
+    assert abs(res.metrics["mlm_loss"] - math.log(30522)) < 1.0
+
+
+def test_proxy_weight_sharing_changes_the_supernet_only_at_used_positions():
+    from attnc.search.proxy import ProxyEvaluator
+
+    ev = ProxyEvaluator(_proxy_cfg(task=None))
+    arch = _tiny_arch()
+    payload = ev.prepare(arch)
+    before = _snapshot(ev.supernet)
+    res = ev.runner()(arch, payload, 0)
+    assert math.isfinite(res.score) and res.steps == 3
+    trained = res.weights
+    ev.commit(arch, res)
+    after = _snapshot(ev.supernet)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    pre = "shared.bert.encoder.layer."
+    unused = {f"{pre}0.attention.self.value.weight", f"{pre}0.attention.self.extra.weight",
+              f"{pre}1.attention.self.query.weight", f"{pre}1.attention.output.dense.weight",
+              "conv.0.kernel", "conv.0.input_proj.weight", "transforms.1.3", "transforms.0.5"}
+    assert not (unused & changed)
+    # training moved the used tensors, the 5-kernel's centre and its transform included ...
+    assert {f"{pre}0.attention.self.key.weight", "conv.1.input_proj.weight", "conv.1.dense.weight",
+            "transforms.1.5", "conv.1.kernel"} <= changed
+    k0, k1 = before["conv.1.kernel"], after["conv.1.kernel"]
+    assert torch.equal(k1[:, :30], k0[:, :30]) and torch.equal(k1[:, 35:], k0[:, 35:])
+    torch.testing.assert_close(k1[:, 30:35], trained["conv"][1]["crop"], rtol=0, atol=0)
+    # ... and the next child of the same architecture starts exactly from the trained weights
+    again = ev.prepare(arch)["state"]
+    for key, val in trained["state"].items():
+        torch.testing.assert_close(again[key], val, rtol=1e-5, atol=1e-6)
+
+
+def test_proxy_state_dict_round_trip():
+    from attnc.search.proxy import ProxyEvaluator
+
+    ev = ProxyEvaluator(_proxy_cfg(task=None))
+    arch = _tiny_arch()
+    res = ev.runner()(arch, ev.prepare(arch), 0)
+    ev.commit(arch, res)
+    other = ProxyEvaluator(_proxy_cfg(task=None))
+    other.load_state_dict(ev.state_dict())
+    a, b = ev.prepare(arch), other.prepare(arch)
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k])
+
+
+def test_proxy_divergence_raises():
+    from attnc.search.proxy import ProxyEvaluator, TrainingDiverged
+
+    ev = ProxyEvaluator(_proxy_cfg(task=None, weight_sharing=False, lr=1e12, pretrain_steps=4))
+    with pytest.raises(TrainingDiverged, match="loss is"):
+        ev.runner()(_tiny_arch(), None, 0)
+
+
+def test_proxy_config_rejects_bad_values():
+    with pytest.raises(ConfigError):
+        _proxy_cfg(task="imagenet")
+    with pytest.raises(ConfigError):
+        _proxy_cfg(finetune_steps=0)

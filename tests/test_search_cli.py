@@ -1,0 +1,106 @@
+"""`attnc search opnas | report | export` with synthetic evaluators defined in this module."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+
+from attnc.cli import main
+from attnc.search import Architecture, EvalResult, Evaluator, opnas
+
+
+def score_conv_free(arch) -> float:
+    """Synthetic evaluator for --evaluator test_search_cli:score_conv_free."""
+    return sum(c.formula.count("softsign(") for c in arch.layers if c.kind == "attention") \
+        - sum(c.kind == "conv" for c in arch.layers)
+
+
+def test_cli_search_report_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["search", "opnas", "--out", str(out), "--layers", "2", "--budget", "8", "--population", "4",
+            "--top-k", "2", "--children", "2", "--evaluator", "test_search_cli:score_conv_free",
+            "--no-progress", "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["evaluated"] + first["failed"] == 8
+    # the reported best is the best row of the study, and its score is the evaluator's
+    db = sqlite3.connect(out / "study.db")
+    top = db.execute("SELECT MAX(score) FROM candidates WHERE status='done'").fetchone()[0]
+    db.close()
+    best = Architecture.from_json(first["best"]["architecture"])
+    assert first["best"]["score"] == top == score_conv_free(best)
+
+    assert main(args) == 2                           # exists: needs --resume
+    assert "--resume" in capsys.readouterr().err
+    args[args.index("8")] = "12"
+    assert main(args + ["--resume"]) == 0            # continue to a larger budget
+    assert json.loads(capsys.readouterr().out)["evaluated"] == 12
+
+    plot = tmp_path / "search.png"
+    assert main(["search", "report", str(out), "--json", "--plot", str(plot)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert {"evaluated", "failed", "duplicates", "best"} <= set(rep) and rep["evaluated"] == 12
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("spec", ["nope", "os:system(1)", "no_such_module_xyz:f", "json:no_such_fn"])
+def test_cli_bad_evaluator_is_exit_2(tmp_path, capsys, spec):
+    assert main(["search", "opnas", "--out", str(tmp_path / "r"), "--evaluator", spec, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "evaluator" in err
+
+
+def test_cli_export_without_supernet_warns_and_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["search", "opnas", "--out", str(out), "--layers", "2", "--budget", "4", "--population", "4",
+                 "--evaluator", "test_search_cli:score_conv_free", "--no-progress", "--json"]) == 0
+    best = Architecture.from_json(json.loads(capsys.readouterr().out)["best"]["architecture"])
+    assert main(["search", "export", str(out), "--rank", "1", "--out", str(tmp_path / "m")]) == 0
+    assert "freshly initialised" in capsys.readouterr().err
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(tmp_path / "m")
+    assert model.config.layers == best.to_config().layers
+    assert main(["search", "export", str(out), "--rank", "99", "--out", str(tmp_path / "m2")]) == 2
+
+
+class _SupernetEvaluator(Evaluator):
+    """Weight sharing stand-in: a real BIWS supernet whose weights the 'training' scales by 2."""
+
+    weight_sharing = True
+
+    def __init__(self, space):
+        from attnc.search.biws import Supernet
+        self.net = Supernet(space, vocab_size=64, max_position_embeddings=32)
+
+    def runner(self):
+        return _score
+
+    def commit(self, arch, result):
+        with torch.no_grad():
+            self.net.shared.bert.embeddings.word_embeddings.weight.mul_(2.0)
+
+    def state_dict(self):
+        return {"supernet": self.net.state_copy()}
+
+
+def _score(arch, payload, seed):
+    return EvalResult(score=float(score_conv_free(arch)))
+
+
+def test_cli_export_uses_the_studys_supernet(tmp_path, capsys):
+    from attnc.search.biws import Supernet, export_model
+    space = opnas.Space(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2)
+    ev = _SupernetEvaluator(space)
+    r = opnas.search(space, ev, budget=3, population=3, study=tmp_path / "run" / "study.db")
+    assert main(["search", "export", str(tmp_path / "run"), "--rank", "1", "--out", str(tmp_path / "m")]) == 0
+    assert "supernet weights" in capsys.readouterr().out
+    from transformers import AutoModelForMaskedLM
+    got = AutoModelForMaskedLM.from_pretrained(tmp_path / "m")
+    want = export_model(ev.net, r.best_architecture)    # the in-memory supernet after 3 commits
+    for (k, a), (k2, b) in zip(got.state_dict().items(), want.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    emb = got.state_dict()["bert.embeddings.word_embeddings.weight"]
+    fresh = Supernet(space, vocab_size=64, max_position_embeddings=32).shared.bert.embeddings.word_embeddings.weight
+    assert torch.allclose(emb, fresh * 8)            # three write-backs, each x2

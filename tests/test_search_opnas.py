@@ -1,0 +1,294 @@
+"""OP-NAS search core: sampling, mutation, Equation 3, the study, dedup, failures, kill + resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnc
+from attnc.compiler.equiv import equivalent
+from attnc.search import opnas
+from attnc.search.paths import Path as FPath, to_text
+from attnc.search.space import Architecture, LayerChoice
+from attnc.search.synthetic import fails_on_dist, known_ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_formula(formula: str) -> torch.Tensor:
+    """Run a formula on inputs with n != d: an independent check that the output is n x d."""
+    fn = attnc.compile(formula, backend="torch")
+    t = {k: torch.randn(1, 2, 7, 5, dtype=torch.float64) for k in "qkvp"}
+    return fn(**t)
+
+
+def test_sampling_yields_checked_canonical_formulas():
+    space = opnas.Space(num_layers=3, conv_prob=0.3)
+    rng = random.Random(0)
+    stats = opnas.Stats()
+    kinds = set()
+    for _ in range(15):
+        cand = opnas.sample_arch(rng, space, stats)
+        assert len(cand.arch.layers) == 3
+        for layer, gene in zip(cand.arch.layers, cand.genes):
+            kinds.add(layer.kind)
+            if layer.kind == "conv":
+                assert gene is None and layer.kernel_size in space.kernel_sizes
+                continue
+            a = attnc.analyze(layer.formula)
+            assert a.canonical == layer.formula                        # stored canonically
+            assert attnc.analyze(to_text(gene)).canonical == layer.formula  # and it is the path's formula
+            assert 2 <= len(a.inputs) <= 4
+            assert _run_formula(layer.formula).shape == (1, 2, 7, 5)
+            assert set(gene.op_names) <= set(space.primitives)
+            assert space.min_path <= len(gene.ops) <= space.max_path
+    assert kinds == {"attention", "conv"}
+    assert stats.illegal > 0   # random paths do hit illegal graphs, which were rejected
+
+
+def test_illegal_paths_rejected_by_pre_check_and_compiler():
+    space = opnas.Space()
+    # ends as n x n: shape pre-check
+    assert opnas.check_path(FPath("Q", (("matmul", "K"),)), space) is None
+    # Q - Q cancels: only the compiler's simplification sees that the inputs are gone
+    assert opnas.check_path(FPath("Q", (("neg", None), ("add", "Q"), ("add", "K"))), space) is None
+    ok = opnas.check_path(FPath("Q", (("matmul", "K"), ("softmax", None), ("matmul", "V"))), space)
+    assert ok.formula == "softmax(Q @ K^T) @ V"
+
+
+def test_mutations_stay_in_the_space():
+    space = opnas.Space(num_layers=2, primitives=("transpose", "softmax", "softsign", "add", "matmul"),
+                        kernel_sizes=(3, 7), max_path=5, conv_prob=0.5)
+    rng = random.Random(1)
+    cand = opnas.sample_arch(rng, space)
+    changed = 0
+    for _ in range(40):
+        child = opnas.mutate_arch(rng, cand, space)
+        changed += child.arch != cand.arch
+        for layer, gene in zip(child.arch.layers, child.genes):
+            if layer.kind == "conv":
+                assert layer.kernel_size in (3, 7) and gene is None
+            else:
+                assert set(gene.op_names) <= set(space.primitives)
+                assert space.min_path <= len(gene.ops) <= 5
+                assert attnc.analyze(to_text(gene)).canonical == layer.formula
+        cand = child
+    assert changed >= 30
+
+
+def test_ucb_matches_hand_computation():
+    # u_a = 0.5 + 0.5 sqrt(2 ln 3 / 2) = 1.0240735, u_b = 2 + 0.5 sqrt(2 ln 3) = 2.7411519,
+    # c never sampled: mean of all (1.0) + 0.5 sqrt(2 ln 3 / 1) = 1.7411519; softmax of these:
+    p = opnas.ucb([("a", 1.0), ("a", 0.0), ("b", 2.0)], ("a", "b", "c"), alpha=0.5)
+    assert p["a"] == pytest.approx(0.1160540, abs=1e-7)
+    assert p["b"] == pytest.approx(0.6462163, abs=1e-7)
+    assert p["c"] == pytest.approx(0.2377297, abs=1e-7)
+    assert opnas.ucb([], ("a", "b"), 1.0) == {"a": 0.5, "b": 0.5}
+
+
+def test_priorities_per_path_position():
+    space = opnas.Space(num_layers=1, primitives=("softmax", "matmul"))
+    def cand(ops, score):
+        path = FPath("Q", tuple(ops))
+        return opnas.Candidate(Architecture((LayerChoice("attention", formula=f"x{len(ops)}"),)), (path,)), score
+    ev = [cand([("matmul", "K"), ("softmax", None)], 1.0), cand([("softmax", None)], 3.0)]
+    pri = opnas.op_priorities(ev, space, alpha=0.0)   # alpha 0: u = mu exactly
+    assert len(pri) == 2
+    # position 0: softmax mu 3, matmul mu 1 -> softmax(3, 1)
+    assert pri[0]["softmax"] == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1)))
+    # position 1: one sample (softmax, 1.0); matmul unseen -> mean of all = 1.0: uniform
+    assert pri[1]["softmax"] == pytest.approx(0.5)
+
+
+def _calls_recorder(log):
+    def f(arch):
+        log.append(arch)
+        return known_ops(arch)
+    return f
+
+
+def test_equivalent_formulas_evaluated_once(tmp_path):
+    # a tiny space makes many candidates equal (by rules or numerically)
+    space = opnas.Space(num_layers=1, primitives=("transpose", "softmax", "matmul", "neg"), max_path=4,
+                        conv_prob=0.0, min_inputs=2, max_inputs=2)
+    calls = []
+    r = opnas.search(space, _calls_recorder(calls), budget=12, population=8, top_k=2, children=4, seed=0,
+                     study=tmp_path / "s.db")
+    assert len(calls) == 12 and len(r.evaluations) == 12
+    assert r.duplicates > 0
+    formulas = [a.layers[0].formula for a in calls]
+    for i in range(len(formulas)):           # no two evaluated formulas are equivalent (compiler check)
+        for j in range(i):
+            assert not equivalent(attnc.analyze(formulas[i]), attnc.analyze(formulas[j])).equal, \
+                (formulas[i], formulas[j])
+    db = sqlite3.connect(tmp_path / "s.db")
+    for (arch, dup_of, score) in db.execute(
+            "SELECT arch, duplicate_of, score FROM candidates WHERE status='duplicate'"):
+        twin_arch, twin_score = db.execute("SELECT arch, score FROM candidates WHERE id=?", (dup_of,)).fetchone()
+        a, b = (attnc.analyze(json.loads(x)["layers"][0]["formula"]) for x in (arch, twin_arch))
+        assert equivalent(a, b).equal
+        assert score == twin_score
+
+
+def test_failed_candidates_recorded_and_search_goes_on(tmp_path):
+    space = opnas.Space(num_layers=2, kernel_sizes=(7, 65), conv_prob=0.4)
+    r = opnas.search(space, fails_on_dist, budget=25, population=10, top_k=3, children=3, seed=3,
+                     study=tmp_path / "s.db")
+    db = sqlite3.connect(tmp_path / "s.db")
+    failed = db.execute("SELECT arch, error FROM candidates WHERE status='failed'").fetchall()
+    assert len(failed) == r.failed > 0
+    assert len(r.evaluations) + r.failed == 25        # budget: finished evaluations, met exactly
+    for arch, error in failed:
+        layers = json.loads(arch)["layers"]
+        has_dist = any("dist(" in (x.get("formula") or "") for x in layers)
+        has_65 = any(x.get("kernel_size") == 65 for x in layers)
+        assert ("synthetic failure: dist" in error) if has_dist else ("not finite" in error and has_65)
+    for e in r.evaluations:   # successful ones have neither
+        assert math.isfinite(e.score) and e.score == known_ops(e.architecture)
+
+
+def test_opnas_beats_random_search_on_known_good_ops():
+    def best(alg, seed):
+        return opnas.search(opnas.Space(num_layers=2), known_ops, algorithm=alg, budget=60, population=12,
+                            top_k=4, children=3, seed=seed).best_score
+    seeds = range(5)
+    op = sum(best("opnas", s) for s in seeds) / 5
+    rs = sum(best("random", s) for s in seeds) / 5
+    assert op > rs + 0.1, (op, rs)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from attnc.search import opnas, EvalResult, Evaluator
+    from attnc.search.synthetic import known_ops
+    log = open(sys.argv[2], "a")
+
+    def slow(arch, payload, seed):
+        time.sleep(float(sys.argv[3]))
+        log.write(arch.key() + "\\n"); log.flush()
+        return EvalResult(score=known_ops(arch))
+
+    class Shared(Evaluator):   # weight-sharing stand-in: its state is the list of commits
+        weight_sharing = True
+        def __init__(self): self.commits = []
+        def runner(self): return slow
+        def commit(self, arch, result): self.commits.append(arch.key())
+        def state_dict(self): return {"commits": list(self.commits)}
+        def load_state_dict(self, d): self.commits = list(d["commits"])
+
+    opnas.search(opnas.Space(num_layers=2), Shared(), budget=24, population=8, top_k=3, children=3, seed=5,
+                 study=sys.argv[1])
+""")
+
+
+def _done_rows(db_path):
+    db = sqlite3.connect(db_path)
+    rows = db.execute("SELECT id, arch_key, status, score FROM candidates WHERE status != 'pending' "
+                      "ORDER BY id").fetchall()
+    db.close()
+    return rows
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ref_db, ref_log = tmp_path / "ref" / "study.db", tmp_path / "ref.log"
+    subprocess.run([sys.executable, str(script), str(ref_db), str(ref_log), "0"], check=True, env=env)
+
+    db, log = tmp_path / "killed" / "study.db", tmp_path / "killed.log"
+    proc = subprocess.Popen([sys.executable, str(script), str(db), str(log), "0.15"], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:   # kill mid-run, after the first generation finished
+        time.sleep(0.05)
+        if db.exists() and log.exists() and len(log.read_text().split()) >= 11:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(log.read_text().split())
+    assert 11 <= n_before < 24, "the kill did not land mid-run"
+    subprocess.run([sys.executable, str(script), str(db), str(log), "0"], check=True, env=env)
+
+    assert _done_rows(db) == _done_rows(ref_db)   # same candidates, same scores, same statuses
+    keys = log.read_text().split()
+    finished = [r for r in _done_rows(db) if r[2] == "done"]
+    assert len(finished) == 24
+    # at most the one evaluation running at the kill ran twice; nothing finished was repeated
+    assert len(keys) - len(set(keys)) <= 1 and len(keys) <= 25
+    assert sorted(set(keys)) == sorted({r[1] for r in finished})
+    # the evaluator state saved with the last row holds exactly the committed rows, in order
+    conn = sqlite3.connect(db)
+    state_file, = conn.execute("SELECT state_file FROM candidates ORDER BY finish_order DESC LIMIT 1").fetchone()
+    order = [k for (k,) in conn.execute("SELECT arch_key FROM candidates WHERE status='done' ORDER BY finish_order")]
+    conn.close()
+    assert torch.load(db.parent / state_file, weights_only=False)["commits"] == order
+    assert sorted(p.name for p in (db.parent / "state").iterdir()) == [Path(state_file).name]
+    res = opnas.open_result(db)
+    ref = opnas.open_result(ref_db)
+    assert res.best_score == ref.best_score and res.best_architecture == ref.best_architecture
+
+
+def test_resume_with_other_settings_is_a_config_error(tmp_path):
+    opnas.search(opnas.Space(num_layers=1), known_ops, budget=3, population=3, study=tmp_path / "s.db")
+    with pytest.raises(attnc.ConfigError, match="other settings"):
+        opnas.search(opnas.Space(num_layers=2), known_ops, budget=3, population=3, study=tmp_path / "s.db")
+    # a larger budget continues the same study
+    r = opnas.search(opnas.Space(num_layers=1), known_ops, budget=6, population=3, study=tmp_path / "s.db")
+    assert len(r.evaluations) + r.failed == 6
+
+
+def test_bad_arguments_raise_config_errors():
+    with pytest.raises(attnc.ConfigError):
+        opnas.search(opnas.Space(), known_ops, algorithm="bogus")
+    with pytest.raises(attnc.ConfigError):
+        opnas.search(opnas.Space(), known_ops, budget=0)
+    with pytest.raises(attnc.ConfigError):
+        opnas.Space(primitives=("softmax",))
+
+
+def test_numerically_equivalent_layers_share_the_fingerprint_key():
+    space = opnas.Space(num_layers=2)
+    conv = LayerChoice.conv(7)
+    a = Architecture((LayerChoice.attention("softplus(Q @ K^T) @ V"), conv))
+    b = Architecture((LayerChoice.attention("-logsigmoid(-(Q @ K^T)) @ V"), conv))
+    c = Architecture((LayerChoice.attention("softplus(K @ Q^T) @ V"), conv))
+    assert a.layers[0].formula != b.layers[0].formula and a.key() != b.key()   # the rules miss it
+    assert equivalent(attnc.analyze(a.layers[0].formula), attnc.analyze(b.layers[0].formula)).how == "numerically"
+    assert opnas.fingerprint_key(a, space) == opnas.fingerprint_key(b, space)
+    assert opnas.fingerprint_key(a, space) != opnas.fingerprint_key(c, space)
+    d = Architecture((LayerChoice.attention("softplus(Q @ K^T) @ V"), LayerChoice.conv(9)))
+    assert opnas.fingerprint_key(a, space) != opnas.fingerprint_key(d, space)
+
+
+@pytest.mark.parametrize("algorithm", ["ea", "random"])
+def test_baselines_meet_the_budget_and_report_in_completion_order(tmp_path, algorithm):
+    seen = []
+    r = opnas.search(opnas.Space(num_layers=2), known_ops, algorithm=algorithm, budget=10, population=4,
+                     top_k=2, children=2, seed=1, study=tmp_path / "s.db", callbacks=[seen.append])
+    assert [e.id for e in seen] == [e.id for e in r.evaluations] and len(seen) == 10
+    assert all(e.score == known_ops(e.architecture) for e in r.evaluations)
+    gens = sqlite3.connect(tmp_path / "s.db").execute(
+        "SELECT generation, parents FROM candidates ORDER BY id").fetchall()
+    # random search never has parents; EA's children after generation 0 always do
+    assert all((p == "[]") == (algorithm == "random" or g == 0) for g, p in gens)
+
+
+def test_exhausted_space_stops_with_a_warning(tmp_path):
+    # matmul only, paths of length 2, 2 inputs: few distinct formulas exist
+    space = opnas.Space(num_layers=1, primitives=("matmul",), min_path=2, max_path=2, conv_prob=0.0,
+                        max_inputs=2)
+    with pytest.warns(UserWarning, match="stopped early"):
+        r = opnas.search(space, known_ops, budget=50, population=5, study=tmp_path / "s.db")
+    formulas = {e.architecture.layers[0].formula for e in r.evaluations}
+    assert len(formulas) == len(r.evaluations) < 50
