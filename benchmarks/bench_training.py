@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--threads", type=int)
     ap.add_argument("--corpus", default="wiki-sample")
+    ap.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the shipped uncased vocab); "
+                    "with ATTNC_DATA_CACHE pointing at a carried cache, no data package is needed")
     ap.add_argument("--json", metavar="FILE", help="default: benchmarks/results/training_<device>.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     from attnc.runtime.trainer import MLMData, TrainConfig, resolve_device, train
 
     device = resolve_device(args.device)
-    tok = D.load_tokenizer()
+    tok = D.load_tokenizer(args.tokenizer)
     t0 = time.perf_counter()
     blocks = D.cached_blocks(args.corpus, tok, args.seq)
     data_s = time.perf_counter() - t0
@@ -125,12 +128,13 @@ def main(argv=None) -> int:
                      "first_losses": losses[name]})
         print(f"  {name:<40} {tps:>12,.0f} tokens/s   ratio {ratio:.3f}")
     print(f"  (cached blocks loaded in {data_s:.3f}s)")
-    out = {"benchmark": "training_tokens_per_s", "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+    command = shlex.join(["python", "benchmarks/bench_training.py", *(sys.argv[1:] if argv is None else argv)])
+    out = {"benchmark": "training_tokens_per_s", "command": command,
            "arch": args.arch, "batch": args.batch, "seq": args.seq, "steps": args.steps,
            "warmup_steps": args.warmup_steps, "rounds": args.rounds, "precision": args.precision,
            "device": str(device), "device_name": dev_name, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "transformers": transformers.__version__, "results": rows}
-    path = Path(args.json or f"benchmarks/results/training_{device.type}.json")
+    path = Path(args.json or Path(__file__).parent / "results" / f"training_{device.type}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

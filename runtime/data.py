@@ -639,5 +639,8 @@ def cached_blocks(corpus: str, tokenizer, seq_len: int, *, progress: bool = Fals
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     torch.save(blocks, tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes owner-only files; a shared cache wants the usual mode
     os.replace(tmp, path)   # atomic: concurrent builders write the same bytes
     return blocks

@@ -23,8 +23,8 @@ DEMO_MODEL = "tiny-hybrid"
 
 
 def run_search_demo(out_dir: str | os.PathLike, budget: int = 12, *, progress: bool = True, seed: int = 0,
-                    num_layers: int = 4, hidden_size: int = 64, shared_steps: int = 30,
-                    finetune_steps: int = 40, vocab_size: int = 4000) -> dict:
+                    num_layers: int = 4, hidden_size: int = 64, shared_steps: int = 20,
+                    finetune_steps: int = 60, vocab_size: int = 4000) -> dict:
     """A small OP-NAS search (study in OUT/search/study.db, resumable) and the best model exported to
     OUT/best (loads with transformers.AutoModel after `import attnc`). Returns {"search": {...},
     "export": path, "seconds"}."""
@@ -39,8 +39,10 @@ def run_search_demo(out_dir: str | os.PathLike, budget: int = 12, *, progress: b
     (out / "search").mkdir(parents=True, exist_ok=True)
     space = opnas.Space(num_layers=num_layers, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                         num_heads=4)
-    cfg = ProxyConfig(task="rt-polarity", tokenizer=str(demo_tokenizer(vocab_size)), shared_pretrain_steps=shared_steps, finetune_steps=finetune_steps,
-                      batch_size=32, seq_len=64, finetune_max_len=48, max_train=2000, max_eval=500,
+    cfg = ProxyConfig(task="rt-polarity", tokenizer=str(demo_tokenizer(vocab_size)),
+                      shared_pretrain_steps=shared_steps, finetune_steps=finetune_steps,
+                      finetune_lr=1e-3, batch_size=32, seq_len=64, finetune_max_len=48, max_train=2000,
+                      max_eval=500,
                       seed=seed)
     evaluator = ProxyEvaluator(cfg)
     # a tiny population so that a dozen evaluations reach the mutation (OP-NAS) phase

@@ -17,7 +17,6 @@ checkpoint gives bit-identical losses on the CPU (same thread count).
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -35,7 +34,6 @@ from attnc.compiler.errors import ConfigError, DataError
 
 from . import data as D
 
-log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -46,7 +46,8 @@ def test_catalogue_size():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", ["standard", "autobert_l2", "cosine", "sigmoid", "causal_head_padding"])
+@pytest.mark.parametrize("name", ["standard", "autobert_l2", "cosine", "sigmoid", "causal_head_padding",
+                                  "euclidean", "dist_sigmoid"])
 def test_half_precision(name, dtype):
     case = BY_NAME[name]
     check_formula(case.formula, n=case.n, d=case.d, mask=case.mask, dtype=dtype)
@@ -249,7 +250,8 @@ gpu = pytest.mark.gpu
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("name", ["standard", "autobert_l2", "autobert_l12", "cosine", "euclidean",
                                   "softsign", "alibi", "causal", "sigmoid", "epilogue_gate",
                                   "p_two_scores"])
