@@ -258,7 +258,7 @@ def cmd_demo(args) -> int:
         print("\n(the runtime is not installed; compile-only demo)")
         return 0
     print("\n== a small OP-NAS search: 4-layer attention/conv hybrids, BIWS proxy "
-          "(wiki-sample MLM + rt-polarity) ==")
+          "(wiki-sample MLM; score = -held-out MLM loss) ==")
     kw = {} if args.steps is None else {"shared_steps": args.steps}
     result = run_search_demo(os.fspath(args.out), progress=True, **kw)
     s = result["search"]
@@ -267,7 +267,9 @@ def cmd_demo(args) -> int:
     if s["best_score"] is None:
         print("no candidate finished; see the study's error texts")
         return 1
-    print(f"best rt-polarity dev accuracy {s['best_score']:.3f}; its layers:")
+    for rank, t in enumerate(s["top"], 1):
+        print(f"  #{rank}  score {t['score']:.4f}  " + " | ".join(t["layers"]))
+    print(f"best score (-held-out MLM loss) {s['best_score']:.4f}; its layers:")
     for i, layer in enumerate(s["best_layers"]):
         print(f"  layer {i}: {layer}")
     if result["export"]:

@@ -55,7 +55,7 @@ class ProxyConfig:
     eval_blocks: int = 64                   # held-out MLM blocks
     weight_sharing: bool = True
     tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
-    device: str = "cpu"                     # trainer device (auto | cpu | cuda | cuda:N)
+    device: str = "auto"                    # trainer device (auto = CUDA when present | cpu | cuda:N)
     seed: int = 0                           # supernet init and the task subset; each candidate gets its own seed
 
     def __post_init__(self):
