@@ -90,7 +90,8 @@ class DistillConfig:
     """Knowledge-distillation loss weights (task-agnostic KD as in AutoTinyBERT / TinyBERT)."""
 
     hidden_mse: float = 1.0     # MSE between the last hidden states (through a learned fit layer when widths differ)
-    attn_mse: float = 0.0       # MSE between last-layer attention probabilities (see _attention_probs)
+    attn_mse: float = 0.0       # MSE of last-layer attention scores Q K^T / sqrt(dh) over real token pairs
+                                # (student: standard attention with the teacher's head count)
     logit_kl: float = 0.0       # KL(teacher || student) of the MLM logits at the masked positions
     temperature: float = 1.0    # softmax temperature of logit_kl
     task_loss: float = 1.0      # weight of the student's own objective (MLM / task loss)
@@ -352,6 +353,25 @@ def _objective(model, data, b: dict):
     return out.loss, out.hidden_states[-1] if out.hidden_states else None, None
 
 
+def _last_self_attention(model):
+    """The last layer's self-attention module of an attnc or Hugging Face BERT (None if there is none)."""
+    base = getattr(model, "bert", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not layers:
+        return None
+    att = getattr(getattr(layers[-1], "attention", None), "self", None)
+    return att if att is not None and hasattr(att, "query") and hasattr(att, "key") else None
+
+
+def _attention_scores(att, x: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax scores Q K^T / sqrt(dh) of a self-attention module on its input x (B, n, dm)."""
+    B, n, _ = x.shape
+    h = att.num_attention_heads
+    q = att.query(x).view(B, n, h, -1).transpose(1, 2).float()                 # (B, h, n, dh)
+    k = att.key(x).view(B, n, h, -1).transpose(1, 2).float()
+    return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                    # (B, h, n, n)
+
+
 class _Distiller(torch.nn.Module):
     """Distillation losses against a frozen teacher; owns the learned fit layer (student width ->
     teacher width) when the hidden sizes differ."""
@@ -359,15 +379,44 @@ class _Distiller(torch.nn.Module):
     def __init__(self, teacher, student, cfg: DistillConfig):
         super().__init__()
         self.teacher, self.cfg = teacher, cfg
+        self.student_ref = lambda: student    # not a submodule: the student's parameters are the model's
         ts, ss = teacher.config.hidden_size, student.config.hidden_size
         self.fit = torch.nn.Linear(ss, ts) if ts != ss else torch.nn.Identity()
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hooks: list = []
         if cfg.attn_mse:
-            raise ConfigError("attention-score distillation (attn_mse) is not implemented: compiled "
-                              "formulas do not expose their attention probabilities",
-                              hint="use hidden_mse and/or logit_kl (attn_mse=0)")
+            s_att, t_att = _last_self_attention(student), _last_self_attention(teacher)
+            if s_att is None or not getattr(s_att, "is_standard", True):
+                raise ConfigError("attn_mse needs a student whose last layer is standard attention "
+                                  "(softmax(Q @ K^T / sqrt(d)) @ V): other formulas have no comparable "
+                                  "attention scores",
+                                  hint="make the last layer `std`, or use hidden_mse / logit_kl (attn_mse=0)")
+            if t_att is None:
+                raise ConfigError("attn_mse needs a BERT-like teacher (encoder.layer[-1].attention.self)",
+                                  hint="use a BERT folder as teacher, or attn_mse=0")
+            if s_att.num_attention_heads != t_att.num_attention_heads:
+                raise ConfigError(f"attn_mse compares heads one to one: the student's last layer has "
+                                  f"{s_att.num_attention_heads} heads, the teacher's "
+                                  f"{t_att.num_attention_heads}",
+                                  hint=f"give the student {t_att.num_attention_heads} heads, or attn_mse=0")
+            # keep the input of both last self-attention modules; the scores are recomputed from them
+            self._hooks = [mod.register_forward_pre_hook(self._capture(name), with_kwargs=True)
+                           for name, mod in (("student", s_att), ("teacher", t_att))]
         if cfg.logit_kl and teacher.get_output_embeddings() is None:
             raise ConfigError("logit_kl needs a teacher with an MLM head",
                               hint="use hidden_mse only, or a teacher folder with MLM weights")
+
+    def close(self) -> None:
+        """Remove the hooks from the student and the teacher (they outlive this training run)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._captured = [], {}
+
+    def _capture(self, name: str):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self._captured[name] = x
+        return hook
 
     def forward(self, b: dict, h_student, logits_student):
         with torch.no_grad():
@@ -379,6 +428,14 @@ class _Distiller(torch.nn.Module):
             ht = out.hidden_states[-1].float()
             hs = self.fit(h_student.float())
             loss = loss + self.cfg.hidden_mse * F.mse_loss(hs[real], ht[real])
+        if self.cfg.attn_mse:
+            s_att, t_att = _last_self_attention(self.student_ref()), _last_self_attention(self.teacher)
+            with torch.no_grad():
+                st = _attention_scores(t_att, self._captured["teacher"])
+            ss = _attention_scores(s_att, self._captured["student"])
+            keep = real[:, None, :, None] & real[:, None, None, :]              # (B, 1, n, n) real pairs
+            keep = keep.expand_as(ss)
+            loss = loss + self.cfg.attn_mse * F.mse_loss(ss[keep], st[keep])
         if self.cfg.logit_kl and logits_student is not None:
             sel = b["labels"] != -100
             t = self.cfg.temperature
@@ -627,6 +684,8 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
         evaluate(step)
     metrics["final_eval"] = {k: v for k, v in metrics["evals"][-1].items() if k != "step"}
     model.train(was_training)
+    if distiller is not None:
+        distiller.close()
     return TrainResult(model, metrics)
 
 

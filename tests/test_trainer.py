@@ -245,6 +245,48 @@ def test_kd_lowers_the_distillation_loss_with_minilm(tok, blocks, minilm):
     assert all(not p.requires_grad for p in minilm.parameters()) and not minilm.training
 
 
+def test_attention_score_kd_matches_a_hand_computation_and_lowers(tok, blocks, minilm):
+    # a student with the teacher's 12 heads and standard attention in its last layer
+    torch.manual_seed(0)
+    student = AttncBertForMaskedLM(resolve_config("2-48-96-12-48", vocab_size=len(tok)))
+    from attnc.runtime.trainer import _Distiller
+
+    d = _Distiller(minilm, student, DistillConfig(hidden_mse=0.0, attn_mse=1.0))
+    ids = blocks[:2, :16].clone()
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    got = d({"input_ids": ids, "attention_mask": mask}, out.hidden_states[-1], None)
+    d.close()
+    # by hand: the last layers' inputs are hidden_states[-2]; scores q k^T / sqrt(dh) per head
+    def scores(att, x):
+        B, n, _ = x.shape
+        q = att.query(x).view(B, n, 12, -1).transpose(1, 2)
+        k = att.key(x).view(B, n, 12, -1).transpose(1, 2)
+        return q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    with torch.no_grad():
+        t_in = minilm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        ts = scores(minilm.encoder.layer[-1].attention.self, t_in)
+        ss = scores(student.bert.encoder.layer[-1].attention.self, out.hidden_states[-2])
+    real = mask.bool()
+    keep = (real[:, None, :, None] & real[:, None, None, :]).expand_as(ss)
+    assert torch.allclose(got, ((ss - ts)[keep] ** 2).mean(), rtol=1e-5)
+    assert not minilm.encoder.layer[-1].attention.self._forward_pre_hooks     # hooks removed
+    r = train(student, MLMData(blocks, tok), TrainConfig(steps=30, batch_size=8, lr=3e-3),
+              teacher=minilm, distill=DistillConfig(hidden_mse=0.0, attn_mse=1.0, task_loss=0.0))
+    dl = r.metrics["distill_losses"]
+    assert np.mean(dl[-5:]) < 0.7 * np.mean(dl[:5]), dl
+
+
+def test_attention_score_kd_needs_the_teachers_head_count(tok, minilm):
+    torch.manual_seed(0)
+    student = AttncBertForMaskedLM(resolve_config("2-48-96-4-48", vocab_size=len(tok)))
+    from attnc.runtime.trainer import _Distiller
+
+    with pytest.raises(ConfigError, match="12"):
+        _Distiller(minilm, student, DistillConfig(attn_mse=1.0))
+
+
 def test_teacher_with_another_vocab_is_a_config_error(blocks, minilm):
     small = D.train_wordpiece(["the cat sat on the mat"] * 50, vocab_size=80)
     torch.manual_seed(0)
