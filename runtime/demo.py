@@ -83,6 +83,8 @@ def demo_tokenizer(vocab_size: int) -> Path:
             os.replace(tmp, path)   # atomic; a concurrent builder may have won the race
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "tokenizer.json").is_file():   # not a lost race: a real failure
+                raise
     return path
 
 

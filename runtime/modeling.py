@@ -43,12 +43,15 @@ def _warn_once(key, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (a module without parameters counts as on the CPU)."""
+    p = next(module.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
 def plan_summary(model) -> str:
     """One line per layer: what it runs on the model's device (sdpa, triton-fused, torch, conv)."""
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = _device_of(model)
     lines = [f"plan on {device}:"]
     layers = [m for m in model.modules() if isinstance(m, AttncBertLayer)]
     for i, layer in enumerate(layers):
@@ -351,10 +354,7 @@ class CompiledSelfAttention(nn.Module):
         self._compiled: dict[str, object] = {}                     # device type -> CompiledAttention
 
     def extra_repr(self) -> str:
-        try:
-            device = next(self.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        device = _device_of(self)
         return f"formula={self.formula!r}, heads={self.num_attention_heads}, runs={self.plan(device)!r}"
 
     def plan(self, device: torch.device | str = "cpu") -> str:
