@@ -66,6 +66,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="MODEL")
     p.set_defaults(func=_export)
 
+    from .tinybert.cli import register as register_tinybert   # superplm ..., latency (AutoTinyBERT)
+    register_tinybert(sub)
+
 
 def load_evaluator(spec: str):
     """'module:function' -> the function (imported by name; nothing is evaluated)."""

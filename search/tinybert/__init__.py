@@ -1,0 +1,31 @@
+"""AutoTinyBERT in attnc: a one-shot SuperPLM, a latency predictor and evolution under a latency limit.
+
+    from attnc.search import tinybert
+    space = tinybert.Space(max_layers=4, max_hidden=256, max_ffn=1024, max_heads=4, mode="mlm", vocab_size=30522)
+    supernet = tinybert.SuperPLM(space)
+    arch = tinybert.Arch.parse("3-200-300-3-192")
+    supernet.set_arch(arch); out = supernet(input_ids=ids, attention_mask=mask)   # .logits
+    sub = supernet.extract(arch)
+    tinybert.LatencyPredictor.load(DIR).predict(arch)   # milliseconds
+
+Names load lazily: `attnc --help` must not import torch/transformers through this package.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {   # public name -> submodule defining it
+    "Arch": "space", "Space": "space",
+    "SuperPLM": "supernet",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
