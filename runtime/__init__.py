@@ -9,28 +9,28 @@ After `import attnc`, model_type "attnc_bert" is registered with AutoConfig, Aut
 AutoModelForMaskedLM, AutoModelForPreTraining and AutoModelForSequenceClassification as soon
 as transformers loads them (attnc/_hf.py), without importing transformers up front.
 """
-from .config import (
-    AUTOBERT_ZERO_FORMULAS,
-    KERNEL_SIZES,
-    MODEL_TYPE,
-    PRESETS,
-    STANDARD_FORMULA,
-    AttncBertConfig,
-    parse_arch,
-    parse_layer,
-    resolve_config,
-)
-from .counters import count_flops, count_parameters, flops_breakdown
-from .modeling import (
-    AttncBertForMaskedLM,
-    AttncBertForPreTraining,
-    AttncBertForSequenceClassification,
-    AttncBertModel,
-    AttncBertPreTrainedModel,
-    from_bert,
-    load_bert_weights,
-    plan_summary,
-)
+import importlib
+
+# Names load on first use (module __getattr__): `attnc.runtime.cli` is imported by every `attnc`
+# command to build the parser, and importing transformers/torch up front costs seconds and
+# hundreds of MB (`attnc check` must stay fast).
+_LAZY = {
+    **dict.fromkeys(("AUTOBERT_ZERO_FORMULAS", "KERNEL_SIZES", "MODEL_TYPE", "PRESETS", "STANDARD_FORMULA",
+                     "AttncBertConfig", "parse_arch", "parse_layer", "resolve_config"), "config"),
+    **dict.fromkeys(("count_flops", "count_parameters", "flops_breakdown"), "counters"),
+    **dict.fromkeys(("AttncBertForMaskedLM", "AttncBertForPreTraining", "AttncBertForSequenceClassification",
+                     "AttncBertModel", "AttncBertPreTrainedModel", "from_bert", "load_bert_weights",
+                     "plan_summary"), "modeling"),
+}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def register_auto_classes() -> None:
@@ -38,8 +38,6 @@ def register_auto_classes() -> None:
 
     `import attnc` already arranges this (attnc/_hf.py) as soon as transformers loads its Auto
     classes; call it to force the registration eagerly."""
-    import importlib
-
     from attnc import _hf
 
     for name, hook in _hf._HOOKS.items():
