@@ -11,6 +11,8 @@ from attnc.compiler.errors import (AttncError, BackendError, CheckError, ConfigE
                                    ParseError, ShapeError)
 
 from attnc import _hf
+from attnc import kernels as _kernels  # noqa: F401 - registers the "triton" backend (imports no triton)
+from attnc import ops  # noqa: F401 - attnc.ops.register_elementwise
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from . import elementwise
 from .errors import CheckError, ShapeError
-from .ir import Op, inputs_used, node_of, output_of, shape_str, topo
+from .ir import Op, inputs_used, is_fn, node_of, output_of, shape_str, topo
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,7 @@ def check(g: nx.DiGraph, options: CheckOptions = DEFAULT_CHECKS) -> nx.DiGraph:
 
 # scalar sub-expressions are evaluated at these sizes; a non-finite value is an error
 SAMPLE_SIZES = ({"n": 7, "d": 5}, {"n": 512, "d": 64})
-_S_UNARY = {Op.NEG: lambda x: -x, Op.EXP: "s_exp", Op.LOG: "s_log", Op.SQRT: "s_sqrt", Op.ABS: abs,
-            Op.RELU: lambda x: max(x, 0.0), Op.SIGMOID: "s_sigmoid", Op.TANH: math.tanh,
-            Op.SOFTPLUS: "s_softplus", Op.LOGSIGMOID: lambda x: -_s("s_softplus")(-x),
-            Op.SOFTSIGN: lambda x: x / (1 + abs(x))}
+_S_UNARY = {Op.NEG: lambda x: -x}   # elementwise functions: their table's scalar form
 _S_BINARY = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
              Op.DIV: "s_div", Op.POW: "s_pow", Op.MAX: max, Op.MIN: min}
 
@@ -91,7 +89,10 @@ def _check_scalars(g: nx.DiGraph) -> None:
             args = [val.get(o) for o in node.operands]
             if any(a is None for a in args):
                 continue
-            fn = _S_UNARY.get(node.op) or _S_BINARY.get(node.op)
+            if is_fn(node.op):
+                fn = elementwise.get(node.op.value).scalar_fn()
+            else:
+                fn = _S_UNARY.get(node.op) or _S_BINARY.get(node.op)
             if fn is None:
                 continue
             fn = _s(fn) if isinstance(fn, str) else fn

@@ -12,7 +12,8 @@ from pathlib import Path
 from .api import analyze, analyze_file, compile as compile_formula
 from .check import CheckOptions
 from .equiv import equivalent, fingerprint
-from .errors import AttncError, BackendError
+from . import backends, elementwise
+from .errors import AttncError, BackendError, ConfigError
 from .ir import FUNCTIONS, OP_DOC, Op, label, shape_str, topo
 from .report import report
 
@@ -58,6 +59,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_equiv)
 
     p = sub.add_parser("ops", help="list the operations of the formula language")
+    _ops_arg(p)
     p.set_defaults(func=cmd_ops)
 
     p = sub.add_parser("demo", help="the main job: compile the paper's formulas (and, with the "
@@ -80,9 +82,28 @@ def _size_args(p) -> None:
 def _check_args(p) -> None:
     p.add_argument("--min-inputs", type=int, default=2, help="fewest distinct inputs (default 2)")
     p.add_argument("--max-inputs", type=int, default=4, help="most distinct inputs (default 4)")
+    _ops_arg(p)
+
+
+def _ops_arg(p) -> None:
+    p.add_argument("--ops", metavar="MODULE", action="append", default=[], dest="ops_modules",
+                   help="import MODULE first: a module of yours that registers elementwise "
+                        "functions with attnc.ops.register_elementwise (repeatable)")
+
+
+def _load_ops(args) -> None:
+    """Import the user's --ops modules (their registrations are how functions get added)."""
+    import importlib
+    for name in getattr(args, "ops_modules", []):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"cannot import --ops module {name!r}: {e}",
+                              hint="give an importable module name (on PYTHONPATH), not a file path") from e
 
 
 def _checks(args) -> CheckOptions:
+    _load_ops(args)
     return CheckOptions(min_inputs=args.min_inputs, max_inputs=args.max_inputs)
 
 
@@ -110,8 +131,7 @@ def cmd_compile(args) -> int:
         entry = rep.to_dict()
         entry["fingerprint"] = fingerprint(a.simplified)
         if args.explain or "triton" in args.show:
-            from attnc.kernels import explain
-            entry["kernel"] = explain(a)
+            entry["kernel"] = backends.get("triton").explain(a)
         shows = [(what, _show(a, what, args, fn)) for what in args.show]  # errors before output
         if shows:
             entry["show"] = dict(shows)
@@ -164,8 +184,7 @@ def _show(a, what: str, args, fn) -> str:
         if fn is None:
             fn = compile_formula(a.canonical, backend="torch", checks=a.checks)
         return fn.source
-    from attnc.kernels import triton_source
-    return triton_source(a, dtype=args.dtype, head_dim=args.dim)
+    return backends.get("triton").source(a, dtype=args.dtype, head_dim=args.dim)
 
 
 def format_ir(g) -> str:
@@ -221,6 +240,7 @@ def cmd_equiv(args) -> int:
 
 
 def cmd_ops(args) -> int:
+    _load_ops(args)
     names = {op: [k for k, (o, _) in FUNCTIONS.items() if o is op] for op in OP_DOC}
     print(f"{'op':12s} {'write it as':28s} math")
     syntax = {Op.NEG: "-x", Op.ADD: "x + y", Op.SUB: "x - y", Op.MUL: "x * y", Op.DIV: "x / y",
@@ -228,6 +248,11 @@ def cmd_ops(args) -> int:
     for op, doc in OP_DOC.items():
         how = syntax.get(op, ", ".join(f"{k}(...)" for k in names[op]))
         print(f"{op.value:12s} {how:28s} {doc}")
+    print("\nelementwise functions (f(x) entrywise; attnc.ops.register_elementwise adds more):")
+    print(f"{'name':12s} {'origin':10s} {'definition':28s} derivative")
+    for e in elementwise.entries():
+        print(f"{e.name:12s} {'built-in' if e.builtin else 'registered':10s} {str(e.expr):28s} "
+              f"{e.derivative}")
     print("\ninputs Q K V P (n x d); sizes n d; positions i (n x 1), j (1 x n); constants, inf, pi, e;")
     print("comparisons < <= > >= == != and & | ! only inside where(cond, x, y) / mask(x, cond);")
     print("`let name = expr` bindings, `#` comments, `formula NAME = ...` / `formula NAME { ... }` files.")
@@ -245,8 +270,7 @@ def cmd_demo(args) -> int:
         print(f"  hash {a.hash}  inputs {' '.join(a.inputs)}  params {rep.params:,}  "
               f"flops {rep.flops:,} (n=128, d=64, 12 heads)")
         try:
-            from attnc.kernels import explain
-            print("  kernel     " + explain(a).splitlines()[0])
+            print("  kernel     " + backends.get("triton").explain(a).splitlines()[0])
         except (ImportError, AttncError):
             pass
         _smoke(fn)

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .ir import INPUT_NAMES, GroupOp, Node, Op, format_number, inputs_used, output_of, shape_str, topo
+from .ir import (INPUT_NAMES, GroupOp, Node, Op, format_number, inputs_used, is_fn, output_of, shape_str,
+                 topo)
 
-CODEGEN_VERSION = "torch-3"
+CODEGEN_VERSION = "torch-4"
 
-_T_UNARY = {Op.NEG: "-{0}", Op.EXP: "torch.exp({0})", Op.LOG: "torch.log({0})",
-            Op.SQRT: "torch.sqrt({0})", Op.ABS: "torch.abs({0})", Op.RELU: "ops.relu({0})",
-            Op.SIGMOID: "ops.sigmoid({0})", Op.TANH: "torch.tanh({0})",
-            Op.SOFTPLUS: "ops.softplus({0})", Op.LOGSIGMOID: "ops.logsigmoid({0})",
-            Op.SOFTSIGN: "ops.softsign({0})", Op.NOT: "~{0}", Op.TRANSPOSE: "{0}.transpose(-1, -2)",
+# Elementwise functions (exp, softplus, registered ones) call their table entry's forms:
+# ops.fn.NAME(tensor), ops.sfn.NAME(float) (compiler/elementwise.py).
+_T_UNARY = {Op.NEG: "-{0}", Op.NOT: "~{0}", Op.TRANSPOSE: "{0}.transpose(-1, -2)",
             Op.SCALE: "ops.scale({0})"}
-_S_UNARY = {Op.NEG: "-{0}", Op.EXP: "ops.s_exp({0})", Op.LOG: "ops.s_log({0})",
-            Op.SQRT: "ops.s_sqrt({0})", Op.ABS: "abs({0})", Op.RELU: "max({0}, 0.0)",
-            Op.SIGMOID: "ops.s_sigmoid({0})", Op.TANH: "math.tanh({0})",
-            Op.SOFTPLUS: "ops.s_softplus({0})", Op.LOGSIGMOID: "-ops.s_softplus(-{0})",
-            Op.SOFTSIGN: "{0} / (1 + abs({0}))", Op.NOT: "not {0}"}
+_S_UNARY = {Op.NEG: "-{0}", Op.NOT: "not {0}"}
 _INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=",
           Op.EQ: "==", Op.NE: "!="}
 _T_LOGIC = {Op.AND: "&", Op.OR: "|"}
@@ -93,6 +88,8 @@ def _keep(shape_axis) -> str:
 def _op(node: Node, args: list[str], shapes: list, ref: str) -> str:
     op = node.op
     scalar = [s == () for s in shapes]
+    if is_fn(op):
+        return f"ops.{'sfn' if scalar[0] else 'fn'}.{op.value}({args[0]})"
     if op in _T_UNARY or op in _S_UNARY:
         table = _S_UNARY if scalar[0] else _T_UNARY
         return table[op].format(_paren(args[0]))

@@ -44,17 +44,8 @@ class Op(enum.Enum):
     POW = "pow"
     MAX = "max"
     MIN = "min"
-    # elementwise functions
-    EXP = "exp"
-    LOG = "log"
-    SQRT = "sqrt"
-    ABS = "abs"
-    RELU = "relu"
-    SIGMOID = "sigmoid"
-    TANH = "tanh"
-    SOFTPLUS = "softplus"
-    LOGSIGMOID = "logsigmoid"
-    SOFTSIGN = "softsign"
+    # elementwise functions (exp, log, softplus, user-registered, ...) are not here: they are
+    # data (compiler/elementwise.py), and their nodes carry an `Fn` op (below)
     # comparisons and logic (boolean results; only usable as conditions)
     LT = "lt"
     LE = "le"
@@ -76,10 +67,47 @@ class Op(enum.Enum):
     DIST = "dist"            # pairwise euclidean distance over rows: (a, m), (b, m) -> (a, b)
 
 
+class Fn:
+    """The op of an elementwise-function node: one interned object per function name, so that
+    `node.op is fn_op("exp")` and `node.op.value == "exp"` work like an Op member's. The
+    function's meaning lives in the table of compiler/elementwise.py."""
+
+    __slots__ = ("value",)
+    _interned: dict[str, "Fn"] = {}
+
+    def __new__(cls, name: str):
+        op = cls._interned.get(name)
+        if op is None:
+            op = super().__new__(cls)
+            object.__setattr__(op, "value", name)
+            cls._interned[name] = op
+        return op
+
+    def __setattr__(self, key, value):
+        raise AttributeError("Fn is immutable")
+
+    def __reduce__(self):
+        return (fn_op, (self.value,))
+
+    def __repr__(self) -> str:
+        return f"<Fn.{self.value}>"
+
+
+def fn_op(name: str) -> Fn:
+    return Fn(name)
+
+
+def is_fn(op) -> bool:
+    """True for an elementwise function (exp, log, ..., a registered one)."""
+    return isinstance(op, Fn)
+
+
 class GroupOp:
+    """Groups of structural ops. Elementwise functions (`Fn`) belong to Unary and Elementwise
+    too: test them with `is_fn(op)`."""
+
     Leaf = frozenset({Op.INPUT, Op.CONST, Op.SYMBOL, Op.INDEX})
-    Unary = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.ABS, Op.RELU, Op.SIGMOID, Op.TANH,
-                       Op.SOFTPLUS, Op.LOGSIGMOID, Op.SOFTSIGN})
+    Unary = frozenset({Op.NEG})
     Binary = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAX, Op.MIN})
     Compare = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
     Logic = frozenset({Op.AND, Op.OR, Op.NOT})
@@ -91,12 +119,10 @@ class GroupOp:
     Matrix = frozenset({Op.MATMUL, Op.TRANSPOSE, Op.SCALE, Op.SOFTMAX, Op.NORM, Op.COS, Op.DIST})
 
 
-# The DSL's function names and their ops / arities. The grammar parses any NAME(args);
-# this table decides which names exist.
+# The DSL's structural function names and their ops / arities. The grammar parses any
+# NAME(args); this table and the elementwise table (compiler/elementwise.py) decide which
+# names exist: see `function`.
 FUNCTIONS: dict[str, tuple[Op, int]] = {
-    "exp": (Op.EXP, 1), "log": (Op.LOG, 1), "sqrt": (Op.SQRT, 1), "abs": (Op.ABS, 1),
-    "relu": (Op.RELU, 1), "sigmoid": (Op.SIGMOID, 1), "tanh": (Op.TANH, 1),
-    "softplus": (Op.SOFTPLUS, 1), "logsigmoid": (Op.LOGSIGMOID, 1), "softsign": (Op.SOFTSIGN, 1),
     "neg": (Op.NEG, 1), "transpose": (Op.TRANSPOSE, 1), "scale": (Op.SCALE, 1),
     "softmax": (Op.SOFTMAX, 1), "norm": (Op.NORM, 1),
     "cos": (Op.COS, 2), "dist": (Op.DIST, 2), "max": (Op.MAX, 2), "min": (Op.MIN, 2),
@@ -108,10 +134,7 @@ FUNCTIONS: dict[str, tuple[Op, int]] = {
 OP_DOC: dict[Op, str] = {
     Op.NEG: "-x", Op.ADD: "x + y (broadcasting)", Op.SUB: "x - y", Op.MUL: "x * y elementwise",
     Op.DIV: "x / y elementwise", Op.POW: "x ^ c, elementwise power", Op.MAX: "max(x, y) elementwise",
-    Op.MIN: "min(x, y) elementwise", Op.EXP: "e^x", Op.LOG: "ln x", Op.SQRT: "sqrt(x)",
-    Op.ABS: "|x|", Op.RELU: "max(x, 0)", Op.SIGMOID: "1 / (1 + e^-x)", Op.TANH: "tanh x",
-    Op.SOFTPLUS: "log(1 + e^x)", Op.LOGSIGMOID: "log(sigmoid(x)) = -softplus(-x)",
-    Op.SOFTSIGN: "x / (1 + |x|)", Op.MATMUL: "x @ y, (a,b)@(b,c) -> (a,c)",
+    Op.MIN: "min(x, y) elementwise", Op.MATMUL: "x @ y, (a,b)@(b,c) -> (a,c)",
     Op.TRANSPOSE: "x^T", Op.SCALE: "x / sqrt(last dim of x)",
     Op.SOFTMAX: "exp(x_ij) / sum_j exp(x_ij), row-wise", Op.NORM: "sqrt(sum_j x_ij^2), (a,b) -> (a,1)",
     Op.COS: "cos(x, y)_ab = x_a . y_b / (|x_a| |y_b|)",
@@ -120,11 +143,25 @@ OP_DOC: dict[Op, str] = {
 }
 
 
+def function(name: str) -> tuple["Op | Fn", int] | None:
+    """(op, arity) of a DSL function name, or None when no such function exists."""
+    if name in FUNCTIONS:
+        return FUNCTIONS[name]
+    from .elementwise import lookup
+    entry = lookup(name)
+    return (entry.op, entry.arity) if entry is not None else None
+
+
+def function_names() -> tuple[str, ...]:
+    from .elementwise import names
+    return tuple(FUNCTIONS) + names()
+
+
 @dataclass(frozen=True)
 class Node:
     """One IR operation. Change only through `replace(node, ...)`."""
 
-    op: Op
+    op: "Op | Fn"
     operands: tuple[int, ...] = ()          # graph node ids, in order
     shape: Shape = ()                       # symbolic shape
     name: str | None = None                 # INPUT / SYMBOL / INDEX name

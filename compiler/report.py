@@ -1,7 +1,8 @@
 """Per-formula reports: canonical form, inputs, projection parameters and FLOPs.
 
-FLOPs count one per multiply-add half (a matmul (a, b) @ (b, c) is 2abc), one per elementwise
-op or transcendental, 5 per softmax entry (max, subtract, exp, sum, divide), and are given per
+FLOPs count one per multiply-add half (a matmul (a, b) @ (b, c) is 2abc), one per arithmetic
+op, an elementwise function's `flop_cost` (compiler/elementwise.py; 1 for the built-ins),
+5 per softmax entry (max, subtract, exp, sum, divide), and are given per
 (batch, head) as a polynomial in n and d as well as for concrete sizes.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import asdict, dataclass
 import networkx as nx
 import sympy as sp
 
-from .ir import GroupOp, Op, inputs_used, op_counts, path_length, topo
+from . import elementwise
+from .ir import GroupOp, Op, inputs_used, is_fn, op_counts, path_length, topo
 from .symbolic import n as N_SYM, d as D_SYM
 
 _SIZE = {"n": N_SYM, "d": D_SYM, 1: sp.Integer(1)}
@@ -44,9 +46,16 @@ def flops_expr(g: nx.DiGraph) -> sp.Expr:
         elif node.op is Op.DIST:
             m = _SIZE[ins[0][1]]
             total += 2 * out * m + 2 * (_numel(ins[0]) + _numel(ins[1])) + 4 * out
+        elif is_fn(node.op):
+            total += elementwise.get(node.op.value).flop_cost * out
         else:
             total += out
     return sp.expand(total)
+
+
+def flops_at(g: nx.DiGraph, n: int, d: int) -> int:
+    """FLOPs per (batch, head) for sequence length n and head dim d."""
+    return int(flops_expr(g).subs({N_SYM: n, D_SYM: d}))
 
 
 def projection_params(inputs, hidden: int, heads: int, head_dim: int) -> int:

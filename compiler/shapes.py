@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .errors import ShapeError, Span
-from .ir import GroupOp, Node, Op, Shape, shape_str
+from .ir import GroupOp, Node, Op, Shape, is_fn, shape_str
 
 
 OP_TEXT = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "^", Op.MATMUL: "@",
@@ -108,7 +108,8 @@ SHAPE_RULES: dict[Op, Callable[[Op, list[Shape], Span | None], Shape]] = {
 def infer(op: Op, operands: list[Node], span: Span | None) -> Shape:
     """Result shape of `op` applied to `operands`, with boolean-ness checked too."""
     _check_bools(op, operands, span)
-    return SHAPE_RULES[op](op, [x.shape for x in operands], span)
+    rule = _same if is_fn(op) else SHAPE_RULES[op]   # elementwise functions keep the shape
+    return rule(op, [x.shape for x in operands], span)
 
 
 def _check_bools(op: Op, operands: list[Node], span: Span | None) -> None:

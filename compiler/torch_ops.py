@@ -144,3 +144,22 @@ logsigmoid = F.logsigmoid
 softplus = F.softplus
 relu = torch.relu
 sigmoid = torch.sigmoid
+
+
+class _ElementwiseForms:
+    """`fn.NAME(t)` / `sfn.NAME(x)`: the tensor / float form of the elementwise function NAME
+    from the table in compiler/elementwise.py (the generated code calls these)."""
+
+    def __init__(self, scalar: bool):
+        self._scalar = scalar
+
+    def __getattr__(self, name: str):
+        from .elementwise import lookup
+        entry = lookup(name)
+        if entry is None:
+            raise AttributeError(f"no elementwise function {name!r} is registered")
+        return entry.scalar_fn() if self._scalar else entry.torch_fn()
+
+
+fn = _ElementwiseForms(scalar=False)
+sfn = _ElementwiseForms(scalar=True)

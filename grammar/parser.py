@@ -13,14 +13,20 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from attnc.compiler import shapes
 from attnc.compiler.errors import AttncError, CheckError, ParseError, Span
-from attnc.compiler.ir import (FUNCTIONS, INDEX_NAMES, INPUT_NAMES, SYMBOL_NAMES, GraphBuilder, Node,
-                               Op)
+from attnc.compiler.ir import (INDEX_NAMES, INPUT_NAMES, SYMBOL_NAMES, GraphBuilder, Node, Op, function,
+                               function_names)
 
 _BINOPS = {"add": Op.ADD, "sub": Op.SUB, "mul": Op.MUL, "div": Op.DIV, "matmul": Op.MATMUL,
            "pow": Op.POW, "and_": Op.AND, "or_": Op.OR}
 _CMP = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": Op.NE}
 _CONSTANTS = {"inf": math.inf, "pi": math.pi, "e": math.e}
-RESERVED = set(INPUT_NAMES) | set(SYMBOL_NAMES) | set(INDEX_NAMES) | set(_CONSTANTS) | set(FUNCTIONS)
+RESERVED_NAMES = set(INPUT_NAMES) | set(SYMBOL_NAMES) | set(INDEX_NAMES) | set(_CONSTANTS)
+
+
+def reserved() -> set[str]:
+    """Names a `let` cannot bind: inputs, sizes, positions, constants and every function name
+    (registered elementwise functions included, so computed on each call)."""
+    return RESERVED_NAMES | set(function_names())
 
 
 class ParenNewlines:
@@ -185,7 +191,7 @@ class _Builder:
             if isinstance(s, Tree) and s.data == "let":
                 tok, expr = s.children
                 var = str(tok)
-                if var in RESERVED:
+                if var in reserved():
                     raise ParseError(f"'let {var}' would rebind a built-in name", _span(tok),
                                      hint="pick another name; Q K V P n d i j inf pi e and the "
                                           "function names are reserved")
@@ -274,19 +280,21 @@ class _Builder:
             return self.gb.add(Node(Op.INDEX, (), shape, name=name, span=span))
         if name in _CONSTANTS:
             return self.const(_CONSTANTS[name], span)
-        if name in FUNCTIONS:
+        if function(name) is not None:
             raise ParseError(f"{name!r} is a function", span, hint=f"call it: {name}(...)")
         raise ParseError(f"unknown name {name!r}", span, hint=_name_hint(name, env))
 
     def call(self, t: Tree, env, span) -> int:
         fn_tok, *args = t.children
         fname = str(fn_tok)
-        if fname not in FUNCTIONS:
-            hint = _suggest(fname, FUNCTIONS)
+        found = function(fname)
+        if found is None:
+            known = function_names()
+            hint = _suggest(fname, known)
             raise ParseError(f"unknown function {fname!r}", _span(fn_tok),
                              hint=f"did you mean {hint}(...)?" if hint else
-                             "functions: " + ", ".join(sorted(FUNCTIONS)))
-        op, arity = FUNCTIONS[fname]
+                             "functions: " + ", ".join(sorted(known)))
+        op, arity = found
         if len(args) != arity:
             raise ParseError(f"{fname}() takes {arity} argument{'s' * (arity != 1)}, got {len(args)}",
                              span, hint=_CALL_HINTS.get(fname))

@@ -10,22 +10,26 @@ TRITON_INTERPRET=1 for the CPU interpreter) only when a streaming formula is bui
 """
 from __future__ import annotations
 
+from attnc.compiler.backends import Backend, register_backend
+
 from .plan import Classification, StreamingPlan, classify
 
 
 def build_triton(analysis, cache_dir=None, **options):
-    from .runtime import build_triton as _build
+    from .launch import build_triton as _build
     return _build(analysis, cache_dir=cache_dir, **options)
 
 
 def explain(analysis) -> str:
-    from .runtime import explain as _explain
+    from .launch import explain as _explain
     return _explain(analysis)
 
 
 def triton_source(analysis, dtype: str = "float32", head_dim: int = 64) -> str:
-    from .runtime import triton_source as _source
+    from .launch import triton_source as _source
     return _source(analysis, dtype=dtype, head_dim=head_dim)
 
+
+register_backend(Backend("triton", build_triton, explain=explain, source=triton_source))
 
 __all__ = ["Classification", "StreamingPlan", "build_triton", "classify", "explain", "triton_source"]

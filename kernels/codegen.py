@@ -18,7 +18,7 @@ from __future__ import annotations
 import networkx as nx
 from attnc.compiler.ir import output_of
 
-from .lower import Lowering, Stmt, forward_lines, literal, reverse_lines, tile_mask
+from .lower import TileLowering, Stmt, forward_lines, literal, reverse_lines, tile_mask
 from .plan import StreamingPlan, render
 
 GEN_VERSION = "triton-3"
@@ -146,7 +146,7 @@ class _Gen:
     def __init__(self, g: nx.DiGraph, plan: StreamingPlan):
         self.g = g
         self.plan = plan
-        low = self.low = Lowering(g, plan)
+        low = self.low = TileLowering(g, plan)
         self.out = low.val(output_of(g), "q")
         self.z = low.val(plan.score, "p")
         self.v = low.val(plan.value, "k")

@@ -7,7 +7,7 @@ Every value inside the fused kernel has a *kind*, the shape of the tile that hol
     KD  (BLOCK_N, BLOCK_D) key-row tile        K1  (BLOCK_N,) key-row feature
     P   (BLOCK_M, BLOCK_N) score tile
 
-`Lowering` turns IR nodes into a list of `Stmt` (one tile op each, in topological order);
+`TileLowering` turns IR nodes into a list of `Stmt` (one tile op each, in topological order);
 `forward_lines` prints them as Triton; `reverse_lines` prints the adjoint code. Local
 derivatives of the elementwise ops come from SymPy (`sympy.diff` of the op's definition,
 printed as Triton by `TritonPrinter`); row reductions (row sum, row softmax over the head
@@ -25,41 +25,18 @@ from functools import lru_cache
 
 import networkx as nx
 import sympy as sp
+from attnc.compiler import elementwise
 from attnc.compiler import torch_ops as ops
-from attnc.compiler.ir import GroupOp, Op, node_of
+from attnc.compiler.elementwise import LogSigmoid, Relu, Sigmoid, Softplus, Step  # noqa: F401
+from attnc.compiler.ir import GroupOp, Op, fn_op, is_fn, node_of
 
 COS_EPS = 1e-8   # torch_ops.cos clamps row norms to this
 
 
 # ---- SymPy definitions of the elementwise ops ----------------------------------------------
-
-class Sigmoid(sp.Function):
-    def fdiff(self, argindex=1):
-        s = Sigmoid(self.args[0])
-        return s * (1 - s)
-
-
-class Softplus(sp.Function):
-    def fdiff(self, argindex=1):
-        return Sigmoid(self.args[0])
-
-
-class LogSigmoid(sp.Function):
-    def fdiff(self, argindex=1):
-        return Sigmoid(-self.args[0])
-
-
-class Step(sp.Function):
-    """1 where x > 0 else 0 (the derivative of relu, zero at 0 like torch)."""
-
-    def fdiff(self, argindex=1):
-        return sp.Integer(0)
-
-
-class Relu(sp.Function):
-    def fdiff(self, argindex=1):
-        return Step(self.args[0])
-
+# Elementwise functions come from the table (compiler/elementwise.py: `kernel_expr`, with the
+# stable helper functions Sigmoid, Softplus, ... defined there); the structural helpers below
+# exist only inside the kernels.
 
 class SafeSqrtGrad(sp.Function):
     def fdiff(self, argindex=1):  # pragma: no cover - second derivatives are never taken
@@ -83,15 +60,13 @@ class RowSoftmax1(sp.Function):
 def sym_op(op, args: list):
     """The SymPy expression of one elementwise op applied to `args`."""
     a = args[0]
+    if is_fn(op):
+        return elementwise.get(op.value).kernel_expr(a)
     b = args[1] if len(args) > 1 else None
     table = {
         Op.NEG: lambda: -a, Op.ADD: lambda: a + b, Op.SUB: lambda: a - b, Op.MUL: lambda: a * b,
         Op.DIV: lambda: a / b, Op.POW: lambda: a ** b, Op.MAX: lambda: sp.Max(a, b),
-        Op.MIN: lambda: sp.Min(a, b), Op.EXP: lambda: sp.exp(a), Op.LOG: lambda: sp.log(a),
-        Op.SQRT: lambda: sp.sqrt(a), Op.ABS: lambda: sp.Abs(a), Op.RELU: lambda: Relu(a),
-        Op.SIGMOID: lambda: Sigmoid(a), Op.TANH: lambda: sp.tanh(a),
-        Op.SOFTPLUS: lambda: Softplus(a), Op.LOGSIGMOID: lambda: LogSigmoid(a),
-        Op.SOFTSIGN: lambda: a / (1 + sp.Abs(a)), "safesqrt": lambda: SafeSqrt(a),
+        Op.MIN: lambda: sp.Min(a, b), "safesqrt": lambda: SafeSqrt(a),
         "softmax1": lambda: RowSoftmax1(a),
     }
     return table[op]()
@@ -179,11 +154,17 @@ def to_triton(expr, names: dict[str, str]) -> str:
     raise NotImplementedError(f"cannot print {expr!r} as Triton")  # pragma: no cover
 
 
+def _op_key(op):
+    """A cache key for `_derivative`: an elementwise function with its current definition (a
+    name can be unregistered and registered again with another)."""
+    return (op, elementwise.get(op.value)) if is_fn(op) else (op, None)
+
+
 @lru_cache(maxsize=4096)
-def _derivative(op, arg_keys: tuple, wrt: int):
+def _derivative(op_key, arg_keys: tuple, wrt: int):
     """d op(args) / d args[wrt] as a SymPy expression over the arg symbols and O (the output)."""
     args = [sp.Symbol(k, real=True) if isinstance(k, str) else sym_const(k) for k in arg_keys]
-    f = sym_op(op, args)
+    f = sym_op(op_key[0], args)
     d = sp.diff(f, args[wrt])
     if f.is_Function or f.is_Pow:
         d = d.subs(f, sp.Symbol("O__", real=True))
@@ -225,7 +206,7 @@ def join_kinds(kinds) -> str:
     return side + ("D" if ks & {"QD", "KD"} else "1")
 
 
-def bcast(v: Val, to: str) -> str:
+def tile_bcast(v: Val, to: str) -> str:
     """Text of `v` broadcast to a tile of kind `to`."""
     if v.kind == to or v.scalar:
         return v.text
@@ -319,7 +300,10 @@ class ScalarTable:
             res = (node.name, None)
         else:
             args = [self._host(o) for o in node.operands]
-            fn, fmt = _SCALAR_OPS[op]
+            if is_fn(op):   # the table's float form, on the host
+                fn, fmt = elementwise.get(op.value).scalar_fn(), f"ops.sfn.{op.value}({{0}})"
+            else:
+                fn, fmt = _SCALAR_OPS[op]
             if all(v is not None for _, v in args):
                 value = fn(*[v for _, v in args])
                 res = (repr(value), value)
@@ -334,12 +318,6 @@ _SCALAR_OPS = {
     Op.SUB: (lambda a, b: a - b, "{0} - {1}"), Op.MUL: (lambda a, b: a * b, "{0} * {1}"),
     Op.DIV: (ops.s_div, "ops.s_div({0}, {1})"), Op.POW: (ops.s_pow, "ops.s_pow({0}, {1})"),
     Op.MAX: (max, "max({0}, {1})"), Op.MIN: (min, "min({0}, {1})"),
-    Op.EXP: (ops.s_exp, "ops.s_exp({0})"), Op.LOG: (ops.s_log, "ops.s_log({0})"),
-    Op.SQRT: (ops.s_sqrt, "ops.s_sqrt({0})"), Op.ABS: (abs, "abs({0})"),
-    Op.RELU: (lambda a: max(a, 0.0), "max({0}, 0.0)"), Op.SIGMOID: (ops.s_sigmoid, "ops.s_sigmoid({0})"),
-    Op.TANH: (math.tanh, "math.tanh({0})"), Op.SOFTPLUS: (ops.s_softplus, "ops.s_softplus({0})"),
-    Op.LOGSIGMOID: (lambda a: -ops.s_softplus(-a), "-ops.s_softplus(-{0})"),
-    Op.SOFTSIGN: (lambda a: a / (1 + abs(a)), "{0} / (1 + abs({0}))"),
     Op.LT: (lambda a, b: a < b, "{0} < {1}"), Op.LE: (lambda a, b: a <= b, "{0} <= {1}"),
     Op.GT: (lambda a, b: a > b, "{0} > {1}"), Op.GE: (lambda a, b: a >= b, "{0} >= {1}"),
     Op.EQ: (lambda a, b: a == b, "{0} == {1}"), Op.NE: (lambda a, b: a != b, "{0} != {1}"),
@@ -349,7 +327,7 @@ _SCALAR_OPS = {
 }
 
 
-class Lowering:
+class TileLowering:
     """IR nodes of a streaming plan -> tile statements, per side (q rows, k rows, score tile)."""
 
     def __init__(self, g: nx.DiGraph, plan):
@@ -412,7 +390,7 @@ class Lowering:
             return self.add(join_kinds(a.kind for a in args), op, args, is_bool=True, note=note)
         if op is Op.WHERE:
             return self.add(join_kinds(a.kind for a in args), "where", args, note=note)
-        if op in GroupOp.Unary or op in GroupOp.Binary:
+        if op in GroupOp.Unary or op in GroupOp.Binary or is_fn(op):
             return self.ew(op, args, note)
         if op is Op.SCALE:
             cols = shape[1]
@@ -447,7 +425,7 @@ class Lowering:
 
     def norm(self, x: Val, note="norm") -> Val:
         if x.kind in ("Q1", "K1"):
-            return self.ew(Op.ABS, [x], note)
+            return self.ew(fn_op("abs"), [x], note)
         return self.ew("safesqrt", [self.sqnorm(x)], note)
 
     def unit(self, x: Val) -> Val:
@@ -493,10 +471,10 @@ def forward_expr(st: Stmt) -> str:
                 f"tl.trans(tl.where({tile_mask('KD')}, {b.text}, 0.0)).to(DOT_DTYPE), "
                 "input_precision=DOT_PREC)")
     if op == "where":
-        c, a, b = (bcast(x, kind) for x in args)
+        c, a, b = (tile_bcast(x, kind) for x in args)
         return f"tl.where({c}, {a}, {b})"
     if isinstance(op, Op) and op in GroupOp.Boolean:
-        xs = [bcast(x, kind) for x in args]
+        xs = [tile_bcast(x, kind) for x in args]
         if op is Op.NOT:
             return f"~({xs[0]})"
         sym = {Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
@@ -505,7 +483,7 @@ def forward_expr(st: Stmt) -> str:
     # elementwise, through SymPy
     keys = tuple(_arg_key(a) for a in args)
     syms = [sp.Symbol(k, real=True) if isinstance(k, str) else sym_const(k) for k in keys]
-    names = {a.text: bcast(a, kind) for a in args if not a.scalar}
+    names = {a.text: tile_bcast(a, kind) for a in args if not a.scalar}
     expr = sym_op(op, syms)
     if not (expr.free_symbols & {s for s, a in zip(syms, args) if not a.scalar}):
         # the op cancelled its tile operands (x - x): still a full tile
@@ -536,7 +514,7 @@ class Reverse:
     grads: dict[str, list[str]] = field(default_factory=dict)   # wrt var -> contributions
 
 
-def reverse_lines(low: Lowering, seeds: dict[str, list[str]], wrt: set[str], indent: str,
+def reverse_lines(low: TileLowering, seeds: dict[str, list[str]], wrt: set[str], indent: str,
                   tag: str = "") -> Reverse:
     """Adjoint code: propagate `seeds` (var -> adjoint expressions) back to the `wrt` vars.
 
@@ -612,7 +590,7 @@ def _vjp(st: Stmt, g: str):
         return out
     if op == "where":
         c, a, b = args
-        cond = bcast(c, kind)
+        cond = tile_bcast(c, kind)
         out = []
         for x in diff_args:
             terms = []
@@ -623,12 +601,12 @@ def _vjp(st: Stmt, g: str):
             out.append((x, reduce_to(" + ".join(terms), kind, x.kind)))
         return out
     keys = tuple(_arg_key(a) for a in args)
-    names = {a.text: bcast(a, kind) for a in args if not a.scalar}
+    names = {a.text: tile_bcast(a, kind) for a in args if not a.scalar}
     names["O__"] = st.var
     out = []
     for x in diff_args:
         idx = keys.index(x.text)
-        d = _derivative(op, keys, idx)
+        d = _derivative(_op_key(op), keys, idx)
         if d == 0:
             continue
         if d == 1:
@@ -642,10 +620,10 @@ def _vjp(st: Stmt, g: str):
 
 
 __all__ = [
-    "Lowering",
+    "TileLowering",
     "Stmt",
     "Val",
-    "bcast",
+    "tile_bcast",
     "forward_lines",
     "full",
     "join_kinds",

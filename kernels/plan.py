@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-from attnc.compiler.ir import GroupOp, Node, Op, format_number, node_of, output_of, shape_str, topo
+from attnc.compiler.ir import (GroupOp, Node, Op, format_number, is_fn, node_of, output_of, shape_str,
+                               topo)
 
 STREAMING = "streaming"
 FALLBACK = "fallback"
@@ -138,7 +139,7 @@ def _row_local(g: nx.DiGraph, nid: int, role: str) -> None:
     if op in (Op.NORM, Op.SOFTMAX) and not rows:
         raise _NotStreaming(f"{render(g, nid)} reduces over the token axis (a {op.value} of a "
                             "transposed matrix), so {role} is not row-local".replace("{role}", role))
-    if op in GroupOp.Elementwise | {Op.TRANSPOSE, Op.SCALE, Op.NORM, Op.SOFTMAX}:
+    if op in GroupOp.Elementwise or is_fn(op) or op in (Op.TRANSPOSE, Op.SCALE, Op.NORM, Op.SOFTMAX):
         for o in node.operands:
             _row_local(g, o, role)
         return
@@ -195,7 +196,7 @@ def _pair(g: nx.DiGraph, nid: int, pairs: list, seen: set) -> None:
                             "indexed (j, i): not computable from one query block")
     if op is Op.NORM:  # pragma: no cover - norm of (n, n) is (n, 1), handled above
         raise _NotStreaming(f"{render(g, nid)} reduces over keys")
-    if op in GroupOp.Elementwise or op is Op.SCALE:
+    if op in GroupOp.Elementwise or is_fn(op) or op is Op.SCALE:
         for o in node.operands:
             _pair(g, o, pairs, seen)
         return

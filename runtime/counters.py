@@ -2,9 +2,10 @@
 
 Parameters are exact (they equal sum(p.numel()) of the built model; BERT-base: 109,482,240).
 FLOPs are forward FLOPs of one sequence of length n: 2 per multiply-add of every matmul
-(linear layers, the formula's matmuls / cos / dist, the convolution), plus one per output
-element of every other formula op (softmax counts 3: exp, sum, divide), GLU, GELU and LayerNorm
-are counted as elementwise work (1, 8 and 5 per element). Embedding lookups count 0.
+(linear layers, the formula's matmuls / cos / dist, the convolution), plus the compiler's count for
+every other formula op (attnc.compiler.report: softmax 5 per entry, elementwise functions their
+table cost); GLU, GELU and LayerNorm are counted as elementwise work (1, 8 and 5 per element).
+Embedding lookups count 0.
 """
 from __future__ import annotations
 
@@ -70,26 +71,7 @@ def count_flops(config: AttncBertConfig, seq_len: int = 128) -> int:
 
 
 def formula_flops(graph, n: int, d: int) -> int:
-    """FLOPs of one head of a formula graph (attnc IR) for sequence length n and head dim d."""
-    from attnc.compiler.ir import GroupOp, Op, node_of, topo
-
-    def size(shape) -> list[int]:
-        return [n if s == "n" else d if s == "d" else int(s) for s in shape]
-
-    total = 0
-    for _, node in topo(graph):
-        if node.op in GroupOp.Leaf or node.op is Op.TRANSPOSE:
-            continue
-        out = size(node.shape)
-        numel = 1
-        for s in out:
-            numel *= s
-        if node.op in (Op.MATMUL, Op.COS, Op.DIST):
-            a = size(node_of(graph, node.operands[0]).shape)
-            inner = a[-1] if a else 1
-            total += 2 * numel * inner
-        elif node.op is Op.SOFTMAX:
-            total += 3 * numel
-        else:
-            total += numel
-    return total
+    """FLOPs of one head of a formula graph (attnc IR) for sequence length n and head dim d: the
+    compiler's count (attnc.compiler.report.flops_expr, the one FLOP counter of the project)."""
+    from attnc.compiler.report import flops_at
+    return flops_at(graph, n, d)

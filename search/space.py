@@ -12,6 +12,21 @@ from typing import Any
 from attnc.compiler.errors import ConfigError
 
 KERNEL_SIZES = (3, 5, 7, 9, 15, 31, 65)
+
+
+def elementwise_primitives() -> tuple[str, ...]:
+    """Unary OP-NAS primitives beyond the structural ones (neg, transpose, scale, softmax and the
+    binary ops): every elementwise function of the compiler's table, the built-ins and any
+    registered with attnc.ops.register_elementwise, by name. The paper's Table 1 uses two
+    (logsigmoid, softsign); the others can be added to a space's primitives."""
+    from attnc.compiler.elementwise import names
+    return names()
+
+
+def unknown_primitives(primitives, structural) -> list[str]:
+    """The names in `primitives` that are neither in `structural` nor elementwise functions."""
+    known = set(structural) | set(elementwise_primitives())
+    return [p for p in primitives if p not in known]
 KINDS = ("attention", "conv")
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import attnc
-from attnc.compiler.api import _build_torch, analyze
+from attnc.compiler.api import analyze
+from attnc.compiler.backends import build_torch
 
 
 def rand(*shape, dtype=torch.float64, seed=0):
@@ -179,6 +180,6 @@ def test_cache_safe_under_concurrent_processes(tmp_path):
 def test_unwritable_cache_still_compiles(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    fn = _build_torch(analyze("softmax(K @ Q^T) @ V"), blocker)
+    fn = build_torch(analyze("softmax(K @ Q^T) @ V"), blocker)
     q = torch.ones(1, 1, 3, 2)
     assert fn.source_path is None and fn(q=q, k=q, v=q).shape == (1, 1, 3, 2)

@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 
 from attnc.compiler import cache as _cache
+from attnc.compiler import elementwise
+from attnc.compiler.ir import is_fn, topo
 from attnc.compiler.errors import BackendError
 
 from .codegen import DTYPES, GEN_VERSION, MAX_HEAD_DIM, generate, plan_inputs
@@ -95,7 +97,11 @@ class StreamingRunner:
 
     def path(self, dtype: str, head_dim: int) -> Path:
         a = self.analysis
-        return _cache.resolve(self.cache_dir) / "triton" / f"{GEN_VERSION}_{a.hash}_{dtype}_d{head_dim}.py"
+        # the kernels inline user-registered definitions: they are part of the key
+        fns = [node.op.value for _, node in topo(a.simplified) if is_fn(node.op)]
+        user = elementwise.user_digest(fns)
+        tag = f"{a.hash}_{user}" if user else a.hash
+        return _cache.resolve(self.cache_dir) / "triton" / f"{GEN_VERSION}_{tag}_{dtype}_d{head_dim}.py"
 
     def module(self, dtype: str, head_dim: int):
         key = (dtype, head_dim)
@@ -112,7 +118,7 @@ class StreamingRunner:
             except OSError as e:
                 raise BackendError(f"cannot write the generated Triton source to {path}: {e}",
                                    hint="pass a writable cache_dir= or set ATTNC_CACHE_DIR") from e
-            mod = _cache.load_module(path, f"attnc_gen.triton_{a.hash}_{dtype}_d{head_dim}")
+            mod = _cache.load_module(path, f"attnc_gen.triton_{path.stem}")
             self._modules[key] = mod
             return mod
 
@@ -184,7 +190,7 @@ def build_triton(analysis, cache_dir=None, **options):
     options: fallback="torch" (the default and only fallback plan for non-streaming formulas)
     or fallback="error" (raise BackendError instead).
     """
-    from attnc.compiler.api import CompiledAttention, _build_torch
+    from attnc.compiler.backends import CompiledAttention, build_torch
 
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -199,7 +205,7 @@ def build_triton(analysis, cache_dir=None, **options):
         if fallback == "error":
             raise BackendError(f"the formula does not stream: {c.reason}",
                                hint="use fallback='torch' or backend='torch'")
-        ref = _build_torch(analysis, cache_dir)
+        ref = build_torch(analysis, cache_dir)
         compiled = CompiledAttention(analysis, "triton", ref._impl, ref.source, ref.source_path)
         compiled.plan = "torch-fallback"
         compiled.classification = c
