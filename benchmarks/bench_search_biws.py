@@ -64,6 +64,21 @@ def kendall_tau(a, b) -> float:
     return (conc - disc) / denom if denom else 0.0
 
 
+TRUTH_SETTINGS = ("hidden", "ffn", "heads", "truth_steps", "batch_size", "seq_len", "lr", "task",
+                  "finetune_steps", "vocab", "threads", "seed")
+
+
+def reused_truth(args, names):
+    """Truth scores of an earlier run; refuses one made with other settings or architectures."""
+    with open(args.reuse_truth) as f:
+        old = json.load(f)
+    diff = [k for k in TRUTH_SETTINGS if old["settings"].get(k) != getattr(args, k)]
+    if diff or old["architectures"] != names:
+        raise SystemExit(f"--reuse-truth {args.reuse_truth}: made with other settings "
+                         f"({', '.join(diff) or 'architectures'}); run without it")
+    return old["scores"]["truth"], []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=64)
@@ -83,6 +98,9 @@ def main(argv=None) -> int:
                          "a small vocabulary keeps the MLM head from dominating the cost at these widths")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-truth", metavar="FILE",
+                    help="take the ground-truth scores from an earlier result JSON with the same settings "
+                         "(the truth runs are the slow part; they do not depend on the proxies)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     scratch_steps = args.scratch_steps or 5 * args.shared_steps
@@ -130,12 +148,12 @@ def main(argv=None) -> int:
 
     t_all = time.time()
     ProxyEvaluator(cfg(weight_sharing=False, pretrain_steps=1)).runner()(archs[0], None, 0)   # fill the data caches
-    print(f"ground truth: {args.truth_steps} MLM steps from scratch", flush=True)
-    truth, truth_s = run_scratch(args.truth_steps, "truth")
-    print(f"from-scratch proxy, {scratch_steps} steps", flush=True)
-    scratch, scratch_s = run_scratch(scratch_steps, "scratch")
-    print(f"from-scratch proxy of the weight-shared cost, {args.shared_steps} steps", flush=True)
-    same, same_s = run_scratch(args.shared_steps, "scratch-same")
+    if args.reuse_truth:
+        truth, truth_s = reused_truth(args, names)
+        print(f"ground truth: {args.truth_steps} MLM steps from scratch, reused from {args.reuse_truth}", flush=True)
+    else:
+        print(f"ground truth: {args.truth_steps} MLM steps from scratch", flush=True)
+        truth, truth_s = run_scratch(args.truth_steps, "truth")
 
     print(f"BIWS proxy: {args.warmup} warm-up evaluations, then {args.shared_steps} steps per child", flush=True)
     ws = ProxyEvaluator(cfg(weight_sharing=True, shared_pretrain_steps=args.shared_steps))
@@ -145,17 +163,42 @@ def main(argv=None) -> int:
     warm_s = []
     for i in range(args.warmup):
         a = arch_of(tuple(rng.choice(pool) for _ in range(3)))
+        t0 = time.perf_counter()
         r = run(a, ws.prepare(a), args.seed + 1000 + i)
         ws.commit(a, r)
-        warm_s.append(r.seconds)
-    shared, shared_s = [], []
-    # every scored child starts from the same warmed-up supernet (no write-back while scoring): with
-    # write-backs the later children would inherit more training and the order would be measured
-    for i, (name, arch) in enumerate(zip(names, archs)):
-        r = run(arch, ws.prepare(arch), args.seed)
+        warm_s.append(time.perf_counter() - t0)
+    # every scored child starts from the same warmed-up supernet: its write-back is timed (it is
+    # part of a weight-shared evaluation's cost) and then undone, untimed, before the next child;
+    # with write-backs kept the later children would inherit more training and the order would be measured
+    warmed = {k: v.clone() for k, v in ws.supernet.state_dict().items()}
+    scratch_ev = ProxyEvaluator(cfg(weight_sharing=False, pretrain_steps=scratch_steps)).runner()
+    same_ev = ProxyEvaluator(cfg(weight_sharing=False, pretrain_steps=args.shared_steps)).runner()
+    scratch, scratch_s, same, same_s, shared, shared_s = [], [], [], [], [], []
+    parts = {"prepare": [], "train_and_score": [], "write_back": []}
+    print(f"interleaved per architecture: from-scratch proxy ({scratch_steps} steps), from scratch at the "
+          f"weight-shared cost ({args.shared_steps} steps), BIWS child ({args.shared_steps} steps)", flush=True)
+    for name, arch in zip(names, archs):
+        # side by side, so that a busy machine slows all three alike
+        r = scratch_ev(arch, None, args.seed)
+        scratch.append(r.score)
+        scratch_s.append(r.seconds)
+        r = same_ev(arch, None, args.seed)
+        same.append(r.score)
+        same_s.append(r.seconds)
+        t0 = time.perf_counter()
+        payload = ws.prepare(arch)
+        t1 = time.perf_counter()
+        r = run(arch, payload, args.seed)
+        t2 = time.perf_counter()
+        ws.commit(arch, r)
+        t3 = time.perf_counter()
+        ws.supernet.load_state_dict(warmed)
         shared.append(r.score)
-        shared_s.append(r.seconds)
-        print(f"  {'biws':<14} {name:<22} score {r.score:+.4f}  {r.seconds:.2f}s", flush=True)
+        shared_s.append(t3 - t0)
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[k].append(v)
+        print(f"  {name:<22} scratch {scratch[-1]:+.4f} {scratch_s[-1]:.2f}s | same-cost {same[-1]:+.4f} "
+              f"{same_s[-1]:.2f}s | biws {shared[-1]:+.4f} {shared_s[-1]:.2f}s", flush=True)
 
     import statistics
 
@@ -168,10 +211,13 @@ def main(argv=None) -> int:
         "scores": {"truth": truth, "biws": shared, "scratch": scratch, "scratch_same_cost": same},
         "kendall_tau": {"biws": kendall_tau(shared, truth), "scratch": kendall_tau(scratch, truth),
                         "scratch_same_cost": kendall_tau(same, truth)},
-        "seconds_per_eval_median": {"truth": mean(truth_s), "biws": mean(shared_s), "biws_warmup": mean(warm_s),
-                             "scratch": mean(scratch_s), "scratch_same_cost": mean(same_s)},
+        "seconds_per_eval_median": {"truth": mean(truth_s) if truth_s else None, "biws": mean(shared_s),
+                                    "biws_warmup": mean(warm_s), "scratch": mean(scratch_s),
+                                    "scratch_same_cost": mean(same_s)},
+        "biws_seconds_median_parts": {k: mean(v) for k, v in parts.items()},
         "seconds_each": {"truth": truth_s, "biws": shared_s, "biws_warmup": warm_s, "scratch": scratch_s,
                          "scratch_same_cost": same_s},
+        "truth_from": args.reuse_truth,
         "steps_per_eval": {"truth": args.truth_steps, "biws": args.shared_steps, "scratch": scratch_steps,
                            "scratch_same_cost": args.shared_steps},
         "total_seconds": time.time() - t_all,

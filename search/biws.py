@@ -145,17 +145,23 @@ def attach_kernel_transform(model: nn.Module, layer: int, crop: torch.Tensor, tr
         conv.parametrizations.kernel.original.copy_(crop)
 
 
-def trained_payload(model: nn.Module) -> dict:
+def trained_payload(model: nn.Module, copy: bool = True) -> dict:
     """A trained child's weights for write_back: {"state": plain state dict (kernels evaluated),
-    "conv": {layer: {"crop", "transform"}} for the parametrised conv layers}. `model` is left plain."""
+    "conv": {layer: {"crop", "transform"}} for the parametrised conv layers}. `model` is left plain.
+
+    copy=False returns the model's own tensors (detached, no copy) for a caller that does not
+    train the model further before the write-back (the proxy runner: the child is discarded, or
+    only read to initialise a separate fine-tuning model)."""
+    take = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
     convs = {}
     for i, layer in enumerate(model.bert.encoder.layer):
         m = layer.attention.self
         if parametrize.is_parametrized(m, "kernel"):
             p = m.parametrizations.kernel
+            # always copied (tiny): remove_parametrizations below re-points `original` with set_()
             convs[i] = {"crop": p.original.detach().clone(), "transform": p[0].matrix().detach().clone()}
             parametrize.remove_parametrizations(m, "kernel", leave_parametrized=True)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: take(v) for k, v in model.state_dict().items()}
     return {"state": state, "conv": convs}
 
 
@@ -422,6 +428,11 @@ class Supernet(nn.Module):
         net = cls(SupernetDims(**dims))
         net.load_state_dict(blob["state"])
         return net
+
+    def state_refs(self) -> dict:
+        """dims + the live weights, not copied: for saving at once (torch.save) or loading into
+        another supernet (load_state_dict copies); a later write-back changes these tensors."""
+        return {"dims": asdict(self.dims), "state": self.state_dict()}
 
     def state_copy(self) -> dict:
         """A detached copy of dims + weights (for an evaluator's state_dict)."""

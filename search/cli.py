@@ -3,6 +3,7 @@
     attnc search opnas --out runs/s --layers 4 --budget 100
     attnc search opnas --out runs/s --evaluator attnc.search.synthetic:known_ops --budget 50
     attnc search report runs/s --json --plot runs/s/search.png
+    attnc search report runs/opnas runs/ea runs/random --plot compare.png   # one line per run
     attnc search export runs/s --rank 1 --out runs/s/best
 """
 from __future__ import annotations
@@ -45,17 +46,24 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ray", type=int, metavar="N", help="start a local Ray with N workers")
     p.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster")
+    p.add_argument("--ray-in-flight", type=int, metavar="N",
+                   help="the most evaluations running at once on Ray (default: the cluster's CPUs); "
+                        "1 reproduces the in-process search exactly under weight sharing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_opnas)
 
-    p = sub.add_parser("report", help="best architectures and counts of a study",
-                       description="Summarise a study: best architectures, evaluated / failed / duplicate "
-                                   "counts; optional plots.")
-    p.add_argument("dir", metavar="DIR")
+    p = sub.add_parser("report", help="best architectures and counts of one or more studies",
+                       description="Summarise studies: best architectures, evaluated / failed / duplicate "
+                                   "counts; optional plots comparing them.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="one or more studies (search --out folders)")
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", metavar="FILE", help="best-so-far curve and operation-priority heatmap (PNG/PDF)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON (several DIRs: a list, one summary per DIR)")
+    p.add_argument("--plot", metavar="FILE",
+                   help="draw best so far vs evaluations (one line per study; seeds of one algorithm: "
+                        "mean with a min-max band), the operation-priority heatmap and the best "
+                        "architecture's formulas (PNG/PDF/SVG)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("export", help="an architecture of a study as a Hugging Face folder",
@@ -102,6 +110,7 @@ def _opnas(args) -> int:
                           weight_sharing=not args.no_weight_sharing, budget=args.budget, seed=args.seed,
                           population=args.population, top_k=args.top_k, children=args.children,
                           alpha=args.alpha, study=db, ray=args.ray, ray_address=args.ray_address,
+                          ray_in_flight=args.ray_in_flight,
                           progress=not args.no_progress)
     summary = _summary(result, top=5)
     if args.json:
@@ -148,63 +157,24 @@ def _print_summary(s: dict) -> None:
 
 
 def _report(args) -> int:
-    from . import opnas
+    from . import opnas, plots
 
-    result = opnas.open_result(args.dir)
-    summary = _summary(result, top=args.top)
+    if args.top < 1:
+        raise ConfigError(f"--top must be positive, got {args.top}")
+    summaries = [_summary(opnas.open_result(d), top=args.top) for d in args.dirs]
     if args.plot:
-        plot_study(Path(args.dir), Path(args.plot))
-        summary["plot"] = args.plot
+        plots.save_report([plots.load_study(d) for d in args.dirs], args.plot)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        if args.plot:
+            for s in summaries:
+                s["plot"] = args.plot
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
     else:
-        _print_summary(summary)
+        for s in summaries:
+            _print_summary(s)
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
-
-
-def plot_study(folder: Path, out: Path) -> None:
-    """Best-so-far vs evaluations, and the operation priorities per path position (heatmap)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plots need matplotlib", hint='pip install "attnc[viz]"') from None
-    from . import opnas
-    from .study import Study
-
-    st = Study(folder / "study.db" if folder.is_dir() else folder)
-    try:
-        meta = st.meta()
-        space = opnas.Space(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["space"].items()})
-        rows = st.rows()
-    finally:
-        st.close()
-    done = sorted((r for r in rows if r.status == "done"), key=lambda r: r.finish_order)
-    best, curve = float("-inf"), []
-    for r in done:
-        best = max(best, r.score)
-        curve.append(best)
-    pri = opnas.op_priorities([(opnas._candidate_of(r), r.score) for r in done], space, meta["alpha"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(range(1, len(curve) + 1), curve, label=meta["algorithm"])
-    a1.set_xlabel("evaluations")
-    a1.set_ylabel("best score so far")
-    a1.legend()
-    if pri:
-        import numpy as np
-        m = np.array([[d[o] for o in space.primitives] for d in pri]).T
-        im = a2.imshow(m, aspect="auto", cmap="viridis")
-        a2.set_yticks(range(len(space.primitives)), space.primitives)
-        a2.set_xlabel("path position")
-        a2.set_title("operation priority (softmax of Eq. 3)")
-        fig.colorbar(im, ax=a2)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
 
 
 def _export(args) -> int:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from attnc.compiler.errors import AttncError, ConfigError
+from attnc.compiler.errors import AttncError, ConfigError, DataError
 
 from .evaluator import CallableEvaluator, EvalResult, Evaluator
-from .paths import BINARY, EXTRA_UNARY, INPUTS, TABLE1, UNARY, Path as FPath, check_shapes, to_text
-from .space import KERNEL_SIZES, Architecture, LayerChoice
+from .paths import BINARY, INPUTS, TABLE1, UNARY, Path as FPath, check_shapes, to_text
+from .space import KERNEL_SIZES, Architecture, LayerChoice, elementwise_primitives, unknown_primitives
 from .study import Study
 
 ALGORITHMS = ("opnas", "ea", "random")
@@ -38,7 +38,7 @@ class Space:
     hidden_size: int = 128
     intermediate_size: int = 512
     num_heads: int = 4
-    primitives: tuple[str, ...] = TABLE1    # the paper's Table 1; EXTRA_UNARY may be added
+    primitives: tuple[str, ...] = TABLE1    # the paper's Table 1; any elementwise function may be added
     min_inputs: int = 2
     max_inputs: int = 4
     kernel_sizes: tuple[int, ...] = KERNEL_SIZES
@@ -49,9 +49,10 @@ class Space:
     def __post_init__(self):
         if self.num_layers < 1:
             raise ConfigError(f"num_layers must be positive, got {self.num_layers}")
-        bad = [p for p in self.primitives if p not in UNARY + BINARY and p not in EXTRA_UNARY]
+        bad = unknown_primitives(self.primitives, UNARY + BINARY)   # elementwise: the ops table
         if bad:
-            raise ConfigError(f"unknown primitive(s) {bad}", hint=f"choose from {TABLE1 + EXTRA_UNARY}")
+            raise ConfigError(f"unknown primitive(s) {bad}",
+                              hint=f"choose from {TABLE1 + tuple(elementwise_primitives())}")
         if not any(p in BINARY for p in self.primitives):
             raise ConfigError("the primitives need a binary op (add, matmul, cos, dist) to use 2+ inputs")
         if not 1 <= self.min_inputs <= self.max_inputs <= 4:
@@ -293,19 +294,25 @@ class SearchResult:
 def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm: str = "opnas",
            weight_sharing: bool = True, budget: int = 100, seed: int = 0, population: int = 100,
            top_k: int = 5, children: int = 5, alpha: float = 0.5, study: str | Path | None = None,
-           ray: int | None = None, ray_address: str | None = None, progress: bool = False,
-           callbacks: Sequence[Callable[[Evaluation], None]] = ()) -> SearchResult:
+           ray: int | None = None, ray_address: str | None = None, ray_in_flight: int | None = None,
+           progress: bool = False, callbacks: Sequence[Callable[[Evaluation], None]] = ()) -> SearchResult:
     """Run (or resume: reopen the same study) a search until `budget` evaluations finished.
 
     evaluate: None -> the BIWS proxy evaluator (attnc.search.proxy); a callable arch -> score
     (higher is better); or an Evaluator. ray: start a local Ray with that many CPUs;
-    ray_address: join a cluster. study: the SQLite file (None: a new temporary folder).
+    ray_address: join a cluster. ray_in_flight: the most evaluations running at once on Ray
+    (default: the cluster's CPUs); each task is prepared when it is sent, so under weight sharing
+    it starts from the supernet with every write-back finished by then, and with ray_in_flight=1
+    a Ray search gives exactly the in-process study (supernet included). study: the SQLite file
+    (None: a new temporary folder).
     """
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {algorithm!r}", hint=f"choose one of {', '.join(ALGORITHMS)}")
     for name, v in (("budget", budget), ("population", population), ("top_k", top_k), ("children", children)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if ray_in_flight is not None and (not isinstance(ray_in_flight, int) or ray_in_flight < 1):
+        raise ConfigError(f"ray_in_flight must be a positive integer, got {ray_in_flight!r}")
     if not alpha >= 0:
         raise ConfigError(f"alpha must be >= 0, got {alpha!r}")
     evaluator = _resolve_evaluator(evaluate, weight_sharing)
@@ -321,6 +328,7 @@ def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm
     if evaluator.weight_sharing and latest:
         evaluator.load_state_dict(st.load_state(latest))
     loop = _Loop(space, evaluator, algorithm, budget, seed, population, top_k, children, alpha, st, callbacks)
+    loop.in_flight = ray_in_flight
     started_ray = _start_ray(ray, ray_address)
     bar = None
     try:
@@ -401,6 +409,7 @@ class _Loop:
         self.population, self.top_k, self.children, self.alpha = population, top_k, children, alpha
         self.st, self.callbacks, self.bar = st, callbacks, None
         self.runner = evaluator.runner()
+        self.in_flight = None     # Ray: the most tasks running at once (None: the cluster's CPUs)
 
     def run(self, use_ray: bool) -> None:
         stalls = 0
@@ -489,18 +498,22 @@ class _Loop:
             self._finish(r, res, err, time.perf_counter() - t0)
 
     def _run_ray(self, todo) -> None:
+        """A window of at most `in_flight` tasks: each is prepared (under weight sharing, its initial
+        weights cut from the supernet) when it is sent, and its write-back is applied when it
+        completes, in completion order. With a window of 1 this is the in-process loop on a worker."""
         import ray as _ray
         remote = _ray.remote(_ray_task)
         runner_ref = _ray.put(self.runner)
-        refs = {}
-        for r in todo:
-            self.st.mark_running(r.id)
-            refs[remote.remote(runner_ref, r.arch, self.ev.prepare(r.arch), r.seed)] = r
-        waiting = list(refs)
-        while waiting:   # write-backs in completion order
-            ready, waiting = _ray.wait(waiting, num_returns=1)
+        limit = self.in_flight or max(1, int(_ray.cluster_resources().get("CPU", 1)))
+        queue, refs = list(todo), {}
+        while queue or refs:
+            while queue and len(refs) < limit:
+                r = queue.pop(0)
+                self.st.mark_running(r.id)
+                refs[remote.remote(runner_ref, r.arch, self.ev.prepare(r.arch), r.seed)] = r
+            ready, _ = _ray.wait(list(refs), num_returns=1)
             res, err, secs = _ray.get(ready[0])
-            self._finish(refs[ready[0]], res, err, secs)
+            self._finish(refs.pop(ready[0]), res, err, secs)
 
     def _finish(self, row, res: EvalResult | None, err: str | None, seconds: float) -> None:
         if err is None:
@@ -582,9 +595,15 @@ def open_result(study: str | Path) -> SearchResult:
     if p.is_dir():
         p = p / "study.db"
     if not p.is_file():
-        raise ConfigError(f"no study at {p}", hint="pass the search's --out folder or its study.db")
-    st = Study(p)
+        raise DataError(f"no study at {p}", hint="pass the search's --out folder or its study.db")
+    import sqlite3
     try:
+        st = Study(p)
+    except sqlite3.DatabaseError as e:
+        raise DataError(f"{p} is not a study database ({e})") from None
+    try:
+        if not st.meta():
+            raise DataError(f"{p} holds no search settings: not a study made by attnc search")
         return result_from_study(st)
     finally:
         st.close()

@@ -157,7 +157,9 @@ class ProxyRunner:
         mlm_loss = float(res.metrics["final_eval"]["loss"])
         weights = None
         if payload is not None:
-            weights = trained_payload(res.model)   # also turns the parametrised kernels into plain ones
+            # no copy on the way: the child is not trained again (fine-tuning trains a separate model
+            # initialised from it) and .cpu() is a no-op on CPU, a device -> host copy otherwise
+            weights = trained_payload(res.model, copy=False)   # also makes the kernels plain again
             weights = {"state": {k: v.cpu() for k, v in weights["state"].items()},
                        "conv": {i: {k: v.cpu() for k, v in p.items()} for i, p in weights["conv"].items()}}
         metrics = {"mlm_loss": mlm_loss, "pretrain_steps": steps, "weight_sharing": payload is not None}
@@ -230,8 +232,10 @@ class ProxyEvaluator(Evaluator):
         result.weights = None   # not kept in memory once written back
 
     def state_dict(self) -> dict:
+        """Config + supernet weights. The weights are the live tensors (no copy): the search saves
+        this at once after each write-back, so a deep copy first would only double the work."""
         return {"config": asdict(self.config),
-                "supernet": None if self.supernet is None else self.supernet.state_copy()}
+                "supernet": None if self.supernet is None else self.supernet.state_refs()}
 
     def load_state_dict(self, d: dict) -> None:
         blob = d.get("supernet") if d else None

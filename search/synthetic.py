@@ -6,6 +6,7 @@ They score the path structure the search works on, not a trained model, so the o
 """
 from __future__ import annotations
 
+from .evaluator import Evaluator
 from .space import Architecture
 
 
@@ -38,3 +39,41 @@ def known_ops_pid(arch: Architecture):
 
     from .evaluator import EvalResult
     return EvalResult(score=known_ops(arch), metrics={"pid": os.getpid()})
+
+
+class SharedCounters(Evaluator):
+    """A weight-sharing stand-in for tests (Ray vs in-process): the "supernet" is one number per
+    layer position; a child starts from them (prepare), its score depends on them, its "training"
+    adds a known amount per layer, and commit writes the result back. A child sent before an
+    earlier write-back sees older numbers and scores differently, so a test can tell whether two
+    runs shared weights in the same order. Built on the Evaluator protocol (search/evaluator.py)."""
+
+    weight_sharing = True
+
+    def __init__(self, num_layers: int):
+        self.values = [0.0] * num_layers
+
+    def prepare(self, arch: Architecture):
+        return list(self.values)
+
+    def runner(self):
+        return shared_counters_run
+
+    def commit(self, arch: Architecture, result) -> None:
+        self.values = list(result.weights)
+        result.weights = None
+
+    def state_dict(self) -> dict:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.values = list(d["values"])
+
+
+def shared_counters_run(arch: Architecture, payload, seed: int):
+    """The SharedCounters runner (module level: Ray workers import it by name)."""
+    from .evaluator import EvalResult
+
+    trained = [v + (0.5 if c.kind == "conv" else 0.25 + c.formula.count("softsign(")) + 0.001 * (seed % 7)
+               for v, c in zip(payload, arch.layers)]
+    return EvalResult(score=known_ops(arch) + 0.01 * sum(payload), weights=trained)
