@@ -1,11 +1,332 @@
 """`attnc search superplm train|search|extract|report` and `attnc search latency` (this module prints).
 
+    attnc search superplm train --out runs/sp --steps 1000
+    attnc search latency --samples 300 --max-layers 4 --max-hidden 256 --max-ffn 1024 --max-heads 4 --out runs/lat
+    attnc search superplm search --supernet runs/sp --latency-model runs/lat --speedup 10 --out runs/evo
+    attnc search superplm report runs/evo --plot runs/evo/search.png
+    attnc search superplm extract --study runs/evo --rank 1 --out runs/best --train-steps 200
+
 Only argparse work at import time: the heavy modules load inside the command functions.
 """
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+SEARCH_FILE = "search.json"
+HELDOUT_MAX = 64   # MLMData's default eval_blocks, which `superplm train` uses
+
 
 def register(sub) -> None:
     """Add the AutoTinyBERT subcommands to `attnc search`'s subparsers."""
-    # filled in by the AutoTinyBERT work (issue 10)
-    return None
+    top = sub.add_parser("superplm", help="AutoTinyBERT: train a SuperPLM, search it under a latency "
+                                          "target, extract sub-models",
+                         description="AutoTinyBERT (ACL 2021): one-shot SuperPLM training, evolutionary "
+                                     "search under a latency window, extraction of the found models.")
+    ssub = top.add_subparsers(dest="superplm_command", metavar="SUBCOMMAND")
+    ssub.required = True
+
+    # train.py imports torch at its top, and every `attnc` command builds this parser: the train
+    # options are parsed by _train itself (with train.add_train_arguments), so this subparser takes
+    # everything after `train` as it is ('+' as its only prefix makes argparse leave "--x" alone).
+    p = ssub.add_parser("train", help="batch-wise SuperPLM training (Algorithm 1); --help for its options",
+                        add_help=False, prefix_chars="+")
+    p.add_argument("train_args", nargs="...", help="see `attnc search superplm train --help`")
+    p.set_defaults(func=_train)
+
+    p = ssub.add_parser("search", help="evolutionary search (Algorithm 2) or AutoTinyBERT-Fast",
+                        description="Search the SuperPLM's sub-models whose predicted latency lies in "
+                                    "[0.85, 1.1] x the target; fitness = minus the held-out MLM loss read "
+                                    "from the SuperPLM. The study (OUT/study.db) holds every candidate; "
+                                    "--resume continues it.")
+    p.add_argument("--supernet", required=True, metavar="DIR", help="a `superplm train --out` folder")
+    p.add_argument("--latency-model", required=True, metavar="DIR", help="an `attnc search latency --out` folder")
+    t = p.add_mutually_exclusive_group(required=True)
+    t.add_argument("--speedup", type=float, metavar="X",
+                   help="target = BERT-base latency (measured here, with the predictor's settings) / X")
+    t.add_argument("--latency-ms", type=float, metavar="T", help="target latency in milliseconds")
+    p.add_argument("--generations", type=int, default=4, help="T: evolved generations after the random one")
+    p.add_argument("--population", type=int, default=25, help="S")
+    p.add_argument("--pm", type=float, default=0.5, help="mutation probability per field")
+    p.add_argument("--pe", type=float, default=0.5, help="exploration probability per child")
+    p.add_argument("--fast", action="store_true",
+                   help="AutoTinyBERT-Fast: one rule-built candidate per layer count instead of evolution")
+    p.add_argument("--seed", type=int, default=0)
+    _data_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue the study in OUT")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--plot", metavar="FILE", help="latency-vs-score and per-generation plot (PNG/PDF)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=_search)
+
+    p = ssub.add_parser("extract", help="a sub-model as a Hugging Face folder (optionally trained further)",
+                        description="Cut an architecture's weights from the SuperPLM, optionally train it "
+                                    "further (MLM, the training core), and save_pretrained it with its "
+                                    "config and tokenizer.")
+    p.add_argument("--supernet", metavar="DIR", help="SuperPLM folder (default: the study's)")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--arch", metavar="L-dm-df-h-dqkv")
+    w.add_argument("--rank", type=int, metavar="K", help="the K-th best architecture of --study")
+    p.add_argument("--study", metavar="DIR", help="a `superplm search --out` folder (with --rank)")
+    p.add_argument("--train-steps", type=int, default=0, metavar="N", help="further MLM steps (default 0)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the further training")
+    p.add_argument("--batch-size", type=int, default=32)
+    _data_arguments(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", required=True, metavar="MODEL")
+    p.set_defaults(func=_extract)
+
+    p = ssub.add_parser("report", help="best architectures, Pareto front and plots of a search study",
+                        description="Summarise a `superplm search` study: best architectures, the Pareto "
+                                    "front of latency vs score, per-generation scores; optional plot.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("latency", help="measure architectures' latencies and fit the latency predictor",
+                       description="Collect (resumable) measured latencies of random architectures of a "
+                                   "space on this machine and fit an MLP latency predictor.")
+    from .latency import add_latency_arguments   # plain argparse code: no torch at import
+    add_latency_arguments(p)
+    p.set_defaults(func=_latency)
+
+
+def _data_arguments(p) -> None:
+    g = p.add_argument_group("held-out data (default: the SuperPLM's training settings)")
+    g.add_argument("--corpus", default=None, help="wiki-sample | bbc-news | a local text path")
+    g.add_argument("--seq-len", type=int, default=None)
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the held-out split (default: the SuperPLM's training seed)")
+    g.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks scored per architecture")
+
+
+def _train(args) -> int:
+    import argparse
+
+    from .train import add_train_arguments, cli_train
+
+    p = argparse.ArgumentParser(prog="attnc search superplm train",
+                                description="Train a SuperPLM with batch-wise sub-model sampling (Algorithm 1; "
+                                            "one process or torchrun); writes OUT/supernet.")
+    add_train_arguments(p)
+    return cli_train(p.parse_args(args.train_args))
+
+
+def _latency(args) -> int:
+    from .latency import cli_latency
+    return cli_latency(args)
+
+
+# --- search ------------------------------------------------------------------------------------------
+
+
+def train_settings(supernet_dir) -> dict:
+    """The corpus / seq_len / seed a SuperPLM was trained with, from its folder (what is recorded)."""
+    root = Path(supernet_dir)
+    found = {}
+    for f in (root / "superplm_train.json", root.parent / "superplm_train.json",
+              root / "supernet" / "train_metrics.json", root / "train_metrics.json"):
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except ValueError:
+                continue
+            for src in (d, d.get("config") or {}):
+                for k in ("corpus", "seq_len", "seed"):
+                    if k in src and k not in found:
+                        found[k] = src[k]
+    return found
+
+
+def heldout_data(supernet_dir, args, tokenizer):
+    """Held-out blocks of the SuperPLM's corpus: the eval split the training core's MLMData makes
+    with the training seed (so no architecture is scored on text the SuperPLM was trained on)."""
+    from attnc.runtime.data import cached_blocks
+    from attnc.runtime.trainer import MLMData
+
+    from attnc.compiler.errors import ConfigError
+
+    if not 1 <= args.eval_blocks <= HELDOUT_MAX:
+        raise ConfigError(f"--eval-blocks must be in 1..{HELDOUT_MAX}, got {args.eval_blocks}",
+                          hint=f"the SuperPLM's training holds out the first {HELDOUT_MAX} blocks of its split; "
+                               "more would score architectures on text it trained on")
+    rec = train_settings(supernet_dir)
+    corpus = args.corpus or rec.get("corpus", "wiki-sample")
+    seq_len = args.seq_len or rec.get("seq_len", 128)
+    seed = args.data_seed if args.data_seed is not None else rec.get("seed", 0)
+    blocks = cached_blocks(corpus, tokenizer, int(seq_len), progress=not args.no_progress)
+    data = MLMData(blocks, tokenizer, eval_blocks=args.eval_blocks)
+    data.split(int(seed))
+    return data, {"corpus": corpus, "seq_len": int(seq_len), "data_seed": int(seed),
+                  "eval_blocks": int(len(data.eval_idx))}
+
+
+def target_latency(args, predictor, latency_dir) -> tuple[float, dict]:
+    from attnc.compiler.errors import ConfigError
+
+    if args.latency_ms is not None:
+        return float(args.latency_ms), {"latency_ms": float(args.latency_ms)}
+    if not args.speedup > 0:
+        raise ConfigError(f"--speedup must be positive, got {args.speedup}")
+    s = predictor.settings
+    if not s:
+        raise ConfigError(f"the predictor in {latency_dir} records no measurement settings, so BERT-base "
+                          "cannot be timed like it", hint="give the target with --latency-ms")
+    from .latency import bert_base_latency_ms
+    base = bert_base_latency_ms(s["device"], s["threads"], s["batch"], s["seq"], folder=latency_dir)
+    return base / args.speedup, {"speedup": float(args.speedup), "bert_base_ms": base,
+                                 "measured_on": dict(s)}
+
+
+def _search(args) -> int:
+    from attnc.compiler.errors import ConfigError
+
+    out = Path(args.out)
+    db = out / "study.db"
+    if db.exists() and not args.resume:
+        raise ConfigError(f"{db} exists", hint="pass --resume to continue it, or choose another --out")
+    if args.resume and not db.exists():
+        raise ConfigError(f"nothing to resume: no study at {db}")
+
+    from attnc.runtime.data import load_tokenizer
+
+    from . import report
+    from .evolve import EvolutionConfig, SuperPLMFitness, fast_search, search
+    from .latency import LatencyPredictor
+    from .train import load_superplm
+
+    predictor = LatencyPredictor.load(args.latency_model)
+    supernet = load_superplm(args.supernet)
+    space = supernet.space
+    if space.max_arch not in predictor.space:
+        raise ConfigError(f"the latency predictor's space does not hold the SuperPLM {space.max_arch}: "
+                          f"predictor maxima {predictor.space.max_arch}",
+                          hint="fit a predictor over a space at least as large (attnc search latency --max-...)")
+    target, target_info = target_latency(args, predictor, Path(args.latency_model))
+    cfg = EvolutionConfig(target_ms=target, generations=args.generations, population=args.population,
+                          pm=args.pm, pe=args.pe, seed=args.seed)
+    tok = load_tokenizer()
+    data, data_info = heldout_data(args.supernet, args, tok)
+    fitness = SuperPLMFitness(supernet, data.tensor[data.eval_idx], tok)
+    meta = {"supernet": str(Path(args.supernet).resolve()), "latency_model": str(Path(args.latency_model).resolve()),
+            "heldout": data_info}
+    run = fast_search if args.fast else search
+    result = run(space, fitness, predictor.predict, cfg, study=db, progress=not args.no_progress, meta=meta)
+    summary = report.summary(result)
+    summary["target"] = target_info
+    summary["fitness"] = repr(fitness)
+    if args.plot:
+        report.save_plot(result, args.plot)
+        summary["plot"] = str(args.plot)
+    (out / SEARCH_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    _print(summary, args.json)
+    return 0
+
+
+def _print(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    lo, hi = summary["window_ms"]
+    tgt = summary.get("target") or {}
+    how = (f", BERT-base {tgt['bert_base_ms']:.2f} ms / {tgt['speedup']:g}" if "speedup" in tgt else "")
+    print(f"{summary['algorithm']} search, study {summary['study']}: target {summary['target_ms']:.3f} ms{how}, "
+          f"window {lo:.3f}-{hi:.3f} ms; {summary['evaluated']} architectures scored, {summary['failed']} failed")
+    for g in summary["generations"]:
+        if g["best"] is not None:
+            print(f"  generation {g['generation']}: {g['size']} members ({g['new']} new), "
+                  f"best {g['best']:.4f}, median {g['median']:.4f}")
+    for rank, r in enumerate(summary["top"], 1):
+        print(f"#{rank}  {r['arch']:<22} score {r['score']:.4f}  latency {r['latency_ms']:.3f} ms  "
+              f"(generation {r['generation']}, {r['origin']})")
+    if summary.get("plot"):
+        print(f"plot: {summary['plot']}")
+
+
+def _report(args) -> int:
+    from . import report
+    from .evolve import open_result
+
+    result = open_result(args.dir)
+    summary = report.summary(result, top=args.top)
+    if args.plot:
+        report.save_plot(result, args.plot)
+        summary["plot"] = str(args.plot)
+    _print(summary, args.json)
+    return 0
+
+
+# --- extract -----------------------------------------------------------------------------------------
+
+
+def _extract(args) -> int:
+    from attnc.compiler.errors import ConfigError, DataError
+
+    from .space import Arch
+
+    supernet_dir = args.supernet
+    if args.rank is not None:
+        if not args.study:
+            raise ConfigError("--rank needs --study DIR (a `superplm search --out` folder)")
+        from .evolve import open_result
+        from .study import Study, study_file
+        result = open_result(args.study)
+        ranked = result.top(len(result.scored))
+        if not 1 <= args.rank <= len(ranked):
+            raise DataError(f"rank {args.rank} out of range: the study has {len(ranked)} scored architectures")
+        arch = Arch.parse(ranked[args.rank - 1].arch)
+        if supernet_dir is None:
+            st = Study(study_file(args.study))
+            try:
+                supernet_dir = st.meta().get("supernet")
+            finally:
+                st.close()
+    else:
+        arch = Arch.parse(args.arch)
+    if supernet_dir is None:
+        raise ConfigError("no SuperPLM given", hint="pass --supernet DIR")
+    if args.train_steps < 0:
+        raise ConfigError(f"--train-steps must be >= 0, got {args.train_steps}")
+
+    from attnc.runtime.data import load_tokenizer
+
+    from .train import load_superplm
+
+    supernet = load_superplm(supernet_dir)
+    supernet.space.validate(arch)
+    model = supernet.extract(arch)
+    del supernet
+    tok = load_tokenizer()
+    info = {"arch": str(arch), "supernet": str(supernet_dir), "out": str(args.out), "train_steps": args.train_steps}
+    if args.train_steps > 0:
+        from attnc.runtime.trainer import TrainConfig, train
+        data, data_info = heldout_data(supernet_dir, args, tok)
+        # the data seed also makes the split: the held-out blocks stay those the SuperPLM never saw
+        res = train(model, data, TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
+                                             seed=data_info["data_seed"], device="cpu", warmup=0.1,
+                                             eval_at_start=True, progress=not args.no_progress))
+        model = res.model.cpu()
+        evals = res.metrics["evals"]
+        info.update(heldout=data_info, heldout_loss_before=evals[0]["loss"],
+                    heldout_loss_after=res.metrics["final_eval"]["loss"])
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        extra = ""
+        if args.train_steps > 0:
+            extra = (f", trained {args.train_steps} MLM steps (held-out MLM loss "
+                     f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f})")
+        print(f"extracted {arch} from {supernet_dir}{extra}; saved to {args.out} "
+              f"(load with AutoModelForMaskedLM after `import attnc`)")
+    return 0
+
+
+if __name__ == "__main__":   # pragma: no cover
+    sys.exit("use `attnc search superplm ...`")

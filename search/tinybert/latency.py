@@ -1,0 +1,664 @@
+"""Latency of AutoTinyBERT architectures: a measured dataset and an MLP predictor (HAT's recipe).
+
+    records = collect(space, 300, "runs/lat")            # resumable: runs/lat/latency.jsonl
+    pred, metrics = LatencyPredictor.fit(space, records)  # held-out RMSE / MAPE vs a mean predictor
+    pred.save("runs/lat"); LatencyPredictor.load("runs/lat").predict(arch)   # milliseconds
+
+The target is the paper's by default: CPU, one thread, batch 1, sequence length 128. Every arch is
+built as a stand-alone AttncBertModel from `space.config(arch)` (no MLM head: the head is not part of
+inference latency in the paper), randomly initialised (weights do not change the time), and timed with
+attnc.runtime.latency.time_forward (eval, inference_mode, `warmup` untimed runs, median of `repeats`).
+
+The dataset folder holds
+    latency_meta.json   the settings (space, device, threads, batch, seq, warmup, repeats, seed) and
+                        the machine; a later call with other settings is refused (ConfigError)
+    latency.jsonl       one JSON line per measured arch, flushed and fsynced, so a killed run
+                        loses at most the line being written; a second call resumes after the last
+                        complete line with the same arch sequence
+    bert_base_latency.json   cached BERT-base latencies (reference for --speedup)
+    predictor.pt, predictor.json   the fitted predictor (state dict + plain JSON; no pickled code)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from attnc.compiler.errors import ConfigError, DataError
+
+from .space import Arch, Space
+
+log = logging.getLogger(__name__)
+
+RECORDS = "latency.jsonl"
+META = "latency_meta.json"
+BASE = "bert_base_latency.json"
+WEIGHTS = "predictor.pt"
+PREDICTOR = "predictor.json"
+FORMAT = 1
+BERT_BASE = "12-768-3072-12-768"
+TARGETS = ("log", "ms")
+INPUTS = ("log", "raw")
+
+
+def _inputs(features: Sequence[float], kind: str) -> list[float]:
+    """The MLP's inputs before standardisation: the features themselves ("raw", HAT's choice) or
+    their logs ("log": latency is close to a product of the widths, which logs make a sum)."""
+    if kind == "raw":
+        return [float(v) for v in features]
+    return [math.log(v) for v in features]          # every feature of a Space is positive
+
+
+# --- the arch sequence ------------------------------------------------------------------------------
+
+
+def extreme_archs(space: Space) -> list[Arch]:
+    """The smallest and the largest arch of the space (measured first, so a predictor fitted on the
+    dataset interpolates over the whole space instead of extrapolating at its corners)."""
+    if space.mode == "mlm":
+        small = Arch(space.min_layers, space.min_hidden, space.min_ffn, 1, space.head_dim)
+    else:   # kd: h is fixed to max_heads, the smallest qkv is one dim per head
+        small = Arch(space.min_layers, space.min_hidden, space.min_ffn, space.max_heads, space.max_heads)
+    out = [space.validate(small)]
+    if space.max_arch != small:
+        out.append(space.max_arch)
+    return out
+
+
+def arch_sequence(space: Space, n: int, seed: int = 0) -> list[Arch]:
+    """The first `n` archs collect measures: the extremes, then distinct uniform samples drawn from
+    random.Random(seed). The sequence for n is a prefix of the one for any larger n, which is what
+    makes a resumed (or extended) collection identical to an uninterrupted one."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"samples must be a positive integer, got {n!r}")
+    out = extreme_archs(space)[:n]
+    seen = set(out)
+    rng = random.Random(seed)
+    tries = 0
+    limit = 1000 * n + 10000
+    while len(out) < n:
+        arch = space.sample(rng)
+        tries += 1
+        if arch not in seen:
+            seen.add(arch)
+            out.append(arch)
+        elif tries > limit:
+            raise ConfigError(f"the space has too few distinct architectures for {n} samples "
+                              f"(found {len(out)} after {tries} draws; the space has {space.size()})",
+                              hint="ask for fewer --samples or widen the space")
+    return out
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+
+def _machine(device: str) -> str:
+    """What the latencies are valid for: the CPU model (and GPU name on CUDA)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        import torch
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({cpu})"
+    return cpu
+
+
+def _check_target(space: Space, device: str, threads: int, batch: int, seq: int, warmup: int,
+                  repeats: int) -> None:
+    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"unknown latency device {device!r}", hint="use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for but CUDA is not available",
+                              hint="measure on --device cpu, or run on a machine with a GPU")
+    for name, v, lo in (("threads", threads, 1), ("batch", batch, 1), ("seq", seq, 1),
+                        ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"latency {name} must be an integer >= {lo}, got {v!r}")
+    if seq > space.max_position_embeddings:
+        raise ConfigError(f"seq {seq} exceeds the space's max_position_embeddings="
+                          f"{space.max_position_embeddings}", hint="use a shorter --seq")
+
+
+def measure_arch(space: Space, arch: Arch | str, *, device: str = "cpu", threads: int = 1,
+                 batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10) -> dict:
+    """Median / mean / min latency (ms) of the stand-alone encoder of `arch` (no MLM head)."""
+    import torch
+
+    from attnc.runtime.latency import time_forward
+    from attnc.runtime.modeling import AttncBertModel
+
+    arch = space.validate(arch)
+    with torch.random.fork_rng(devices=[]):   # the weights don't matter; don't touch the caller's RNG
+        torch.manual_seed(0)
+        model = AttncBertModel(space.config(arch), add_pooling_layer=False)
+    t = time_forward(model, seq, batch, warmup=warmup, runs=repeats, threads=threads, device=device)
+    del model
+    return {"arch": str(arch), "ms": t["median_ms"], "mean_ms": t["mean_ms"], "min_ms": t["min_ms"]}
+
+
+def _settings(space, device, threads, batch, seq, warmup, repeats, seed) -> dict:
+    return {"space": space.to_json(), "device": device, "threads": threads, "batch": batch, "seq": seq,
+            "warmup": warmup, "repeats": repeats, "seed": seed}
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(folder: str | Path) -> dict:
+    """The settings a dataset folder was collected with (DataError when missing or corrupt)."""
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"no latency dataset in {folder} ({META} is missing)",
+                        hint="collect one with `attnc search latency --samples N --out DIR`") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}",
+                        hint="the folder is damaged: collect into a new --out folder") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+        raise DataError(f"{path} is not a latency dataset description",
+                        hint="collect into a new --out folder")
+    return meta
+
+
+def load_records(folder: str | Path, *, repair: bool = False) -> list[dict]:
+    """The measured records of a dataset folder, in collection order. A last line without its
+    newline is what a killed run leaves: it is dropped (and cut from the file when `repair`); any
+    other bad line is a DataError."""
+    path = Path(folder) / RECORDS
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if (Path(folder) / META).exists():
+            return []
+        raise DataError(f"no latency dataset in {folder} ({RECORDS} is missing)",
+                        hint="collect one with `attnc search latency --samples N --out DIR`") from None
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        log.warning("%s: dropping an incomplete last line (an interrupted run)", path)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(complete)
+                f.flush()
+                os.fsync(f.fileno())
+    out = []
+    for no, line in enumerate(data[:complete].decode("utf-8", "replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            Arch.parse(rec["arch"])
+            ms = float(rec["ms"])
+            if not (math.isfinite(ms) and ms > 0):
+                raise ValueError(f"latency {ms}")
+        except (ValueError, KeyError, TypeError, ConfigError) as e:
+            raise DataError(f"{path}:{no}: not a latency record ({e})",
+                            hint="the file is damaged: collect into a new --out folder") from None
+        out.append(rec)
+    return out
+
+
+def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cpu", threads: int = 1,
+            batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10, seed: int = 0,
+            progress: bool = False) -> list[dict]:
+    """Measure the first `samples` archs of arch_sequence(space, samples, seed) on the target and
+    return their records ({"index", "arch", "ms" (median), "mean_ms", "min_ms"}).
+
+    Records already in folder/latency.jsonl are kept: the call measures only the missing ones (so a
+    killed run resumes, and a larger `samples` extends). Other settings than the folder's are a
+    ConfigError, as is a file whose archs are not this sequence."""
+    if not isinstance(space, Space):
+        raise ConfigError(f"collect needs a tinybert Space, got {type(space).__name__}")
+    _check_target(space, device, threads, batch, seq, warmup, repeats)
+    archs = arch_sequence(space, samples, seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = _settings(space, device, threads, batch, seq, warmup, repeats, seed)
+    machine = _machine(device)
+    if (folder / META).exists():
+        meta = read_meta(folder)
+        if meta["settings"] != settings or meta.get("machine") != machine:
+            diff = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
+            if meta.get("machine") != machine:
+                diff.append(f"machine ({meta.get('machine')!r} vs {machine!r})")
+            raise ConfigError(f"{folder} holds latencies collected with other settings: "
+                              f"{', '.join(diff)} differ",
+                              hint="pass the same options as the first run, or collect into a new --out folder")
+    elif (folder / RECORDS).exists():
+        raise DataError(f"{folder / RECORDS} exists without {META}",
+                        hint="collect into a new --out folder")
+    else:
+        import torch
+        _write_json_atomic(folder / META, {"format": FORMAT, "settings": settings, "machine": machine,
+                                           "torch": torch.__version__, "created": _now()})
+    records = load_records(folder, repair=True)
+    for i, rec in enumerate(records[:samples]):
+        if rec.get("index") != i or rec["arch"] != str(archs[i]):
+            raise DataError(f"{folder / RECORDS}: record {i} is {rec.get('arch')!r}, expected {archs[i]}",
+                            hint="the file was not written by this sequence: collect into a new --out folder")
+    todo = archs[len(records):]
+    if not todo:
+        return records[:samples]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=samples, initial=len(records), desc=f"latency {device}", unit="arch")
+    try:
+        with open(folder / RECORDS, "a") as f:
+            for i, arch in enumerate(todo, start=len(records)):
+                rec = {"index": i, **measure_arch(space, arch, device=device, threads=threads, batch=batch,
+                                                  seq=seq, warmup=warmup, repeats=repeats)}
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                records.append(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{arch} {rec['ms']:.2f} ms")
+    finally:
+        if bar is not None:
+            bar.close()
+    return records
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def bert_base_latency_ms(device: str = "cpu", threads: int = 1, batch: int = 1, seq: int = 128, *,
+                         warmup: int = 3, repeats: int = 10, folder: str | Path | None = None,
+                         refresh: bool = False) -> float:
+    """Median latency (ms) of BERT-base (12-768-3072-12-768, standard attention, no pooler) on the
+    given target: the reference of `--speedup X` (target latency = this / X). With `folder`, the
+    value is cached in folder/bert_base_latency.json per settings and machine."""
+    space = Space(max_layers=12, max_hidden=768, max_ffn=3072, max_heads=12)
+    _check_target(space, device, threads, batch, seq, warmup, repeats)
+    key = {"device": device, "threads": threads, "batch": batch, "seq": seq, "warmup": warmup,
+           "repeats": repeats, "machine": _machine(device)}
+    cache = Path(folder) / BASE if folder is not None else None
+    entries = []
+    if cache is not None and cache.exists():
+        try:
+            entries = json.loads(cache.read_text())["entries"]
+            if not isinstance(entries, list):
+                raise ValueError("entries is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read {cache}: {e}", hint=f"delete {cache} to measure again") from None
+        if not refresh:
+            for e in entries:
+                if isinstance(e, dict) and all(e.get(k) == v for k, v in key.items()):
+                    return float(e["ms"])
+    ms = measure_arch(space, BERT_BASE, device=device, threads=threads, batch=batch, seq=seq,
+                      warmup=warmup, repeats=repeats)["ms"]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        entries = [e for e in entries if not all(e.get(k) == v for k, v in key.items())]
+        entries.append({**key, "ms": ms, "measured": _now()})
+        _write_json_atomic(cache, {"arch": BERT_BASE, "entries": entries})
+    return ms
+
+
+# --- the predictor ------------------------------------------------------------------------------------
+
+
+def _mlp(n_in: int, hidden: Sequence[int]):
+    import torch.nn as nn
+
+    layers, prev = [], n_in
+    for h in hidden:
+        layers += [nn.Linear(prev, h), nn.ReLU()]
+        prev = h
+    layers.append(nn.Linear(prev, 1))
+    return nn.Sequential(*layers).double()
+
+
+def _errors(pred: Sequence[float], true: Sequence[float]) -> dict:
+    n = len(true)
+    if n == 0:
+        return {"rmse_ms": None, "mape_pct": None}
+    se = sum((p - t) ** 2 for p, t in zip(pred, true)) / n
+    ape = sum(abs(p - t) / t for p, t in zip(pred, true)) / n
+    return {"rmse_ms": math.sqrt(se), "mape_pct": 100.0 * ape}
+
+
+def _as_records(dataset) -> list[dict]:
+    if isinstance(dataset, (str, os.PathLike)):
+        return load_records(dataset)
+    try:
+        recs = list(dataset)
+    except TypeError:
+        raise ConfigError("a latency dataset is a folder or a list of {'arch', 'ms'} records") from None
+    return recs
+
+
+class LatencyPredictor:
+    """arch -> predicted latency (ms): an MLP on normalised space.features(arch).
+
+    Fitted on log(ms) by default (target="log"): latencies span two orders of magnitude in a
+    space and MAPE is a relative error, so the log target weights small and large models alike
+    (benchmarks/bench_tinybert_latency.py measures both targets)."""
+
+    def __init__(self, space: Space, net, *, seq: int, hidden: Sequence[int], target: str,
+                 inputs: str = "log",
+                 feat_mean: Sequence[float], feat_std: Sequence[float], y_mean: float, y_std: float,
+                 metrics: dict | None = None, settings: dict | None = None):
+        self.space = space
+        self.net = net.eval()
+        self.seq = seq
+        self.hidden = tuple(hidden)
+        self.target = target
+        self.inputs = inputs
+        self.feat_mean = [float(x) for x in feat_mean]
+        self.feat_std = [float(x) for x in feat_std]
+        self.y_mean = float(y_mean)
+        self.y_std = float(y_std)
+        self.metrics = metrics or {}
+        self.settings = settings   # the dataset's target (device, threads, batch, seq), when known
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        err = (f", held-out MAPE {m['mape_pct']:.2f}%" if m.get("mape_pct") is not None else "")
+        return (f"LatencyPredictor(MLP {list(self.hidden)} on {self.target} ms, "
+                f"seq={self.seq}{err})")
+
+    # -- fitting --
+
+    @classmethod
+    def fit(cls, space: Space, dataset, *, hidden: Sequence[int] = (400, 400, 400), epochs: int = 2000,
+            lr: float = 1e-3, seed: int = 0, holdout: float = 0.2, target: str = "log",
+            value: str = "ms", inputs: str = "log", seq: int | None = None, settings: dict | None = None,
+            threads: int | None = 1) -> tuple[LatencyPredictor, dict]:
+        """Fit on `dataset` (a list of {"arch", "ms"} records or a collect() folder) and return
+        (predictor, metrics). A `holdout` fraction (random with `seed`; never an arch holding the
+        minimum or maximum of a feature, so held-out archs are interpolated) is kept out of training
+        and scored: held-out RMSE (ms) and MAPE (%), next to the mean predictor (the training mean)
+        and ordinary least squares on the same features, as baselines.
+
+        `value` is the record field fitted ("ms": the median of the repeats; "min_ms": their
+        minimum). Training runs on `threads` threads (1 by default: for an MLP this small, more
+        threads mostly add synchronisation, and on a loaded machine they stall)."""
+        import torch
+
+        from attnc.runtime.latency import num_threads
+
+        if target not in TARGETS:
+            raise ConfigError(f"unknown predictor target {target!r}", hint=f"use one of {', '.join(TARGETS)}")
+        if inputs not in INPUTS:
+            raise ConfigError(f"unknown predictor inputs {inputs!r}", hint=f"use one of {', '.join(INPUTS)}")
+        if value not in ("ms", "min_ms"):
+            raise ConfigError(f"unknown latency value {value!r}", hint="use ms (median) or min_ms")
+        if not 0.0 <= holdout < 1.0:
+            raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+        hidden = tuple(int(h) for h in hidden)
+        if any(h < 1 for h in hidden):
+            raise ConfigError(f"hidden layer widths must be positive, got {hidden}")
+        if isinstance(dataset, (str, os.PathLike)):
+            meta = read_meta(dataset)["settings"]
+            if Space.from_json(meta["space"]) != space:
+                raise ConfigError(f"the dataset in {dataset} was collected on another space",
+                                  hint="fit with the space of the dataset (Space.from_json of its meta)")
+            seq = meta["seq"] if seq is None else seq
+            settings = settings or {k: meta[k] for k in ("device", "threads", "batch", "seq")}
+        seq = 128 if seq is None else seq
+        # one value per arch (the mean when an arch was measured twice), in first-seen order
+        by_arch: dict[Arch, list[float]] = {}
+        for rec in _as_records(dataset):
+            try:
+                arch, ms = space.validate(rec["arch"]), float(rec[value])
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"bad latency record {rec!r}: {e}",
+                                hint="records are {'arch': 'L-dm-df-h-dqkv', 'ms': float}") from None
+            if not (math.isfinite(ms) and ms > 0):
+                raise DataError(f"bad latency {ms} for {arch}", hint="latencies are positive milliseconds")
+            by_arch.setdefault(arch, []).append(ms)
+        archs = list(by_arch)
+        ms = [sum(v) / len(v) for v in by_arch.values()]
+        if len(archs) < 5:
+            raise DataError(f"{len(archs)} distinct archs are too few to fit a latency predictor",
+                            hint="collect at least 50 (`--samples`)")
+        X = [_inputs(space.features(a, seq), inputs) for a in archs]
+        nf = len(X[0])
+
+        # split: the feature extremes always train; a random `holdout` share of the rest is held out
+        pinned = set()
+        for j in range(nf):
+            col = [x[j] for x in X]
+            pinned.add(col.index(min(col)))
+            pinned.add(col.index(max(col)))
+        rest = [i for i in range(len(archs)) if i not in pinned]
+        random.Random(seed).shuffle(rest)
+        n_out = min(int(round(holdout * len(archs))), len(rest))
+        test_idx = sorted(rest[:n_out])
+        train_idx = sorted(set(range(len(archs))) - set(test_idx))
+
+        tr = [X[i] for i in train_idx]
+        mean = [sum(c) / len(c) for c in zip(*tr)]
+        std = [math.sqrt(sum((v - m) ** 2 for v in c) / len(c)) for c, m in zip(zip(*tr), mean)]
+        std = [s if s > 0 else 1.0 for s in std]          # a constant feature (kd: heads) stays 0
+        fwd = (lambda v: math.log(v)) if target == "log" else (lambda v: v)
+        ys = [fwd(ms[i]) for i in train_idx]
+        y_mean = sum(ys) / len(ys)
+        y_std = math.sqrt(sum((y - y_mean) ** 2 for y in ys) / len(ys)) or 1.0
+
+        def norm(rows):
+            return torch.tensor([[(v - m) / s for v, m, s in zip(r, mean, std)] for r in rows],
+                                dtype=torch.float64)
+
+        xt = norm(tr)
+        yt = torch.tensor([(y - y_mean) / y_std for y in ys], dtype=torch.float64).unsqueeze(1)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = _mlp(nf, hidden)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        # cosine decay to 0: the full-batch loss settles instead of oscillating at the end
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        net.train()
+        with num_threads(threads):
+            for _ in range(epochs):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(net(xt), yt)
+                loss.backward()
+                opt.step()
+                sched.step()
+        pred = cls(space, net, seq=seq, hidden=hidden, target=target, inputs=inputs, feat_mean=mean, feat_std=std,
+                   y_mean=y_mean, y_std=y_std, settings=settings)
+
+        test_archs = [archs[i] for i in test_idx]
+        true = [ms[i] for i in test_idx]
+        train_mean = sum(ms[i] for i in train_idx) / len(train_idx)
+        metrics = {
+            "n_archs": len(archs), "n_train": len(train_idx), "n_heldout": len(test_idx),
+            "target": target, "inputs": inputs, "value": value, "hidden": list(hidden), "epochs": epochs, "lr": lr,
+            "seed": seed,
+            "train_loss": float(loss.detach()), "fit_seconds": time.perf_counter() - t0,
+            **_errors(pred.predict_many(test_archs), true),
+            "train": _errors(pred.predict_many([archs[i] for i in train_idx]), [ms[i] for i in train_idx]),
+            "mean_predictor": _errors([train_mean] * len(true), true),
+            "linear": _errors(_least_squares([X[i] for i in train_idx], [ms[i] for i in train_idx],
+                                             [X[i] for i in test_idx]), true),
+        }
+        pred.metrics = metrics
+        return pred, metrics
+
+    # -- prediction --
+
+    def predict_many(self, archs: Iterable[Arch | str]) -> list[float]:
+        """Predicted latencies (ms) of archs of the predictor's space (ConfigError for others)."""
+        import torch
+
+        archs = [self.space.validate(a) for a in archs]
+        if not archs:
+            return []
+        rows = [_inputs(self.space.features(a, self.seq), self.inputs) for a in archs]
+        x = torch.tensor([[(v - m) / s for v, m, s in zip(r, self.feat_mean, self.feat_std)] for r in rows],
+                         dtype=torch.float64)
+        with torch.no_grad():
+            y = self.net(x).squeeze(1) * self.y_std + self.y_mean
+        if self.target == "log":
+            y = torch.exp(y)
+        return [float(v) for v in y]
+
+    def predict(self, arch: Arch | str) -> float:
+        """Predicted latency of one arch, in milliseconds."""
+        return self.predict_many([arch])[0]
+
+    __call__ = predict
+
+    # -- persistence --
+
+    def save(self, folder: str | Path) -> Path:
+        """folder/predictor.pt (the MLP's state dict) + folder/predictor.json (space, normalisation,
+        metrics): plain tensors and JSON, loadable with weights_only."""
+        import torch
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().clone() for k, v in self.net.state_dict().items()}, folder / WEIGHTS)
+        _write_json_atomic(folder / PREDICTOR, {
+            "format": FORMAT, "space": self.space.to_json(), "seq": self.seq, "hidden": list(self.hidden),
+            "target": self.target, "inputs": self.inputs, "feature_names": list(Space.FEATURE_NAMES),
+            "feature_mean": self.feat_mean, "feature_std": self.feat_std,
+            "y_mean": self.y_mean, "y_std": self.y_std, "metrics": self.metrics, "settings": self.settings})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> LatencyPredictor:
+        """The predictor saved in `folder` (DataError, with a hint, when missing or damaged)."""
+        import torch
+
+        folder = Path(folder)
+        hint = f"fit one with `attnc search latency --samples N --out {folder}`"
+        try:
+            d = json.loads((folder / PREDICTOR).read_text())
+        except FileNotFoundError:
+            raise DataError(f"no latency predictor in {folder} ({PREDICTOR} is missing)", hint=hint) from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {folder / PREDICTOR}: {e}", hint=hint) from None
+        try:
+            if d.get("format") != FORMAT:
+                raise ValueError(f"format {d.get('format')!r}, expected {FORMAT}")
+            space = Space.from_json(d["space"])
+            hidden = [int(h) for h in d["hidden"]]
+            if d["target"] not in TARGETS:
+                raise ValueError(f"target {d['target']!r}")
+            nf = len(d["feature_mean"])
+            if nf != len(d["feature_std"]) or nf != len(space.features(space.max_arch, d["seq"])):
+                raise ValueError("the normalisation does not match the space's features")
+            net = _mlp(nf, hidden)
+            state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+            net.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+            if d.get("inputs") not in INPUTS:
+                raise ValueError(f"inputs {d.get('inputs')!r}")
+            return cls(space, net, seq=int(d["seq"]), hidden=hidden, target=d["target"], inputs=d["inputs"],
+                       feat_mean=d["feature_mean"], feat_std=d["feature_std"], y_mean=d["y_mean"],
+                       y_std=d["y_std"], metrics=d.get("metrics"), settings=d.get("settings"))
+        except FileNotFoundError:
+            raise DataError(f"no latency predictor weights in {folder} ({WEIGHTS} is missing)",
+                            hint=hint) from None
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, ConfigError,
+                EOFError, OSError) as e:
+            raise DataError(f"damaged latency predictor in {folder}: {type(e).__name__}: {e}",
+                            hint=hint) from None
+
+
+def _least_squares(X: list[list[float]], y: list[float], Xq: list[list[float]]) -> list[float]:
+    """Ordinary least squares (with intercept) on the raw features: a baseline for the MLP."""
+    import torch
+
+    if not Xq:
+        return []
+    A = torch.tensor([[1.0, *r] for r in X], dtype=torch.float64)
+    scale = A.abs().amax(0).clamp_min(1e-12)            # column scaling keeps lstsq well conditioned
+    sol = torch.linalg.lstsq(A / scale, torch.tensor(y, dtype=torch.float64).unsqueeze(1)).solution
+    Q = torch.tensor([[1.0, *r] for r in Xq], dtype=torch.float64) / scale
+    return [float(v) for v in (Q @ sol).squeeze(1)]
+
+
+# --- CLI pieces (wired into `attnc search latency` by search/tinybert/cli.py) ---------------------------
+
+
+def add_latency_arguments(p) -> None:
+    """The options of `attnc search latency`."""
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="dataset + predictor folder (an existing one resumes / extends its dataset)")
+    p.add_argument("--samples", type=int, default=300, help="architectures to measure (default 300)")
+    d = Space()
+    p.add_argument("--max-layers", type=int, default=d.max_layers)
+    p.add_argument("--max-hidden", type=int, default=d.max_hidden)
+    p.add_argument("--max-ffn", type=int, default=d.max_ffn)
+    p.add_argument("--max-heads", type=int, default=d.max_heads)
+    p.add_argument("--mode", choices=("mlm", "kd"), default=d.mode)
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--formula", default=None, help="one attention formula for every layer (default: standard)")
+    p.add_argument("--device", default="cpu", help="cpu (default, the paper's target), cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per arch (the median is kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2000, help="predictor training epochs (full batch)")
+    p.add_argument("--target", choices=TARGETS, default="log", help="fit log(ms) (default) or ms")
+    p.add_argument("--bert-base", action="store_true",
+                   help="also measure (and cache) BERT-base on the same target, for --speedup")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def cli_latency(args) -> int:
+    """`attnc search latency`: collect (resuming), fit, save, print held-out errors."""
+    space = Space(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
+                  max_heads=args.max_heads, mode=args.mode, head_dim=args.head_dim,
+                  vocab_size=args.vocab_size, formula=args.formula)
+    before = len(load_records(args.out)) if (Path(args.out) / META).exists() else 0
+    records = collect(space, args.samples, args.out, device=args.device, threads=args.threads,
+                      batch=args.batch, seq=args.seq, warmup=args.warmup, repeats=args.repeats,
+                      seed=args.seed, progress=not args.no_progress)
+    pred, m = LatencyPredictor.fit(space, records, epochs=args.epochs, seed=args.seed, target=args.target,
+                                   seq=args.seq, settings={"device": args.device, "threads": args.threads,
+                                                           "batch": args.batch, "seq": args.seq})
+    pred.save(args.out)
+    out = {"out": str(args.out), "samples": len(records), "measured_now": max(len(records) - before, 0),
+           **{k: m[k] for k in ("n_train", "n_heldout", "rmse_ms", "mape_pct", "target")},
+           "mean_predictor": m["mean_predictor"], "linear": m["linear"]}
+    if args.bert_base:
+        out["bert_base_ms"] = bert_base_latency_ms(args.device, args.threads, args.batch, args.seq,
+                                                   warmup=args.warmup, repeats=args.repeats, folder=args.out)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{len(records)} architectures in {args.out} ({out['measured_now']} measured now; "
+          f"{args.device}, {args.threads} thread(s), batch {args.batch}, seq {args.seq})")
+    if m["rmse_ms"] is None:
+        print("no held-out split (all archs trained)")
+    else:
+        mp = m["mean_predictor"]
+        print(f"held-out ({m['n_heldout']} archs): RMSE {m['rmse_ms']:.3f} ms, MAPE {m['mape_pct']:.2f}%   "
+              f"| mean predictor: RMSE {mp['rmse_ms']:.3f} ms, MAPE {mp['mape_pct']:.2f}%")
+    if "bert_base_ms" in out:
+        print(f"BERT-base ({BERT_BASE}): {out['bert_base_ms']:.2f} ms")
+    print(f"predictor saved to {args.out}/{PREDICTOR}")
+    return 0

@@ -1,0 +1,618 @@
+"""Batch-wise SuperPLM training (AutoTinyBERT's Algorithm 1), in one process or on torch.distributed.
+
+    from attnc.search import tinybert
+    from attnc.search.tinybert.train import SuperTrainConfig, train_superplm
+    space = tinybert.Space(max_layers=4, max_hidden=128, max_ffn=512, max_heads=2, head_dim=64)
+    supernet = tinybert.SuperPLM(space)
+    metrics = train_superplm(supernet, MLMData(blocks, tok), SuperTrainConfig(steps=200, sub_batches=4))
+
+Every optimizer step takes one global batch (`batch_size` sequences, masked with a seed of the step
+as the training core's MLMData does) and splits it into N = `sub_batches` sub-batches. Sub-batch g is
+trained with M = `samples` sub-models, each drawn by `space.sample` from a `random.Random` seeded by
+(seed, step, g, sample). The N*M losses are averaged, gradients summed over the passes, and the
+supernet takes ONE optimizer step. N = 1, M = 1 is the paper's "one sub-model per batch" ablation.
+
+Under `torchrun --nproc-per-node W` (RANK / WORLD_SIZE in the environment) the N sub-batches are
+shared out over the W ranks (rank r takes g = r*N/W .. (r+1)*N/W - 1): since g enters the sampling
+seed, every rank trains a different sub-model (the public AutoTinyBERT code samples the same one on
+every GPU). Gradients are all-reduced (summed, each pass already scaled by 1/(N*M)) and every rank
+makes the same update, so W processes give the parameters of one process with the same N and M.
+
+Determinism: the batch, its masks, the sampled architectures and the dropout RNG of every pass are
+functions of (seed, step, g, sample) only, so a run killed at any moment and resumed from its last
+checkpoint reproduces the uninterrupted run step for step (same thread count).
+
+A parameter that no pass of a step touched (e.g. a layer beyond every sampled depth) keeps a None
+gradient: the optimizer leaves it alone (no weight decay, no momentum drift) on every rank alike.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from attnc.compiler.errors import ConfigError, DataError
+from attnc.runtime import trainer as T
+from attnc.runtime.trainer import DistillConfig
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("mlm", "kd")
+SUPERNET_DIR = "supernet"
+WEIGHTS_FILE = "supernet.pt"
+SPACE_FILE = "space.json"
+METRICS_FILE = "train_metrics.json"
+# task-agnostic distillation as AutoTinyBERT: last hidden states + last attention scores, no MLM term
+KD_DEFAULT = DistillConfig(hidden_mse=1.0, attn_mse=1.0, logit_kl=0.0, task_loss=0.0)
+
+
+@dataclass(frozen=True)
+class SuperTrainConfig:
+    """Everything that decides how a SuperPLM is trained (supernet and data are passed separately)."""
+
+    steps: int = 1000                      # optimizer steps (the LR schedule spans exactly this many)
+    batch_size: int = 32                   # sequences per GLOBAL batch (all sub-batches, all ranks)
+    sub_batches: int = 4                   # N: sub-batches per batch, each with its own sub-model(s)
+    samples: int = 1                       # M: sub-models sampled per sub-batch
+    lr: float = 5e-4                       # peak learning rate (AdamW)
+    warmup: float = 0.06                   # linear warm-up fraction of `steps`, then linear decay
+    weight_decay: float = 0.01             # decoupled weight decay (not on biases / LayerNorm)
+    max_grad_norm: float | None = 1.0      # clipping of the averaged gradient; None: none
+    seed: int = 0                          # batch order, masks, sampled archs, dropout (not the init)
+    objective: str = "mlm"                 # mlm: masked-LM pre-training | kd: distillation from a teacher
+    eval_every: int | None = None          # held-out MLM loss of the largest sub-model every N steps (and at the end)
+    checkpoint_dir: str | None = None      # atomic checkpoints step-NNNNNN/ go here; None: none
+    checkpoint_every: int | None = None    # checkpoint every N steps (needs checkpoint_dir)
+    keep_checkpoints: int = 2              # how many of the latest checkpoints to keep
+    resume: bool = False                   # continue from the latest checkpoint in checkpoint_dir
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
+    precision: str = "fp32"                # fp32 | bf16 (autocast) | fp16 (CUDA, grad scaler)
+    optimizer: str = "adamw"               # the training core's optimizers: adamw | adam | sgd
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "sub_batches", "samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.sub_batches:
+            raise ConfigError(f"batch_size {self.batch_size} does not split into {self.sub_batches} "
+                              f"equal sub-batches", hint="make batch_size a multiple of sub_batches")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}", hint=f"use one of {', '.join(OBJECTIVES)}")
+        if self.precision not in T.PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}", hint=f"use one of {', '.join(T.PRECISIONS)}")
+        if self.optimizer not in T.OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}", hint=f"use one of {', '.join(T.OPTIMIZERS)}")
+        if not 0 <= self.warmup <= 1:
+            raise ConfigError(f"warmup is a fraction of the steps, got {self.warmup}", hint="use 0..1")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ConfigError(f"eval_every must be positive, got {self.eval_every}")
+
+
+# ================================================================================================
+# sampling and distribution
+# ================================================================================================
+
+
+def sample_arch(space, seed: int, step: int, sub_batch: int, sample: int):
+    """The sub-model of pass (step, global sub-batch, sample): a pure function of its arguments, so
+    ranks, resumed runs and single-process runs agree on it."""
+    return space.sample(random.Random(f"attnc-superplm/{seed}/{step}/{sub_batch}/{sample}"))
+
+
+def _pass_seed(seed: int, step: int, sub_batch: int, sample: int) -> int:
+    """Dropout seed of one pass (integer mix of the same four numbers)."""
+    return (((seed * 1_000_003 + step) * 10_007 + sub_batch) * 101 + sample) % (2**63 - 1)
+
+
+def _dist_env() -> tuple[int, int]:
+    """(rank, world size): of the running process group, else from torchrun's environment, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _resolve_device(spec: str, world: int) -> torch.device:
+    if world > 1 and spec in ("auto", "cuda") and torch.cuda.is_available():
+        # one GPU per process: torchrun's LOCAL_RANK picks it
+        return T.check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}", "fp32")
+    return T.resolve_device(spec)
+
+
+def _init_distributed(device: torch.device, world: int) -> bool:
+    """Start the process group when torchrun asked for one; True when this call created it."""
+    import torch.distributed as dist
+
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed",
+                          hint="run in one process, or install a torch build with distributed support")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+# ================================================================================================
+# objectives
+# ================================================================================================
+
+
+class _SuperDistiller(torch.nn.Module):
+    """Task-agnostic KD losses of a SuperPLM sub-model against a frozen teacher: last hidden states
+    through a learned fit layer (SuperPLM max width -> teacher width, columns sliced to the active
+    width) and last-layer attention scores Q K^T / sqrt(dh) over real token pairs."""
+
+    def __init__(self, teacher, space, cfg: DistillConfig):
+        super().__init__()
+        self.teacher, self.cfg = teacher, cfg
+        self.fit = torch.nn.Linear(space.max_hidden, teacher.config.hidden_size)
+        self.t_att = T._last_self_attention(teacher)
+        if cfg.attn_mse:
+            if self.t_att is None:
+                raise ConfigError("attn_mse needs a BERT-like teacher (encoder.layer[-1].attention.self)",
+                                  hint="use a BERT folder as teacher, or attn_mse=0")
+            th = self.t_att.num_attention_heads
+            if space.mode != "kd" or space.max_heads != th:
+                raise ConfigError(f"attention-score distillation compares heads one to one: the space "
+                                  f"has mode {space.mode!r} with {space.max_heads} heads, the teacher "
+                                  f"{th} heads",
+                                  hint=f"use a kd-mode space with max_heads={th}, or attn_mse=0")
+        if cfg.logit_kl:
+            raise ConfigError("logit_kl is not supported in SuperPLM distillation (the AutoTinyBERT "
+                              "recipe distils hidden states and attention scores)",
+                              hint="use hidden_mse / attn_mse (logit_kl=0)")
+
+    def teacher_targets(self, b: dict) -> dict:
+        with torch.no_grad():
+            kw = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+            out = self.teacher(**kw, output_hidden_states=True)
+            t = {"hidden": out.hidden_states[-1].float()}
+            if self.cfg.attn_mse:
+                # the last layer's self-attention input is the previous layer's output (post-LN BERT)
+                t["scores"] = T._attention_scores(self.t_att, out.hidden_states[-2])
+        return t
+
+    def forward(self, b: dict, out, targets: dict) -> torch.Tensor:
+        real = b["attention_mask"].bool()
+        loss = torch.zeros((), dtype=torch.float32, device=real.device)
+        if self.cfg.hidden_mse:
+            hs = out.hidden_states[-1].float()
+            dm = hs.shape[-1]
+            fitted = F.linear(hs, self.fit.weight[:, :dm].float(), self.fit.bias.float())
+            loss = loss + self.cfg.hidden_mse * F.mse_loss(fitted[real], targets["hidden"][real])
+        if self.cfg.attn_mse:
+            ss = out.last_scores.float()
+            keep = (real[:, None, :, None] & real[:, None, None, :]).expand_as(ss)
+            loss = loss + self.cfg.attn_mse * F.mse_loss(ss[keep], targets["scores"][keep])
+        return loss
+
+
+def _pass_loss(supernet, b: dict, objective: str, distiller, distill, targets):
+    """Loss of one sub-model pass (the active arch is already set). None when the pass has nothing
+    to learn from (an MLM sub-batch without a masked token)."""
+    has_labels = bool((b["labels"] != -100).any())
+    if objective == "mlm":
+        if not has_labels:
+            return None
+        return supernet.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"))
+    use_task = distill.task_loss and has_labels
+    out = supernet(b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b.get("token_type_ids"),
+                   labels=b["labels"] if use_task else None, output_hidden_states=True,
+                   output_last_scores=bool(distill.attn_mse))
+    loss = distiller(b, out, targets)
+    if use_task:
+        loss = loss + distill.task_loss * out.loss.float()
+    return loss
+
+
+def heldout_mlm_loss(supernet, data, arch=None, *, batch_size: int = 32, device=None) -> float:
+    """Held-out MLM loss of one sub-model (default: the active one) on data's eval split, with the
+    training core's fixed eval masks (call data.split(seed) first). Restores the active arch."""
+    if not hasattr(data, "eval_idx"):
+        raise DataError("the data has no held-out split yet", hint="call data.split(seed) first")
+    device = device or next(supernet.parameters()).device
+    before, was_training = supernet.arch, supernet.training
+    if arch is not None:
+        supernet.set_arch(arch)
+    supernet.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(data.eval_idx), batch_size):
+                b = T._to(data.batch(data.eval_idx[i:i + batch_size], 12345 + i), device)
+                n = int((b["labels"] != -100).sum())
+                if n == 0:
+                    continue
+                loss = supernet.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"))
+                total += float(loss) * n
+                count += n
+    finally:
+        supernet.set_arch(before)
+        supernet.train(was_training)
+    return total / max(count, 1)
+
+
+# ================================================================================================
+# gradients across passes and ranks
+# ================================================================================================
+
+
+def _reduce_gradients(params: list, world: int, extra: torch.Tensor) -> torch.Tensor:
+    """Sum the gradients of all ranks (one flat all-reduce) and `extra` (a small float64 vector of
+    per-step statistics). A parameter that no pass on any rank touched keeps grad None everywhere."""
+    import torch.distributed as dist
+
+    dev = params[0].device
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device=dev)
+    head = torch.cat([flags, extra.to(dev, torch.float64)])
+    dist.all_reduce(head)
+    flags, extra = head[:len(params)], head[len(params):]
+    used = [p for p, f in zip(params, flags.tolist()) if f > 0]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if used:
+        flat = torch.cat([p.grad.reshape(-1) for p in used])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in used:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+    return extra
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+# ================================================================================================
+# the loop
+# ================================================================================================
+
+
+def train_superplm(supernet, data, cfg: SuperTrainConfig = SuperTrainConfig(), *, teacher=None,
+                   distill: DistillConfig | None = None, progress: bool = False, callbacks=()) -> dict:
+    """Train `supernet` (a SuperPLM) on `data` (the training core's MLMData) with Algorithm 1; see
+    the module doc. Returns metrics: losses (per step, the mean over the N*M passes), distill_losses
+    (kd), archs (per step, the N*M sampled architectures, global sub-batch order), evals
+    ([{step, loss}] held-out MLM loss of the largest sub-model), final_eval, steps, seconds,
+    stopped, resumed_from, world_size, device, precision.
+
+    Callbacks: objects with optional on_step(step, loss, state) / on_eval(step, metrics, state);
+    returning "stop" ends training (on every rank). Only rank 0 writes checkpoints and shows a bar."""
+    rank, world = _dist_env()
+    device = _resolve_device(cfg.device, world)
+    T._check_precision(cfg.precision, device)
+    space = supernet.space
+    if cfg.sub_batches % world:
+        raise ConfigError(f"{cfg.sub_batches} sub-batches cannot be shared out over {world} processes",
+                          hint="make --sub-batches a multiple of --nproc-per-node")
+    if cfg.objective == "kd":
+        if teacher is None:
+            raise ConfigError("objective 'kd' needs a teacher", hint="pass teacher= (e.g. --teacher minilm-l6)")
+        distill = distill or KD_DEFAULT
+        if teacher.config.vocab_size != space.vocab_size:
+            raise ConfigError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
+                              f"SuperPLM's ({space.vocab_size})", hint="use the teacher's vocabulary size")
+    elif teacher is not None or distill is not None:
+        raise ConfigError("a teacher / distill config was given but the objective is 'mlm'",
+                          hint="use objective='kd' to distil")
+    if len(data.tokenizer) > space.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(data.tokenizer)} tokens, the SuperPLM's vocabulary "
+                          f"{space.vocab_size}", hint="build the space with the tokenizer's vocabulary size")
+    if data.seq_len > space.max_position_embeddings:
+        raise ConfigError(f"sequences of {data.seq_len} tokens exceed max_position_embeddings "
+                          f"{space.max_position_embeddings}", hint="use shorter sequences")
+    created_group = _init_distributed(device, world)
+    try:
+        return _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, world, device)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, world, device) -> dict:
+    space = supernet.space
+    N, M = cfg.sub_batches, cfg.samples
+    per_rank = N // world
+    my_groups = range(rank * per_rank, (rank + 1) * per_rank)
+    sub_size = cfg.batch_size // N
+    was_training, start_arch = supernet.training, supernet.arch
+    supernet.to(device)
+    distiller = None
+    if cfg.objective == "kd":
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 77)    # fit-layer init: same on every rank, independent of the supernet's
+            distiller = _SuperDistiller(teacher, space, distill).to(device)
+    data.split(cfg.seed)
+    extra = list(distiller.fit.parameters()) if distiller is not None else []
+    opt = T._make_optimizer(supernet, extra, cfg, device)   # reads lr, weight_decay, optimizer
+    sched = T._schedule(opt, cfg)                            # reads steps, warmup
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    autocast = T._autocast_factory(cfg.precision, device)
+    params = [p for p in supernet.parameters() if p.requires_grad] + extra
+
+    metrics = {"losses": [], "archs": [], "evals": [], "final_eval": None, "steps": 0, "seconds": 0.0,
+               "stopped": "steps", "resumed_from": None, "world_size": world, "sub_batches": N,
+               "samples": M, "objective": cfg.objective, "device": str(device), "precision": cfg.precision}
+    if distiller is not None:
+        metrics["distill_losses"] = []
+    start = 0
+    ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    ck = T.latest_checkpoint(ckpt_root) if (cfg.resume and ckpt_root is not None) else None
+    if ck is not None:
+        state = torch.load(ck / T.STATE_FILE, map_location="cpu", weights_only=False)
+        same = {k: state["config"].get(k) for k in ("seed", "steps", "batch_size", "sub_batches", "samples",
+                                                    "objective")}
+        want = {k: getattr(cfg, k) for k in same}
+        if same != want:
+            raise ConfigError(f"the checkpoint {ck} was written with {same}, this run has {want}",
+                              hint="resume with the same settings, or use a new checkpoint folder")
+        if state["space"] != space.to_json():
+            raise ConfigError(f"the checkpoint {ck} belongs to another search space",
+                              hint="resume with the same space, or use a new checkpoint folder")
+        supernet.load_state_dict(state["model"])
+        if distiller is not None:
+            distiller.fit.load_state_dict(state["fit"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        metrics = state["metrics"]
+        metrics["resumed_from"] = start = state["step"]
+
+    def checkpoint(step: int) -> None:
+        if ckpt_root is None or rank != 0:
+            return
+        T._save_checkpoint(ckpt_root, {
+            "model": supernet.state_dict(), "fit": distiller.fit.state_dict() if distiller else None,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "metrics": metrics, "config": asdict(cfg), "space": space.to_json()},
+            step, cfg.keep_checkpoints)
+
+    cb_state = {"model": supernet, "optimizer": opt, "scheduler": sched, "metrics": metrics, "config": cfg}
+
+    def evaluate(step: int) -> bool:
+        loss = heldout_mlm_loss(supernet, data, space.max_arch, batch_size=max(sub_size, 8), device=device)
+        m = {"loss": loss, "arch": str(space.max_arch)}
+        metrics["evals"].append({"step": step, **m})
+        return T._call(callbacks, "on_eval", step, m, cb_state)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"superplm {cfg.objective} N={N} M={M}", unit="step")
+    t0 = time.perf_counter()
+    step, stop = start, None
+    supernet.train()
+    # every pass seeds its own dropout; the caller's global RNG is left as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        while stop is None and step < cfg.steps:
+            batch = data.train_batch(step, cfg.batch_size, cfg.seed)
+            archs = [[sample_arch(space, cfg.seed, step, g, j) for j in range(M)] for g in range(N)]
+            loss_sum, dloss_sum, passes = 0.0, 0.0, 0
+            for g in my_groups:
+                b = T._to({k: v[g * sub_size:(g + 1) * sub_size] for k, v in batch.items()}, device)
+                targets = distiller.teacher_targets(b) if distiller is not None else None
+                for j in range(M):
+                    supernet.set_arch(archs[g][j])
+                    torch.manual_seed(_pass_seed(cfg.seed, step, g, j))
+                    with autocast():
+                        loss = _pass_loss(supernet, b, cfg.objective, distiller, distill, targets)
+                    if loss is None:
+                        continue
+                    scaler.scale(loss / (N * M)).backward()
+                    loss_sum += float(loss.detach())
+                    passes += 1
+                    if distiller is not None:
+                        dloss_sum += float(loss.detach())
+            stats = torch.tensor([loss_sum, dloss_sum, passes], dtype=torch.float64)
+            if world > 1:
+                stats = _reduce_gradients(params, world, stats)
+            loss_sum, dloss_sum, passes = stats.tolist()
+            if passes == 0:
+                raise DataError(f"step {step}: no sub-batch held a masked token",
+                                hint="use longer sequences or larger sub-batches")
+            if cfg.max_grad_norm is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = loss_sum / passes
+            metrics["losses"].append(loss_value)
+            metrics["archs"].append([str(a) for row in archs for a in row])
+            if distiller is not None:
+                metrics["distill_losses"].append(dloss_sum / passes)
+            metrics["steps"] = step
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{sum(metrics['losses'][-10:]) / len(metrics['losses'][-10:]):.3f}")
+            want_stop = T._call(callbacks, "on_step", step, loss_value, cb_state)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                want_stop = evaluate(step) or want_stop
+            if _any_rank(want_stop, world, device):
+                stop = "callback"
+            if stop is None and step < cfg.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(step)
+    if bar is not None:
+        bar.close()
+    metrics["stopped"] = stop or "steps"
+    metrics["seconds"] = metrics.get("seconds", 0.0) + time.perf_counter() - t0
+    if not metrics["evals"] or metrics["evals"][-1]["step"] != step:
+        evaluate(step)
+    metrics["final_eval"] = {k: v for k, v in metrics["evals"][-1].items() if k != "step"}
+    supernet.set_arch(start_arch)
+    supernet.train(was_training)
+    return metrics
+
+
+# ================================================================================================
+# saving and loading a trained SuperPLM
+# ================================================================================================
+
+
+def save_superplm(supernet, out_dir, *, metrics: dict | None = None) -> Path:
+    """OUT/supernet/ = supernet.pt (state dict at the largest arch) + space.json (+ train_metrics.json),
+    written in a temp folder and renamed (atomic)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-supernet-"))
+    torch.save({k: v.detach().cpu() for k, v in supernet.state_dict().items()}, tmp / WEIGHTS_FILE)
+    (tmp / SPACE_FILE).write_text(json.dumps(supernet.space.to_json(), indent=2) + "\n")
+    if metrics is not None:
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    final = out / SUPERNET_DIR
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_superplm(folder):
+    """A SuperPLM saved by save_superplm / `attnc search superplm train --out DIR`: pass DIR or
+    DIR/supernet."""
+    from .space import Space
+    from .supernet import SuperPLM
+
+    root = Path(folder)
+    if (root / SUPERNET_DIR / WEIGHTS_FILE).is_file():
+        root = root / SUPERNET_DIR
+    if not (root / WEIGHTS_FILE).is_file() or not (root / SPACE_FILE).is_file():
+        raise DataError(f"no trained SuperPLM in {folder} (looked for {WEIGHTS_FILE} and {SPACE_FILE})",
+                        hint="train one with `attnc search superplm train --out DIR`")
+    space = Space.from_json(json.loads((root / SPACE_FILE).read_text()))
+    net = SuperPLM(space)
+    net.load_state_dict(torch.load(root / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return net
+
+
+# ================================================================================================
+# CLI pieces (wired into `attnc search superplm train` by cli.py)
+# ================================================================================================
+
+
+def add_train_arguments(p) -> None:
+    """Arguments of `attnc search superplm train`."""
+    p.add_argument("--out", required=True, help="output folder: OUT/supernet (weights + space), checkpoints, metrics")
+    g = p.add_argument_group("search space (the SuperPLM is its largest architecture)")
+    g.add_argument("--max-layers", type=int, default=4)
+    g.add_argument("--max-hidden", type=int, default=256)
+    g.add_argument("--max-ffn", type=int, default=1024)
+    g.add_argument("--max-heads", type=int, default=4, help="kd mode: ignored, the teacher's head count")
+    g.add_argument("--head-dim", type=int, default=None,
+                   help="per-head width (default 64; kd mode: max qkv / heads, default the teacher's)")
+    g.add_argument("--mode", choices=OBJECTIVES, default="mlm",
+                   help="mlm: MLM pre-training (MHA strategy 1); kd: distillation from --teacher (strategy 2)")
+    g.add_argument("--teacher", default="minilm-l6", help="kd teacher: minilm-l6 or a BERT folder")
+    g.add_argument("--formula", default=None, help="one attention formula for every layer (default standard)")
+    d = p.add_argument_group("data and training")
+    d.add_argument("--corpus", default="wiki-sample", help="wiki-sample | bbc-news | a local text path")
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--batch-size", type=int, default=32, help="global batch (all sub-batches, all processes)")
+    d.add_argument("--sub-batches", type=int, default=4, help="N of Algorithm 1 (1: one sub-model per batch)")
+    d.add_argument("--samples", type=int, default=1, help="M: sub-models per sub-batch")
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--eval-every", type=int, default=None)
+    d.add_argument("--checkpoint-every", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--precision", choices=tuple(T.PRECISIONS), default="fp32")
+    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--json", action="store_true", help="print the metrics summary as JSON")
+
+
+def _space_from_args(args, teacher):
+    from .space import Space
+
+    kw = dict(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
+              mode=args.mode, formula=args.formula)
+    if args.mode == "kd":
+        tc = teacher.config
+        kw["max_heads"] = tc.num_attention_heads
+        kw["head_dim"] = args.head_dim or tc.hidden_size // tc.num_attention_heads
+        kw["vocab_size"] = tc.vocab_size
+    else:
+        kw["max_heads"] = args.max_heads
+        if args.head_dim is not None:
+            kw["head_dim"] = args.head_dim
+    return Space(**kw)
+
+
+def cli_train(args) -> int:
+    """`attnc search superplm train`: returns the exit status; prints the summary (rank 0)."""
+    from attnc.runtime import data as D
+    from attnc.runtime.train import load_teacher
+    from .supernet import SuperPLM
+
+    rank, world = _dist_env()
+    out = Path(args.out)
+    teacher = load_teacher(args.teacher) if args.mode == "kd" else None
+    space = _space_from_args(args, teacher)
+    tok = D.load_tokenizer()
+    if args.mode == "mlm" and len(tok) > space.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tok)} tokens, the space's vocabulary {space.vocab_size}")
+    blocks = D.cached_blocks(args.corpus, tok, args.seq_len, progress=not args.no_progress and rank == 0)
+    data = T.MLMData(blocks, tok)
+    cfg = SuperTrainConfig(steps=args.steps, batch_size=args.batch_size, sub_batches=args.sub_batches,
+                           samples=args.samples, lr=args.lr, seed=args.seed, objective=args.mode,
+                           eval_every=args.eval_every, checkpoint_dir=str(out / "checkpoints"),
+                           checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+                           precision=args.precision)
+    torch.manual_seed(args.seed)   # the SuperPLM's init (identical on every rank)
+    supernet = SuperPLM(space)
+    metrics = train_superplm(supernet, data, cfg, teacher=teacher, progress=not args.no_progress)
+    summary = {"out": str(out / SUPERNET_DIR), "space": space.to_json(), "steps": metrics["steps"],
+               "world_size": metrics["world_size"], "sub_batches": cfg.sub_batches, "samples": cfg.samples,
+               "objective": cfg.objective, "seconds": round(metrics["seconds"], 2),
+               "loss_first10": _mean(metrics["losses"][:10]), "loss_last10": _mean(metrics["losses"][-10:]),
+               "final_eval": metrics["final_eval"], "resumed_from": metrics["resumed_from"]}
+    if rank == 0:
+        save_superplm(supernet, out, metrics=metrics)
+        (out / "superplm_train.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"trained SuperPLM {space.max_arch} ({cfg.objective}, N={cfg.sub_batches}, M={cfg.samples}, "
+                  f"{world} process(es)): {metrics['steps']} steps in {summary['seconds']} s, "
+                  f"loss {summary['loss_first10']:.3f} -> {summary['loss_last10']:.3f}, held-out MLM loss "
+                  f"of {space.max_arch}: {metrics['final_eval']['loss']:.3f}")
+            print(f"saved to {out / SUPERNET_DIR} (load with attnc.search.tinybert.train.load_superplm)")
+    return 0
+
+
+def _mean(xs) -> float:
+    return float(sum(xs) / len(xs)) if xs else math.nan
+
+
+__all__ = ["SuperTrainConfig", "train_superplm", "sample_arch", "heldout_mlm_loss", "save_superplm",
+           "load_superplm", "add_train_arguments", "cli_train", "KD_DEFAULT"]

@@ -1,0 +1,230 @@
+"""AutoTinyBERT latency dataset and predictor (attnc.search.tinybert.latency).
+
+References: a synthetic latency function whose truth is known (scored on fresh archs), the mean
+predictor on measured latencies, an uninterrupted collection vs one killed (SIGKILL) and resumed,
+and save -> load round trips."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from attnc.compiler.errors import ConfigError, DataError
+from attnc.search.tinybert import latency as lat
+from attnc.search.tinybert.latency import LatencyPredictor, arch_sequence, collect
+from attnc.search.tinybert.space import Arch, Space
+
+# tiny models: building and timing one takes milliseconds
+TINY = Space(max_layers=3, max_hidden=96, max_ffn=192, max_heads=2, head_dim=16, vocab_size=64,
+             max_position_embeddings=64)
+MID = Space(max_layers=6, max_hidden=512, max_ffn=2048, max_heads=8)
+FAST = dict(seq=32, warmup=1, repeats=3)
+
+
+def synthetic_ms(space: Space, arch: Arch) -> float:
+    """A made-up but latency-like cost: FLOPs at one rate, plus per-layer and per-head overheads
+    and a mild width-dependent efficiency (wider matmuls run faster per FLOP)."""
+    flops = space.flops(arch, 128)
+    rate = 2e9 * (1 + arch.hidden / 512)            # FLOP/s, better for wide models
+    return 1e3 * flops / rate + 0.08 * arch.layers + 0.01 * arch.layers * arch.heads + 0.05
+
+
+def test_arch_sequence_starts_with_the_extremes_and_is_prefix_stable():
+    seq = arch_sequence(TINY, 20, seed=3)
+    assert seq[0] == Arch(1, 32, 32, 1, 16) and seq[1] == Arch(3, 96, 192, 2, 32)
+    assert len(set(seq)) == 20 and all(a in TINY for a in seq)
+    assert arch_sequence(TINY, 35, seed=3)[:20] == seq            # extending keeps the prefix
+    assert arch_sequence(TINY, 20, seed=4) != seq
+    kd = Space(max_layers=2, max_hidden=64, max_ffn=64, max_heads=4, head_dim=8, mode="kd")
+    assert arch_sequence(kd, 2)[0] == Arch(1, 32, 32, 4, 4)
+    with pytest.raises(ConfigError, match="too few distinct"):
+        arch_sequence(Space(max_layers=1, max_hidden=32, max_ffn=36, max_heads=1), 5)
+
+
+def test_synthetic_latency_is_learnt_to_under_5_percent():
+    rng = random.Random(0)
+    archs = arch_sequence(MID, 240, seed=1)
+    # 1% multiplicative measurement noise on the training data
+    records = [{"arch": str(a), "ms": synthetic_ms(MID, a) * (1 + 0.01 * rng.gauss(0, 1))} for a in archs]
+    pred, m = LatencyPredictor.fit(MID, records, hidden=(64, 64), epochs=800, seed=0)
+    # scored against the noise-free truth on archs the predictor has never seen
+    seen = set(archs)
+    fresh = [a for a in arch_sequence(MID, 500, seed=2) if a not in seen][:150]
+    p = pred.predict_many(fresh)
+    truth = [synthetic_ms(MID, a) for a in fresh]
+    mape = 100 * sum(abs(x - t) / t for x, t in zip(p, truth)) / len(truth)
+    assert mape < 5.0, mape
+    assert m["mape_pct"] < 5.0 and m["mean_predictor"]["mape_pct"] > 20.0
+    # the fit's own held-out MAPE is that of predictions vs the held-out records
+    assert m["n_heldout"] == round(0.2 * 240) and m["n_train"] + m["n_heldout"] == 240
+
+
+def test_predictor_beats_the_mean_predictor_on_measured_latencies(tmp_path):
+    space = Space(max_layers=4, max_hidden=128, max_ffn=256, max_heads=2, head_dim=32, vocab_size=64,
+                  max_position_embeddings=64)
+    records = collect(space, 40, tmp_path, seq=64, warmup=1, repeats=5)
+    pred, m = LatencyPredictor.fit(space, records, hidden=(64, 64), epochs=600, seed=0, seq=64)
+    held = m["n_heldout"]
+    assert held == 8
+    assert m["rmse_ms"] < m["mean_predictor"]["rmse_ms"]
+    assert m["mape_pct"] < m["mean_predictor"]["mape_pct"]
+    # fitting from the folder reads the same records and the seq of its settings
+    pred2, m2 = LatencyPredictor.fit(space, tmp_path, hidden=(64, 64), epochs=600, seed=0)
+    assert m2["rmse_ms"] == m["rmse_ms"] and pred2.settings["seq"] == 64
+
+
+def test_save_load_round_trip_and_bad_folders(tmp_path):
+    archs = arch_sequence(MID, 60, seed=0)
+    records = [{"arch": str(a), "ms": synthetic_ms(MID, a)} for a in archs]
+    pred, m = LatencyPredictor.fit(MID, records, hidden=(32, 32), epochs=100, seed=0)
+    pred.save(tmp_path / "p")
+    back = LatencyPredictor.load(tmp_path / "p")
+    probe = arch_sequence(MID, 80, seed=9)
+    assert back.predict_many(probe) == pred.predict_many(probe)
+    assert back.predict(str(probe[5])) == pred.predict(probe[5])
+    assert back.space == MID and back.metrics["rmse_ms"] == m["rmse_ms"]
+    saved = json.loads((tmp_path / "p" / "predictor.json").read_text())
+    assert saved["space"] == MID.to_json() and saved["target"] == "log"
+
+    with pytest.raises(ConfigError, match="outside"):
+        back.predict("7-512-2048-8-512")                 # beyond the space's 6 layers
+    with pytest.raises(DataError, match="missing") as e:
+        LatencyPredictor.load(tmp_path / "nothing")
+    assert "attnc search latency" in e.value.hint
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "predictor.json").write_text("{not json")
+    with pytest.raises(DataError):
+        LatencyPredictor.load(tmp_path / "bad")
+    # a truncated weights file
+    data = (tmp_path / "p" / "predictor.pt").read_bytes()
+    (tmp_path / "p" / "predictor.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="damaged"):
+        LatencyPredictor.load(tmp_path / "p")
+    with pytest.raises(DataError, match="too few"):
+        LatencyPredictor.fit(MID, records[:3])
+    with pytest.raises(ConfigError):
+        LatencyPredictor.fit(MID, [{"arch": "1-32-32-3-100", "ms": 1.0}] * 6)   # qkv != 64 h
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from attnc.search.tinybert import latency as lat
+    from attnc.search.tinybert.space import Space
+    real = lat.measure_arch
+    def slow(*a, **k):          # slow enough that the parent kills it mid-collection
+        time.sleep(0.3)
+        return real(*a, **k)
+    lat.measure_arch = slow
+    space = Space.from_json(__import__("json").loads(sys.argv[2]))
+    lat.collect(space, 12, sys.argv[1], seq=32, warmup=1, repeats=3, seed=5)
+""")
+
+
+def test_collect_resumes_after_sigkill_with_the_same_arch_sequence(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(killed), json.dumps(TINY.to_json())],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    path = killed / "latency.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") >= 3:
+            break
+        if child.poll() is not None:
+            pytest.fail(f"collector exited early: {child.stderr.read().decode()}")
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    text = path.read_text()
+    before = text[: text.rfind("\n") + 1].splitlines()    # complete lines (the kill may cut one)
+    assert 3 <= len(before) < 12, "the kill must land mid-collection"
+    with open(path, "a") as f:                 # what a kill during a write leaves behind
+        f.write('{"index": %d, "arch": "2-6' % len(before))
+
+    resumed = collect(TINY, 12, killed, seed=5, **FAST)
+    ref = collect(TINY, 12, clean, seed=5, **FAST)
+    lines = path.read_text().splitlines()
+    assert lines[: len(before)] == before                      # measured records are kept as written
+    assert [json.loads(x) for x in lines] == resumed
+    assert [r["arch"] for r in resumed] == [r["arch"] for r in ref]
+    assert [r["index"] for r in resumed] == list(range(12))
+    assert len({r["arch"] for r in resumed}) == 12
+    # a finished dataset is not measured again; a larger one is extended with the same sequence
+    assert collect(TINY, 12, killed, seed=5, **FAST) == resumed
+    more = collect(TINY, 15, killed, seed=5, **FAST)
+    assert [r["arch"] for r in more] == [str(a) for a in arch_sequence(TINY, 15, seed=5)]
+
+
+def test_collect_refuses_other_settings_and_foreign_files(tmp_path):
+    collect(TINY, 4, tmp_path, seed=0, **FAST)
+    with pytest.raises(ConfigError, match="seq"):
+        collect(TINY, 4, tmp_path, seed=0, seq=16, warmup=1, repeats=3)
+    with pytest.raises(ConfigError, match="space"):
+        collect(Space(max_layers=2, max_hidden=96, max_ffn=192, max_heads=2, head_dim=16, vocab_size=64,
+                      max_position_embeddings=64), 4, tmp_path, seed=0, **FAST)
+    with pytest.raises(ConfigError, match="seed"):
+        collect(TINY, 4, tmp_path, seed=1, **FAST)
+    # a record that is not the sequence's
+    path = tmp_path / "latency.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    recs[2]["arch"] = "1-32-32-1-16" if recs[2]["arch"] != "1-32-32-1-16" else "1-36-32-1-16"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DataError, match="record 2"):
+        collect(TINY, 4, tmp_path, seed=0, **FAST)
+    path.write_text("garbage\n")
+    with pytest.raises(DataError, match=":1"):
+        collect(TINY, 4, tmp_path, seed=0, **FAST)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        collect(TINY, 4, tmp_path / "x", seq=128)
+    with pytest.raises(ConfigError, match="CUDA|device"):
+        collect(TINY, 4, tmp_path / "y", device="tpu")
+
+
+def test_bert_base_latency_is_measured_once_per_target(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(space, arch, **kw):
+        calls.append((str(arch), kw["seq"]))
+        return {"arch": str(arch), "ms": 100.0 + len(calls), "mean_ms": 0.0, "min_ms": 0.0}
+
+    monkeypatch.setattr(lat, "measure_arch", fake)
+    a = lat.bert_base_latency_ms("cpu", 1, 1, 128, folder=tmp_path)
+    b = lat.bert_base_latency_ms("cpu", 1, 1, 128, folder=tmp_path)
+    c = lat.bert_base_latency_ms("cpu", 1, 1, 64, folder=tmp_path)
+    assert (a, b, c) == (101.0, 101.0, 102.0)
+    assert calls == [("12-768-3072-12-768", 128), ("12-768-3072-12-768", 64)]
+    (tmp_path / "bert_base_latency.json").write_text("[")
+    with pytest.raises(DataError):
+        lat.bert_base_latency_ms("cpu", 1, 1, 128, folder=tmp_path)
+
+
+def test_cli_collects_fits_and_saves(tmp_path, capsys):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    lat.add_latency_arguments(p)
+    out = tmp_path / "run"
+    argv = ["--samples", "20", "--max-layers", "2", "--max-hidden", "64", "--max-ffn", "96", "--max-heads", "2",
+            "--head-dim", "16", "--vocab-size", "64", "--seq", "32", "--warmup", "1", "--repeats", "3",
+            "--epochs", "200", "--no-progress", "--json", "--out", str(out)]
+    assert lat.cli_latency(p.parse_args(argv)) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["samples"] == 20 and res["measured_now"] == 20
+    pred = LatencyPredictor.load(out)
+    assert pred.space == Space(max_layers=2, max_hidden=64, max_ffn=96, max_heads=2, head_dim=16, vocab_size=64)
+    recs = lat.load_records(out)
+    assert math.isfinite(pred.predict(recs[3]["arch"]))
+    # rerun: nothing new to measure; other settings -> the project's error
+    assert lat.cli_latency(p.parse_args(argv)) == 0
+    assert json.loads(capsys.readouterr().out)["measured_now"] == 0
+    with pytest.raises(ConfigError):
+        lat.cli_latency(p.parse_args(argv[:-2] + ["--seq", "16", "--out", str(out)]))
