@@ -8,6 +8,7 @@ setup:
 
 demo: setup
 	$(PYTHON) -m attnc demo
+	$(PYTHON) -m attnc demo --tinybert
 
 # CPU only: Triton kernels run under the interpreter. pytest's exit 5 (no tests) fails too.
 test: setup

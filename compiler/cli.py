@@ -62,10 +62,13 @@ def register(sub) -> None:
     _ops_arg(p)
     p.set_defaults(func=cmd_ops)
 
-    p = sub.add_parser("demo", help="the main job: compile the paper's formulas (and, with the "
-                                    "runtime, pretrain and fine-tune a tiny hybrid)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p = sub.add_parser("demo", help="the main job: compile the paper's formulas and run a small OP-NAS "
+                                    "search (--tinybert: a tiny AutoTinyBERT search instead)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/tinybert-demo)")
     p.add_argument("--compile-only", action="store_true", help="only compile the paper's formulas")
+    p.add_argument("--tinybert", action="store_true",
+                   help="AutoTinyBERT end to end: SuperPLM training, latency predictor, evolution "
+                        "under a latency window, extraction of the best sub-model")
     p.add_argument("--steps", type=int, default=None, help="MLM steps per weight-shared child (search demo)")
     p.set_defaults(func=cmd_demo)
 
@@ -260,6 +263,9 @@ def cmd_ops(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.tinybert:
+        return _demo_tinybert(args)
+    args.out = args.out or "runs/demo"
     print("== attnc demo: the AutoBERT-Zero paper's formulas ==")
     for title, text in PAPER_FORMULAS.items():
         a = analyze(text)
@@ -301,6 +307,23 @@ def cmd_demo(args) -> int:
     print(f"done in {result['seconds']:.0f} s; study in {s['study']}, full summary in {args.out}/demo.json")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "demo.json").write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _demo_tinybert(args) -> int:
+    from attnc.search.tinybert.demo import format_summary, run_tinybert_demo
+
+    out = args.out
+    if out is None:   # the default folder: a fresh one next to earlier runs, so `make demo` can run again
+        out, i = Path("runs/tinybert-demo"), 1
+        while (out / "search" / "study.db").exists():
+            i += 1
+            out = Path(f"runs/tinybert-demo-{i}")
+    print("== attnc demo --tinybert: AutoTinyBERT on a tiny SuperPLM (wiki-sample MLM, CPU latency) ==")
+    kw = {} if args.steps is None else {"steps": args.steps}
+    summary = run_tinybert_demo(out, progress=True, **kw)
+    print(format_summary(summary))
+    print(f"full summary in {Path(out, 'demo.json')}")
     return 0
 
 
