@@ -69,7 +69,7 @@ def register(sub) -> None:
     p.add_argument("--tinybert", action="store_true",
                    help="AutoTinyBERT end to end: SuperPLM training, latency predictor, evolution "
                         "under a latency window, extraction of the best sub-model")
-    p.add_argument("--steps", type=int, default=None, help="MLM steps per weight-shared child (search demo)")
+    p.add_argument("--steps", type=int, default=None, help="MLM steps per weight-shared child (OP-NAS demo); SuperPLM steps with --tinybert")
     p.set_defaults(func=cmd_demo)
 
 
