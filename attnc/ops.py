@@ -21,14 +21,15 @@ from typing import Callable
 import sympy as sp
 
 from attnc.compiler import elementwise as _table
-from attnc.compiler.elementwise import X, Elementwise, entries, evaluate, lookup, names
+from attnc.compiler.elementwise import X, Elementwise, entries, lookup, names
 from attnc.compiler.errors import ConfigError
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
 def register_elementwise(name: str, expr, *, torch: Callable | None = None,
-                         triton=None, doc: str = "", flops: int | None = None) -> Elementwise:
+                         triton=None, domain=None, doc: str = "",
+                         flops: int | None = None) -> Elementwise:
     """Make `name(x)` usable in formulas, with f(x) = `expr` (a SymPy expression in one symbol
     named x).
 
@@ -36,6 +37,9 @@ def register_elementwise(name: str, expr, *, torch: Callable | None = None,
             with torch functions).
     triton: optional numerically stable SymPy form in x for the Triton kernels (default: the
             definition); the kernels' backward differentiates it.
+    domain: optional SymPy condition in x where f is defined (e.g. x > 0); a constant argument
+            outside it is a CheckError.
+    flops:  optional cost per entry (default: SymPy's operation count of the definition).
     Registering the same definition again is a no-op; a different one under a taken name is a
     ConfigError (`unregister_elementwise` frees a registered name).
     """
@@ -47,8 +51,11 @@ def register_elementwise(name: str, expr, *, torch: Callable | None = None,
     kernel = _in_x(triton, "triton") if triton is not None else None
     if torch is not None and not callable(torch):
         raise ConfigError(f"torch= for {name!r} must be a function of a tensor, got {torch!r}")
+    if flops is not None and (isinstance(flops, bool) or not isinstance(flops, int) or flops < 0):
+        raise ConfigError(f"flops= for {name!r} must be a non-negative int, got {flops!r}")
+    where = _domain_in_x(domain) if domain is not None else None
     entry = Elementwise(name, definition, doc or str(definition), kernel=kernel, torch=torch,
-                        flops=flops)
+                        domain=where, flops=flops)
     old = lookup(name)
     if old is not None:
         if old == entry:
@@ -89,6 +96,19 @@ def _in_x(expr, what: str) -> sp.Expr:
     return expr.xreplace({s: X for s in free})
 
 
+def _domain_in_x(domain) -> sp.Basic:
+    """`domain` (a SymPy condition in x such as x > 0) in the table's symbol X."""
+    if isinstance(domain, str) or not isinstance(domain, sp.logic.boolalg.Boolean) \
+            or isinstance(domain, sp.logic.boolalg.BooleanAtom):
+        raise ConfigError(f"domain= must be a SymPy condition in x, got {domain!r}",
+                          hint="e.g. x > 0, or sympy.And(x > -1, x < 1)")
+    others = [s for s in domain.free_symbols if s.name != "x"]
+    if others or not domain.free_symbols:
+        raise ConfigError(f"domain= may use only the symbol x, got {domain}",
+                          hint="e.g. x > 0, or sympy.And(x > -1, x < 1)")
+    return domain.xreplace({s: X for s in domain.free_symbols})
+
+
 def _check_backends(entry: Elementwise) -> None:
     """Fail now, with a hint, rather than inside a generated kernel later."""
     probe = [-2.5, -0.5, 0.0, 0.75, 3.0]
@@ -102,7 +122,7 @@ def _check_backends(entry: Elementwise) -> None:
         raise ConfigError(f"{entry.name}(x) = {entry.expr} is not finite at any of x = {probe}",
                           hint="check the definition")
     if entry.kernel is not None:
-        stable = [float(evaluate(entry.kernel, v, _table._MATH)) for v in probe]
+        stable = [float(_table.evaluate_float(entry.kernel, v)) for v in probe]
         _same_values(entry.name, "triton", stable, values, probe)
     try:
         import torch
@@ -132,10 +152,8 @@ def unregister_elementwise(name: str) -> None:
     """Remove a registered function (built-ins stay). Formulas analysed or compiled with it are
     dropped from the in-process caches, so using the name again is a ParseError."""
     _table.remove(name)
-    from attnc.compiler import api
-    with api._LOCK:
-        api._ANALYSES.clear()
-        api._COMPILED.clear()
+    from attnc.compiler.api import clear_memos
+    clear_memos()
 
 
 def _same_values(name: str, form: str, got: list, want: list, probe: list) -> None:
@@ -148,10 +166,28 @@ def _same_values(name: str, form: str, got: list, want: list, probe: list) -> No
                               f"definition {b:.6g}", hint=f"{form}= must compute the same function")
 
 
+def import_ops_modules(modules) -> None:
+    """Import each named module (a user's module that calls register_elementwise), the way the
+    CLI's `--ops MODULE` makes registered functions visible to a command. Only importable module
+    names are accepted (no file paths, no code)."""
+    import importlib
+    for module in modules:
+        if not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+            raise ConfigError(f"--ops needs a module name, got {module!r}",
+                              hint="a dotted module name on PYTHONPATH (my_ops, pkg.my_ops), "
+                                   "not a file path")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"cannot import --ops module {module!r}: {e}",
+                              hint="give an importable module name (on PYTHONPATH), not a file "
+                                   "path") from e
+
+
 def elementwise_names(builtin: bool | None = None) -> tuple[str, ...]:
     """Names in the table: all, only built-ins (True) or only registered ones (False)."""
     return tuple(e.name for e in entries() if builtin is None or e.builtin == builtin)
 
 
-__all__ = ["register_elementwise", "unregister_elementwise", "elementwise_names", "Elementwise", "lookup",
+__all__ = ["register_elementwise", "unregister_elementwise", "elementwise_names", "import_ops_modules", "Elementwise", "lookup",
            "names", "X"]

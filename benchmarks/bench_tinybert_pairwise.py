@@ -55,6 +55,35 @@ def pick_archs(space, k: int, seed: int):
     return sorted(chosen, key=space.params)
 
 
+def pick_band(space, k: int, seed: int, band: float = 0.1):
+    """k distinct archs of about the same size: among 4000 random samples, those whose parameter count
+    is within +-band of the samples' median, spread by FLOPs (evenly spaced quantiles). Since the
+    parameter count alone ranks archs of different sizes almost perfectly (the embedding, vocab x dm,
+    dominates at tiny scale), this harder set asks the SuperPLM to rank shapes, not sizes."""
+    import statistics
+
+    rng = random.Random(seed)
+    pool = list({space.sample(rng) for _ in range(4000)})
+    mid = statistics.median(space.params(a) for a in pool)
+    near = sorted((a for a in pool if abs(space.params(a) / mid - 1) <= band), key=lambda a: (space.flops(a), str(a)))
+    if len(near) < k:
+        raise SystemExit(f"only {len(near)} archs within {band:.0%} of the median size; widen --band")
+    return [near[round(q * (len(near) - 1) / (k - 1))] for q in range(k)]
+
+
+def baselines(space, archs, truth, seq_len: int) -> dict:
+    """Pairwise accuracy / Kendall tau of size alone as the score (more parameters or FLOPs = lower
+    loss): what a SuperPLM must beat to show it ranks more than size."""
+    from scipy.stats import kendalltau
+
+    out = {}
+    for name, fn in (("parameters", space.params), ("flops", lambda a: space.flops(a, seq_len))):
+        score = [-fn(a) for a in archs]      # a loss-like score: bigger models rank as lower loss
+        out[name] = {"pairwise_accuracy": pairwise_accuracy(score, truth),
+                     "kendall_tau": float(kendalltau(score, truth).statistic)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-layers", type=int, default=4)
@@ -63,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--archs", type=int, default=10)
+    ap.add_argument("--pick", choices=("spread", "band"), default="spread",
+                    help="spread: archs spread by size (the smallest and the largest included); band: archs "
+                         "of about the same parameter count (+-10%%), spread by FLOPs")
     ap.add_argument("--steps", type=int, default=400, help="batch-wise SuperPLM optimizer steps")
     ap.add_argument("--sub-batches", type=int, default=4, help="N of the batch-wise run")
     ap.add_argument("--standalone-steps", type=int, default=400)
@@ -90,7 +122,7 @@ def main(argv=None) -> int:
     space = Space(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
                   max_heads=args.max_heads, head_dim=args.head_dim, vocab_size=len(tok),
                   max_position_embeddings=max(64, args.seq_len))
-    archs = pick_archs(space, args.archs, args.seed)
+    archs = (pick_archs if args.pick == "spread" else pick_band)(space, args.archs, args.seed)
     print(f"space max {space.max_arch}, {len(archs)} archs: {', '.join(map(str, archs))}", flush=True)
 
     torch.manual_seed(args.seed)
@@ -129,11 +161,15 @@ def main(argv=None) -> int:
         results[name] = {"pairwise_accuracy": pairwise_accuracy(scores[name], truth), "kendall_tau": float(tau),
                          "scores": scores[name], "seconds": seconds[name]}
         print(f"{name:14s} pairwise accuracy {results[name]['pairwise_accuracy']:.1%}  Kendall tau {tau:.3f}")
+    base = baselines(space, archs, truth, args.seq_len)
+    for name, r in base.items():
+        print(f"size baseline: {name:10s} pairwise accuracy {r['pairwise_accuracy']:.1%}  "
+              f"Kendall tau {r['kendall_tau']:.3f}")
     out = {
         "benchmark": "tinybert_pairwise (AutoTinyBERT Appendix E)",
         "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + (argv if argv is not None else sys.argv[1:])),
         "args": vars(args), "space": space.to_json(), "archs": [str(a) for a in archs],
-        "params": [space.params(a) for a in archs], "standalone_losses": truth, "results": results,
+        "params": [space.params(a) for a in archs], "standalone_losses": truth, "results": results, "size_baselines": base,
         "seconds_standalone": seconds["standalone"], "target_pairwise": 0.9, "paper_pairwise": 0.967,
         "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()} "
         f"{os.cpu_count()} cpus, {torch.get_num_threads()} threads", "python": platform.python_version(),

@@ -163,6 +163,14 @@ def _compile_analysis(analysis: Analysis, backend: str, cache_dir, backend_optio
     return compiled
 
 
+def clear_memos() -> None:
+    """Forget the in-process memos of analyses and compiled formulas (attnc.ops does this when a
+    registered function is removed, so that its name stops parsing)."""
+    with _LOCK:
+        _ANALYSES.clear()
+        _COMPILED.clear()
+
+
 def _triton_usable() -> bool:
     try:
         import torch

@@ -90,7 +90,12 @@ def _check_scalars(g: nx.DiGraph) -> None:
             if any(a is None for a in args):
                 continue
             if is_fn(node.op):
-                fn = elementwise.get(node.op.value).scalar_fn()
+                entry = elementwise.get(node.op.value)
+                if not entry.in_domain(args[0]):
+                    raise CheckError(f"{entry.name}({args[0]:g}) is outside the domain of "
+                                     f"{entry.name}: {entry.domain}", node.span,
+                                     hint=f"{entry.name}(x) is defined only for {entry.domain}")
+                fn = entry.scalar_fn()
             else:
                 fn = _S_UNARY.get(node.op) or _S_BINARY.get(node.op)
             if fn is None:

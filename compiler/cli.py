@@ -13,7 +13,7 @@ from .api import analyze, analyze_file, compile as compile_formula
 from .check import CheckOptions
 from .equiv import equivalent, fingerprint
 from . import backends, elementwise
-from .errors import AttncError, BackendError, ConfigError
+from .errors import AttncError, BackendError
 from .ir import FUNCTIONS, OP_DOC, Op, label, shape_str, topo
 from .report import report
 
@@ -59,7 +59,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_equiv)
 
     p = sub.add_parser("ops", help="list the operations of the formula language")
-    _ops_arg(p)
+    ops_option(p)
     p.set_defaults(func=cmd_ops)
 
     p = sub.add_parser("demo", help="the main job: compile the paper's formulas and run a small OP-NAS "
@@ -85,28 +85,24 @@ def _size_args(p) -> None:
 def _check_args(p) -> None:
     p.add_argument("--min-inputs", type=int, default=2, help="fewest distinct inputs (default 2)")
     p.add_argument("--max-inputs", type=int, default=4, help="most distinct inputs (default 4)")
-    _ops_arg(p)
+    ops_option(p)
 
 
-def _ops_arg(p) -> None:
+def ops_option(p) -> None:
+    """`--ops MODULE` on a command (other stages' commands use it too: attnc search)."""
     p.add_argument("--ops", metavar="MODULE", action="append", default=[], dest="ops_modules",
                    help="import MODULE first: a module of yours that registers elementwise "
                         "functions with attnc.ops.register_elementwise (repeatable)")
 
 
-def _load_ops(args) -> None:
+def load_ops(args) -> None:
     """Import the user's --ops modules (their registrations are how functions get added)."""
-    import importlib
-    for name in getattr(args, "ops_modules", []):
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(f"cannot import --ops module {name!r}: {e}",
-                              hint="give an importable module name (on PYTHONPATH), not a file path") from e
+    from attnc.ops import import_ops_modules
+    import_ops_modules(getattr(args, "ops_modules", []))
 
 
 def _checks(args) -> CheckOptions:
-    _load_ops(args)
+    load_ops(args)
     return CheckOptions(min_inputs=args.min_inputs, max_inputs=args.max_inputs)
 
 
@@ -243,7 +239,7 @@ def cmd_equiv(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    _load_ops(args)
+    load_ops(args)
     names = {op: [k for k, (o, _) in FUNCTIONS.items() if o is op] for op in OP_DOC}
     print(f"{'op':12s} {'write it as':28s} math")
     syntax = {Op.NEG: "-x", Op.ADD: "x + y", Op.SUB: "x - y", Op.MUL: "x * y", Op.DIV: "x / y",
@@ -254,7 +250,8 @@ def cmd_ops(args) -> int:
     print("\nelementwise functions (f(x) entrywise; attnc.ops.register_elementwise adds more):")
     print(f"{'name':12s} {'origin':10s} {'definition':28s} derivative")
     for e in elementwise.entries():
-        print(f"{e.name:12s} {'built-in' if e.builtin else 'registered':10s} {str(e.expr):28s} "
+        definition = str(e.expr) + ("" if e.domain is None else f", {e.domain}")
+        print(f"{e.name:12s} {'built-in' if e.builtin else 'registered':10s} {definition:28s} "
               f"{e.derivative}")
     print("\ninputs Q K V P (n x d); sizes n d; positions i (n x 1), j (1 x n); constants, inf, pi, e;")
     print("comparisons < <= > >= == != and & | ! only inside where(cond, x, y) / mask(x, cond);")

@@ -74,7 +74,8 @@ class Elementwise:
     torch: Callable | str | None = None    # stable form for tensors: tensor -> tensor (a str
                                            # names a function of compiler/torch_ops.py or torch)
     scalar: Callable | None = None         # stable form for Python floats (constant folding)
-    domain: sp.Basic | None = None         # where f is defined (documentation), e.g. X > 0
+    domain: sp.Basic | None = None         # where f is defined, e.g. X > 0: a constant argument
+                                           # outside it is a CheckError
     flops: int | None = None               # cost per entry; default: SymPy's operation count
     builtin: bool = False
 
@@ -96,6 +97,12 @@ class Elementwise:
     def derivative(self) -> sp.Expr:
         return sp.diff(self.expr if self.kernel is None else self.kernel, X)
 
+    def in_domain(self, value: float) -> bool:
+        """Whether f is defined at the number `value` (always, without a domain)."""
+        if self.domain is None:
+            return True
+        return bool(self.domain.xreplace({X: sp.Float(value)}))
+
     @property
     def flop_cost(self) -> int:
         return self.flops if self.flops is not None else max(1, int(sp.count_ops(self.expr)))
@@ -115,7 +122,7 @@ class Elementwise:
         if self.scalar is not None:
             return self.scalar
         expr = self.expr
-        return lambda v: evaluate(expr, float(v), _MATH)
+        return lambda v: evaluate_float(expr, v)
 
 
 _TABLE: dict[str, Elementwise] = {}
@@ -274,6 +281,11 @@ def evaluate(expr, value, lib):
     return go(expr)
 
 
+def evaluate_float(expr, value: float) -> float:
+    """expr (SymPy, in X) at X = value, with Python floats (constant folding, checks)."""
+    return evaluate(expr, float(value), _MATH)
+
+
 def _broadcast_minmax(f, a, b):
     if hasattr(a, "dtype") and not hasattr(b, "dtype"):
         return f(a, a.new_tensor(b).expand_as(a))
@@ -312,5 +324,5 @@ def _builtins():
 _builtins()
 BUILTIN_NAMES = names()
 
-__all__ = ["X", "Elementwise", "get", "lookup", "names", "entries", "add", "evaluate",
+__all__ = ["X", "Elementwise", "get", "lookup", "names", "entries", "add", "evaluate", "evaluate_float",
            "user_digest", "BUILTIN_NAMES", "Sigmoid", "Softplus", "LogSigmoid", "Relu", "Step"]

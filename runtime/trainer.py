@@ -321,6 +321,34 @@ def _autocast_factory(precision: str, device: torch.device):
 # ================================================================================================
 
 
+def finish_run(metrics: dict, stop: str | None, step: int, t0: float, evaluate, bar) -> None:
+    """The end of a training loop (train() here and search/tinybert/train.py's train_superplm):
+    close the progress bar, record why the run stopped and its seconds, evaluate the last step
+    unless it just was, and keep that evaluation (without its step) as metrics["final_eval"]."""
+    if bar is not None:
+        bar.close()
+    metrics["stopped"] = stop or "steps"
+    metrics["seconds"] = metrics.get("seconds", 0.0) + time.perf_counter() - t0
+    if not metrics["evals"] or metrics["evals"][-1]["step"] != step:
+        evaluate(step)
+    metrics["final_eval"] = {k: v for k, v in metrics["evals"][-1].items() if k != "step"}
+
+
+def restore_training_state(state: dict, model, distiller, opt, sched, scaler) -> tuple[dict, int]:
+    """Load a checkpoint's model, distillation fit layer (when both have one), optimizer, scheduler
+    and grad-scaler states (train() here and search/tinybert/train.py's train_superplm); return its
+    metrics, marked with the step they resume from, and that step."""
+    model.load_state_dict(state["model"])
+    if distiller is not None and state.get("fit") is not None:
+        distiller.fit.load_state_dict(state["fit"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    metrics = state["metrics"]
+    metrics["resumed_from"] = state["step"]
+    return metrics, state["step"]
+
+
 def _to(b: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
@@ -583,14 +611,7 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
             raise ConfigError(f"the checkpoint {ck} was written with seed {state['seed']} and "
                               f"{state['total_steps']} steps, this run has seed {cfg.seed} and "
                               f"{cfg.steps} steps", hint="resume with the same seed and steps")
-        model.load_state_dict(state["model"])
-        if distiller is not None and state.get("fit") is not None:
-            distiller.fit.load_state_dict(state["fit"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        metrics = state["metrics"]
-        metrics["resumed_from"] = start = state["step"]
+        metrics, start = restore_training_state(state, model, distiller, opt, sched, scaler)
         _set_rng_state(state["rng"], device)
 
     def checkpoint(step: int):
@@ -676,13 +697,7 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
             if due_steps or due_time:
                 checkpoint(step)
                 last_ckpt = time.monotonic()
-    if bar is not None:
-        bar.close()
-    metrics["stopped"] = stop or "steps"
-    metrics["seconds"] = metrics.get("seconds", 0.0) + time.perf_counter() - t0
-    if not metrics["evals"] or metrics["evals"][-1]["step"] != step:
-        evaluate(step)
-    metrics["final_eval"] = {k: v for k, v in metrics["evals"][-1].items() if k != "step"}
+    finish_run(metrics, stop, step, t0, evaluate, bar)
     model.train(was_training)
     if distiller is not None:
         distiller.close()

@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from attnc.compiler.cli import load_ops, ops_option   # --ops MODULE: the user's registered functions
 from attnc.compiler.errors import ConfigError, DataError
 
 _EVAL_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -51,6 +52,10 @@ def register(subparsers) -> None:
                         "1 reproduces the in-process search exactly under weight sharing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--primitive", action="append", default=[], metavar="NAME", dest="extra_primitives",
+                   help="add an elementwise function (built-in or registered through --ops) to the "
+                        "paper's Table 1 primitives (repeatable; pass the same on --resume)")
+    ops_option(p)
     p.set_defaults(func=_opnas)
 
     p = sub.add_parser("report", help="best architectures and counts of one or more studies",
@@ -64,6 +69,7 @@ def register(subparsers) -> None:
                    help="draw best so far vs evaluations (one line per study; seeds of one algorithm: "
                         "mean with a min-max band), the operation-priority heatmap and the best "
                         "architecture's formulas (PNG/PDF/SVG)")
+    ops_option(p)
     p.set_defaults(func=_report)
 
     p = sub.add_parser("export", help="an architecture of a study as a Hugging Face folder",
@@ -72,6 +78,7 @@ def register(subparsers) -> None:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--out", required=True, metavar="MODEL")
+    ops_option(p)
     p.set_defaults(func=_export)
 
     from .tinybert.cli import register as register_tinybert   # superplm ..., latency (AutoTinyBERT)
@@ -103,9 +110,12 @@ def _opnas(args) -> int:
         raise ConfigError(f"{db} exists", hint="pass --resume to continue it, or choose another --out")
     if args.resume and not db.exists():
         raise ConfigError(f"nothing to resume: no study at {db}")
+    load_ops(args)
     evaluate = load_evaluator(args.evaluator) if args.evaluator else None
     space = opnas.Space(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.ffn,
-                        num_heads=args.heads)
+                        num_heads=args.heads,
+                        primitives=opnas.TABLE1 + tuple(p for p in args.extra_primitives
+                                                        if p not in opnas.TABLE1))
     result = opnas.search(space, evaluate, algorithm=args.algorithm,
                           weight_sharing=not args.no_weight_sharing, budget=args.budget, seed=args.seed,
                           population=args.population, top_k=args.top_k, children=args.children,
@@ -120,25 +130,47 @@ def _opnas(args) -> int:
     return 0
 
 
-def _layer_info(layer, a) -> dict:
-    """A layer's JSON plus, for attention, the compiler's projection parameters and FLOPs (n=128)."""
-    info = layer.to_json()
-    if layer.kind == "attention":
-        from attnc.compiler.api import analyze
-        from attnc.compiler.check import CheckOptions
-        from attnc.compiler.report import report
-        # the space checked the formula already (perhaps with other input counts): accept 1-4 here
-        rep = report(analyze(layer.formula, checks=CheckOptions(min_inputs=1, max_inputs=4)), n=128, d=a.hidden_size // a.num_heads,
-                     heads=a.num_heads, hidden=a.hidden_size)
-        info.update(params=rep.params, flops=rep.flops)
-    return info
+REPORT_SEQ = 128   # the sequence length of the reported FLOPs
+
+
+def _arch_info(a) -> tuple[list[dict], int]:
+    """Per layer: its JSON plus `params` (the token mixer's weights: projections / GLU input
+    projection and kernel, and the output dense) and `flops` (the token mixing itself at
+    n=REPORT_SEQ, batch 1, projections excluded: the compiler's count of the formula over all heads,
+    or 2·n·C·K multiply-adds of the depthwise convolution); and the parameters of the whole encoder
+    (all layers, FFNs and LayerNorms included; embeddings excluded since they depend on the vocabulary).
+    Parameter counts come from the model itself, built on the meta device (no memory, no init)."""
+    import torch
+
+    from attnc.compiler.api import analyze
+    from attnc.compiler.check import CheckOptions
+    from attnc.compiler.report import report
+    from attnc.runtime.modeling import AttncBertModel
+
+    with torch.device("meta"):
+        encoder = AttncBertModel(a.to_config(), add_pooling_layer=False).encoder
+    layers = []
+    for choice, module in zip(a.layers, encoder.layer):
+        info = choice.to_json()
+        att = module.attention
+        info["params"] = sum(p.numel() for p in att.self.parameters()) + \
+            sum(p.numel() for p in att.output.dense.parameters())
+        if choice.kind == "attention":
+            # the space checked the formula already (perhaps with other input counts): accept 1-4 here
+            rep = report(analyze(choice.formula, checks=CheckOptions(min_inputs=1, max_inputs=4)),
+                         n=REPORT_SEQ, d=a.hidden_size // a.num_heads, heads=a.num_heads, hidden=a.hidden_size)
+            info["flops"] = rep.flops
+        else:
+            info["flops"] = 2 * REPORT_SEQ * a.hidden_size * choice.kernel_size
+        layers.append(info)
+    return layers, sum(p.numel() for p in encoder.parameters())
 
 
 def _summary(result, top: int) -> dict:
     def arch(e):
-        return {"id": e.id, "score": e.score, "generation": e.generation,
-                "layers": [_layer_info(c, e.architecture) for c in e.architecture.layers],
-                "architecture": e.architecture.to_json()}
+        layers, params = _arch_info(e.architecture)
+        return {"id": e.id, "score": e.score, "generation": e.generation, "params": params,
+                "layers": layers, "architecture": e.architecture.to_json()}
     best = result.top(top)
     return {"study": result.study, "evaluated": len(result.evaluations), "failed": result.failed,
             "duplicates": result.duplicates, "illegal": result.illegal,
@@ -149,15 +181,17 @@ def _print_summary(s: dict) -> None:
     print(f"study {s['study']}: {s['evaluated']} evaluated, {s['failed']} failed, "
           f"{s['duplicates']} duplicates (not evaluated), {s['illegal']} illegal graphs rejected")
     for rank, e in enumerate(s["top"], 1):
-        print(f"#{rank}  score {e['score']:.4f}  (candidate {e['id']}, generation {e['generation']})")
+        print(f"#{rank}  score {e['score']:.4f}  (candidate {e['id']}, generation {e['generation']}; "
+              f"encoder {e['params']:,} params)")
         for i, layer in enumerate(e["layers"]):
-            what = (f"conv, kernel {layer['kernel_size']}" if layer["kind"] == "conv" else
-                    f"{layer['formula']}   ({layer['params']:,} params, {layer['flops']:,} FLOPs at n=128)")
-            print(f"    layer {i}: {what}")
+            what = f"conv, kernel {layer['kernel_size']}" if layer["kind"] == "conv" else layer["formula"]
+            print(f"    layer {i}: {what}   ({layer['params']:,} params, {layer['flops']:,} FLOPs at "
+                  f"n={REPORT_SEQ})")
 
 
 def _report(args) -> int:
     from . import opnas, plots
+    load_ops(args)
 
     if args.top < 1:
         raise ConfigError(f"--top must be positive, got {args.top}")
@@ -180,6 +214,7 @@ def _report(args) -> int:
 def _export(args) -> int:
     from . import opnas
     from .study import Study
+    load_ops(args)
 
     result = opnas.open_result(args.dir)
     ranked = result.top(len(result.evaluations))

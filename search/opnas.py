@@ -17,6 +17,7 @@ import math
 import random
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -589,21 +590,35 @@ def result_from_study(st: Study) -> SearchResult:
                         c["failed"], c["duplicates"], c["illegal"], str(st.path))
 
 
-def open_result(study: str | Path) -> SearchResult:
-    """The result of a (finished or not) search from its study file."""
+@contextmanager
+def read_study(study: str | Path):
+    """Open an existing study for reading: `study` is a search's --out folder or its study.db.
+    Yields (study, meta); DataError when the file is missing, is not SQLite, or holds no search
+    settings (also for a database error raised while the caller reads it). Closed on exit.
+    One opening for `attnc search report`, the plots and open_result."""
+    import sqlite3
+
     p = Path(study)
     if p.is_dir():
         p = p / "study.db"
     if not p.is_file():
-        raise DataError(f"no study at {p}", hint="pass the search's --out folder or its study.db")
-    import sqlite3
+        raise DataError(f"no study at {p}", hint="pass a search's --out folder or its study.db")
     try:
         st = Study(p)
     except sqlite3.DatabaseError as e:
         raise DataError(f"{p} is not a study database ({e})") from None
     try:
-        if not st.meta():
+        meta = st.meta()
+        if not meta or "algorithm" not in meta:
             raise DataError(f"{p} holds no search settings: not a study made by attnc search")
-        return result_from_study(st)
+        yield st, meta
+    except sqlite3.DatabaseError as e:
+        raise DataError(f"{p} is not a study database ({e})") from None
     finally:
         st.close()
+
+
+def open_result(study: str | Path) -> SearchResult:
+    """The result of a (finished or not) search from its study file."""
+    with read_study(study) as (st, _):
+        return result_from_study(st)

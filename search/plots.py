@@ -21,13 +21,12 @@ Library code: nothing is printed; figures are returned or saved.
 """
 from __future__ import annotations
 
-import sqlite3
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from attnc.compiler.errors import ConfigError, DataError
+from attnc.compiler.errors import ConfigError
 
 from .space import Architecture
 
@@ -61,26 +60,11 @@ class StudyData:
 
 def load_study(folder: str | Path) -> StudyData:
     """Read a study (a search's --out folder or its study.db); DataError when it is not one."""
-    from .study import Study
+    from .opnas import read_study
 
-    p = Path(folder)
-    if p.is_dir():
-        p = p / "study.db"
-    if not p.is_file():
-        raise DataError(f"no study at {p}", hint="pass a search's --out folder or its study.db")
-    try:
-        st = Study(p)
-    except sqlite3.DatabaseError as e:
-        raise DataError(f"{p} is not a study database ({e})") from None
-    try:
-        meta = st.meta()
+    with read_study(folder) as (st, meta):
+        p = st.path
         rows = st.rows()
-    except sqlite3.DatabaseError as e:
-        raise DataError(f"{p} is not a study database ({e})") from None
-    finally:
-        st.close()
-    if not meta or "algorithm" not in meta:
-        raise DataError(f"{p} holds no search settings: not a study made by attnc search")
     finished = sorted((r for r in rows if r.status in ("done", "failed")), key=lambda r: r.finish_order)
     return StudyData(p, meta["algorithm"], bool(meta.get("weight_sharing")), int(meta["seed"]),
                      float(meta["alpha"]), meta["space"], tuple(r for r in finished if r.status == "done"),

@@ -142,11 +142,20 @@ class ProxyRunner:
         tok = _tokenizer(cfg.tokenizer)
         blocks = _blocks(cfg)
         overrides = dict(vocab_size=len(tok), max_position_embeddings=max(cfg.seq_len, cfg.finetune_max_len))
-        torch.manual_seed(seed)   # the from-scratch init (a shared child overwrites it from the payload)
-        model = AttncBertForMaskedLM(arch.to_config(**overrides))
+        torch.manual_seed(seed)   # the from-scratch init; also seeds dropout and the data order
         steps = cfg.pretrain_steps
-        if payload is not None:
-            model.load_state_dict(payload["state"])
+        if payload is None:
+            model = AttncBertForMaskedLM(arch.to_config(**overrides))
+        else:
+            # every persistent weight comes from the payload, so the random init would be thrown
+            # away: build without it (HF's no_init_weights) and let the strict load fill every
+            # tensor (it raises on a missing key, so no weight is left uninitialised)
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights():
+                model = AttncBertForMaskedLM(arch.to_config(**overrides))
+            model.tie_weights()   # HF ties the MLM decoder to the word embeddings in init_weights, skipped above
+            model.load_state_dict(payload["state"], strict=True)
             for i, parts in payload["conv"].items():
                 attach_kernel_transform(model, int(i), parts["crop"], parts["transform"])
             steps = cfg.shared_pretrain_steps

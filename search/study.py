@@ -71,11 +71,7 @@ class Row:
 class Study:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")   # a committed row survives a power cut too
-        self.db.executescript(_SCHEMA)
+        self.db = connect(self.path, _SCHEMA)
 
     @property
     def folder(self) -> Path:
@@ -88,18 +84,7 @@ class Study:
 
     def check_meta(self, settings: dict) -> None:
         """Store the search settings on first use; on resume they must match."""
-        old = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        if not old:
-            with self._tx():
-                for k, v in settings.items():
-                    self.db.execute("INSERT INTO meta VALUES (?, ?)", (k, json.dumps(v)))
-            return
-        stored = {k: json.loads(v) for k, v in old.items()}
-        diff = [k for k in settings if k in stored and stored[k] != settings[k]]
-        if diff:
-            raise ConfigError(f"study {self.path} was made with other settings: "
-                              + ", ".join(f"{k}={stored[k]!r} (now {settings[k]!r})" for k in diff),
-                              hint="resume with the same settings, or use a new study path")
+        check_meta(self.db, self.path, settings, hint="resume with the same settings, or use a new study path")
 
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
@@ -181,6 +166,34 @@ class Study:
         for f in d.iterdir():
             if f"state/{f.name}" != keep:
                 f.unlink(missing_ok=True)
+
+
+def connect(path: Path, schema: str) -> sqlite3.Connection:
+    """A study database (its folder created): autocommit mode (transactions are explicit, _Tx), WAL,
+    synchronous=FULL (a committed row survives a power cut too), `schema` applied. Shared with
+    attnc.search.tinybert.study."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(schema)
+    return db
+
+
+def check_meta(db: sqlite3.Connection, path: Path, settings: dict, hint: str) -> None:
+    """Store the search settings in the meta table on first use; on resume the stored ones must
+    match (compared as JSON: a tuple equals the list it was stored as). Shared with the tinybert study."""
+    old = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    if not old:
+        with _Tx(db):
+            for k, v in settings.items():
+                db.execute("INSERT INTO meta VALUES (?, ?)", (k, json.dumps(v)))
+        return
+    stored = {k: json.loads(v) for k, v in old.items()}
+    diff = [k for k in settings if k in stored and stored[k] != json.loads(json.dumps(settings[k]))]
+    if diff:
+        raise ConfigError(f"study {path} was made with other settings: "
+                          + ", ".join(f"{k}={stored[k]!r} (now {settings[k]!r})" for k in diff), hint=hint)
 
 
 class _Tx:

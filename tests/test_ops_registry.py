@@ -119,6 +119,30 @@ def test_flop_cost_comes_from_the_definition():
     assert sq - plain == n * d          # x ** 2 is one operation per entry
 
 
+def test_domain_and_flops_of_a_registration():
+    """domain=: a constant argument outside it is a CheckError at the call; flops=: the report
+    counts that many operations per entry (hand count: one extra op per (n, d) entry times 3)."""
+    from attnc.compiler.report import report
+    attnc.ops.register_elementwise("log1m", sp.log(1 - x), domain=x < 1, flops=3)
+    try:
+        ok = attnc.analyze("softmax(Q @ K^T * log1m(0.5)) @ V")
+        assert ok.canonical == "softmax(-(log(2) * Q @ K^T)) @ V"     # log(1 - 1/2) = -log 2
+        with pytest.raises(attnc.CheckError, match="outside the domain of log1m") as e:
+            attnc.analyze("softmax(Q @ K^T * log1m(2)) @ V")
+        assert e.value.span is not None
+        n, d = 32, 8
+        plain = report(attnc.analyze("softmax(Q @ K^T) @ V"), n=n, d=d, heads=1).flops
+        with_f = report(attnc.analyze("softmax(Q @ K^T) @ log1m(V)"), n=n, d=d, heads=1).flops
+        assert with_f - plain == 3 * n * d
+        # on tensors the definition holds where it is defined
+        (q, k, v), _ = _inputs(5, pad=False)
+        v = v.clamp(max=0.9)
+        out = attnc.compile("softmax(Q @ K^T) @ log1m(V)")(q=q, k=k, v=v)
+        torch.testing.assert_close(out, torch.softmax(q @ k.transpose(-1, -2), -1) @ torch.log1p(-v))
+    finally:
+        attnc.ops.unregister_elementwise("log1m")
+
+
 def test_attnc_ops_lists_registered_functions(capsys):
     from attnc.compiler.cli import cmd_ops
     assert cmd_ops(None) == 0
@@ -141,10 +165,16 @@ def test_registering_the_same_definition_again_is_a_no_op():
     ("cube", x * sp.Symbol("y"), "only the symbol x"),
     ("cube", x > 0, "with a value"),
     ("cube", sp.gamma(x), "cannot evaluate gamma"),
+    ("cube", dict(expr=x ** 3, flops=-1), "non-negative int"),
+    ("cube", dict(expr=x ** 3, flops=1.5), "non-negative int"),
+    ("cube", dict(expr=x ** 3, domain="x > 0"), "SymPy condition"),
+    ("cube", dict(expr=x ** 3, domain=sp.Symbol("y") > 0), "only the symbol x"),
+    ("cube", dict(expr=x ** 3, domain=sp.true), "SymPy condition"),
 ])
 def test_bad_registrations_are_config_errors(name, expr, match):
+    kw = expr if isinstance(expr, dict) else dict(expr=expr)
     with pytest.raises(ConfigError, match=match) as e:
-        attnc.ops.register_elementwise(name, expr)
+        attnc.ops.register_elementwise(name, **kw)
     assert e.value.hint or "already defined" not in match
 
 
@@ -221,6 +251,8 @@ def test_cli_imports_the_users_ops_module(tmp_path, monkeypatch, capsys):
         attnc.ops.unregister_elementwise("cube_cli")
     assert main(["ops", "--ops", "no_such_attnc_ops_module"]) == 2
     assert "cannot import --ops module" in capsys.readouterr().err
+    assert main(["ops", "--ops", str(tmp_path / "my_attnc_ops.py")]) == 2   # a path, not a module
+    assert "needs a module name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kw", [dict(torch=lambda t: t ** 3), dict(triton=x ** 3),
@@ -248,3 +280,68 @@ def test_stable_forms_are_used():
         assert tuple(v.shape) in calls
     finally:
         attnc.ops.unregister_elementwise("sq_forms2")
+
+
+def test_cli_search_opnas_uses_a_registered_primitive(tmp_path, monkeypatch, capsys):
+    """`attnc search opnas --ops MODULE --primitive NAME`: the user's module registers the
+    function and scores formulas by how often they use it; the search finds formulas with it."""
+    import json
+    import sys
+
+    from attnc.cli import main
+    (tmp_path / "my_attnc_search_ops.py").write_text(
+        "import sympy, attnc.ops\n"
+        "attnc.ops.register_elementwise('sqr_search', sympy.Symbol('x') ** 2)\n"
+        "def score(arch):\n"
+        "    return sum(c.formula.count('sqr_search(') for c in arch.layers\n"
+        "               if c.kind == 'attention')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["search", "opnas", "--layers", "2", "--budget", "10", "--population", "5",
+            "--top-k", "2", "--children", "2", "--no-progress", "--json", "--primitive", "sqr_search"]
+    # not registered (nothing imported the module): a user error
+    assert main(args + ["--out", str(tmp_path / "r0"),
+                        "--evaluator", "attnc.search.synthetic:known_ops"]) == 2
+    assert "unknown primitive" in capsys.readouterr().err
+    try:
+        assert main(args + ["--out", str(tmp_path / "r1"), "--ops", "my_attnc_search_ops",
+                            "--evaluator", "my_attnc_search_ops:score"]) == 0
+        best = json.loads(capsys.readouterr().out)["best"]
+        formulas = [c["formula"] for c in best["layers"] if c["kind"] == "attention"]
+        assert best["score"] == sum(f.count("sqr_search(") for f in formulas) > 0
+    finally:
+        attnc.ops.unregister_elementwise("sqr_search")
+        sys.modules.pop("my_attnc_search_ops", None)   # as in a new process
+    # reporting on the study needs the function too
+    report = ["search", "report", str(tmp_path / "r1"), "--json"]
+    assert main(report) == 2
+    assert "unknown function 'sqr_search'" in capsys.readouterr().err
+    try:
+        assert main(report + ["--ops", "my_attnc_search_ops"]) == 0
+        assert json.loads(capsys.readouterr().out)["best"]["layers"] == best["layers"]
+    finally:
+        attnc.ops.unregister_elementwise("sqr_search")
+
+
+def test_every_compiler_and_kernels_module_imports_on_its_own():
+    """No import cycles: each module of compiler/, kernels/, grammar/ and attnc.ops imports first,
+    in a fresh set of attnc modules (a cycle shows up as a partially initialised module)."""
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(attnc.compiler.__file__).parent.parent
+    mods = ["attnc.ops"] + [f"attnc.{pkg}.{p.stem}" for pkg in ("compiler", "kernels", "grammar")
+                            for p in sorted((root / pkg).glob("*.py")) if p.stem != "__init__"]
+    code = ("import sys, importlib\n"
+            "failed = []\n"
+            f"for m in {mods!r}:\n"
+            "    for k in [k for k in sys.modules if k == 'attnc' or k.startswith('attnc.')]:\n"
+            "        del sys.modules[k]\n"
+            "    try:\n"
+            "        importlib.import_module(m)\n"
+            "    except ImportError as e:\n"
+            "        failed.append(f'{m}: {e}')\n"
+            "print('\\n'.join(failed))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+    assert "attnc.compiler.api" in mods and "attnc.kernels.launch" in mods   # the globs found them

@@ -64,6 +64,20 @@ def test_child_conv_kernel_is_transform_times_centre_crop():
                                state["bert.encoder.layer.0.attention.self.kernel"])
 
 
+def test_fresh_supernet_transforms_are_identities_so_a_child_starts_from_the_crop():
+    net = Supernet(SupernetDims(num_layers=2, hidden_size=32, intermediate_size=48, num_heads=4,
+                                vocab_size=60, max_position_embeddings=32))
+    for layer in net.transforms:   # one per smaller kernel size, per layer
+        assert sorted(int(k) for k in layer) == [3, 5, 7, 9, 15, 31]
+        for k, t in layer.items():
+            assert torch.equal(t.detach(), torch.eye(int(k)))
+    state = net.child_state(make_arch([15, 3]))
+    for i, k in ((0, 15), (1, 3)):
+        start = (65 - k) // 2
+        assert torch.equal(state[f"bert.encoder.layer.{i}.attention.self.kernel"],
+                           net.conv[i].kernel.detach()[:, start:start + k])
+
+
 def test_child_state_loads_strictly_and_picks_the_formula_inputs():
     net = tiny_supernet()
     arch = make_arch([FORMULA_QK, 3, FORMULA_QKV])
@@ -143,6 +157,25 @@ def test_write_back_changes_exactly_the_used_positions():
     again = net.child_state(arch)
     for key, val in trained["state"].items():
         torch.testing.assert_close(again[key], val, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_transforms_are_kept_out_of_weight_decay():
+    """The trainer's AdamW groups: a child's T_K (parametrised conv kernel) lands in the group with
+    weight decay 0, while the projections (2-D weights) are decayed."""
+    from attnc.runtime.trainer import TrainConfig, _make_optimizer
+
+    net = tiny_supernet(num_layers=2)
+    arch = make_arch([FORMULA_QKV, 7])
+    model = child_of(net, arch)
+    parts = net.conv_parts(arch)[1]
+    attach_kernel_transform(model, 1, parts["crop"], parts["transform"])
+    params = dict(model.named_parameters())
+    t = params["bert.encoder.layer.1.attention.self.parametrizations.kernel.0.transform"]
+    q = params["bert.encoder.layer.0.attention.self.query.weight"]
+    opt = _make_optimizer(model, [], TrainConfig(weight_decay=0.3), torch.device("cpu"))
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(t)] == 0.0 and decay_of[id(q)] == 0.3
+    torch.testing.assert_close(t.view(7, 7), parts["transform"], rtol=0, atol=0)
 
 
 def test_write_back_of_plain_small_kernel_state_is_an_error():
@@ -241,6 +274,36 @@ def test_proxy_weight_sharing_changes_the_supernet_only_at_used_positions():
     again = ev.prepare(arch)["state"]
     for key, val in trained["state"].items():
         torch.testing.assert_close(again[key], val, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_shared_child_built_without_init_trains_like_an_initialised_one():
+    """The runner builds a weight-shared child without the (discarded) random init; the reference
+    builds it the ordinary way (random init, then the payload copied over) and trains it by hand:
+    the MLM losses and the score must be identical, so no tensor was left uninitialised."""
+    from attnc.runtime.trainer import MLMData, TrainConfig, train
+    from attnc.search import proxy
+    from attnc.search.proxy import ProxyEvaluator
+
+    cfg = _proxy_cfg(task=None)
+    ev = ProxyEvaluator(cfg)
+    arch = _tiny_arch()
+    payload = ev.prepare(arch)
+    got = ev.runner()(arch, payload, 5)
+
+    tok = proxy._tokenizer(cfg.tokenizer)
+    torch.manual_seed(123)   # any init: every weight is overwritten by the payload
+    ref = AttncBertForMaskedLM(arch.to_config(vocab_size=len(tok), max_position_embeddings=32))
+    ref.load_state_dict(payload["state"])
+    for i, parts in payload["conv"].items():
+        attach_kernel_transform(ref, i, parts["crop"], parts["transform"])
+    res = train(ref, MLMData(proxy._blocks(cfg), tok, eval_blocks=cfg.eval_blocks),
+                TrainConfig(steps=cfg.shared_pretrain_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=5,
+                            device=cfg.device, warmup=0.1))
+    assert got.metrics["mlm_loss"] == res.metrics["final_eval"]["loss"]
+    assert got.score == -res.metrics["final_eval"]["loss"]
+    want = trained_payload(res.model)
+    for k, v in want["state"].items():
+        assert torch.equal(got.weights["state"][k], v), k
 
 
 def test_proxy_state_dict_round_trip():

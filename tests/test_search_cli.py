@@ -45,6 +45,43 @@ def test_cli_search_report_resume(tmp_path, capsys):
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def score_mixed(arch) -> float:
+    """Synthetic evaluator for --evaluator test_search_cli:score_mixed: one conv layer is best."""
+    return -abs(sum(c.kind == "conv" for c in arch.layers) - 1)
+
+
+def test_report_params_and_flops_match_hand_counts(tmp_path, capsys):
+    """`search report --json`: per layer params / FLOPs and the encoder's params, against hand counts
+    (attention: the projections of the formula's inputs + output dense; conv: GLU projection, the
+    (h, K) kernel, output dense, 2·n·C·K multiply-adds) and the real model's parameters."""
+    from attnc.compiler.api import analyze
+    from attnc.runtime.modeling import AttncBertModel
+
+    out = tmp_path / "run"
+    assert main(["search", "opnas", "--out", str(out), "--layers", "2", "--budget", "6", "--population", "4",
+                 "--hidden", "32", "--ffn", "48", "--heads", "4", "--evaluator", "test_search_cli:score_mixed",
+                 "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["search", "report", str(out), "--json", "--top", "6"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    d, h, n = 32, 4, 128
+    kinds = set()
+    for entry in rep["top"]:
+        arch = Architecture.from_json(entry["architecture"])
+        for layer in entry["layers"]:
+            kinds.add(layer["kind"])
+            if layer["kind"] == "conv":
+                k = layer["kernel_size"]
+                assert layer["params"] == (d * 2 * d + 2 * d) + h * k + (d * d + d)
+                assert layer["flops"] == 2 * n * d * k
+            else:
+                inputs = analyze(layer["formula"]).inputs
+                assert layer["params"] == len(inputs) * (d * d + d) + (d * d + d)
+        model = AttncBertModel(arch.to_config(), add_pooling_layer=False)
+        assert entry["params"] == sum(p.numel() for p in model.encoder.parameters())
+    assert kinds == {"conv", "attention"}   # both counts were checked
+
+
 @pytest.mark.parametrize("spec", ["nope", "os:system(1)", "no_such_module_xyz:f", "json:no_such_fn"])
 def test_cli_bad_evaluator_is_exit_2(tmp_path, capsys, spec):
     assert main(["search", "opnas", "--out", str(tmp_path / "r"), "--evaluator", spec, "--no-progress"]) == 2

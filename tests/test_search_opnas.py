@@ -111,6 +111,30 @@ def test_priorities_per_path_position():
     assert pri[1]["softmax"] == pytest.approx(0.5)
 
 
+def test_kernel_priorities_per_layer_from_that_layers_convs():
+    """Each layer's kernel sizes get their own Equation-3 distribution, from the conv layers evaluated
+    at that position only (an attention layer there contributes nothing)."""
+    space = opnas.Space(num_layers=2, kernel_sizes=(3, 7, 15))
+    att = LayerChoice.attention("softmax(Q @ K^T / sqrt(d)) @ V")
+    def cand(layers, score):
+        return opnas.Candidate(Architecture(tuple(LayerChoice.conv(x) if isinstance(x, int) else att
+                                                  for x in layers)), (None, None)), score
+    ev = [cand([3, 15], 2.0), cand([3, "a"], 0.0), cand([7, 15], 1.0), cand(["a", 3], 5.0)]
+    alpha = 0.5
+    k0, k1 = opnas.kernel_priorities(ev, space, alpha)
+    # layer 0: 3 -> (2, 0), 7 -> (1); N = 3; 15 unseen: mean of all = 1, N_i = 1
+    b = lambda n_i: alpha * math.sqrt(2 * math.log(3) / n_i)
+    u0 = {3: 1.0 + b(2), 7: 1.0 + b(1), 15: 1.0 + b(1)}
+    z0 = sum(math.exp(v) for v in u0.values())
+    for k, v in u0.items():
+        assert k0[k] == pytest.approx(math.exp(v) / z0, abs=1e-12)
+    # layer 1: 15 -> (2, 1), 3 -> (5); N = 3; 7 unseen: mean 8/3
+    u1 = {15: 1.5 + b(2), 3: 5.0 + b(1), 7: 8 / 3 + b(1)}
+    z1 = sum(math.exp(v) for v in u1.values())
+    for k, v in u1.items():
+        assert k1[k] == pytest.approx(math.exp(v) / z1, abs=1e-12)
+
+
 def _calls_recorder(log):
     def f(arch):
         log.append(arch)

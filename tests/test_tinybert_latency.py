@@ -10,6 +10,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -71,7 +72,8 @@ def test_synthetic_latency_is_learnt_to_under_5_percent():
 def test_predictor_beats_the_mean_predictor_on_measured_latencies(tmp_path):
     space = Space(max_layers=4, max_hidden=128, max_ffn=256, max_heads=2, head_dim=32, vocab_size=64,
                   max_position_embeddings=64)
-    records = collect(space, 40, tmp_path, seq=64, warmup=1, repeats=5)
+    # 11 rounds: the median then survives 5 stalled runs per arch (the tests share a loaded machine)
+    records = collect(space, 40, tmp_path, seq=64, warmup=1, repeats=11)
     pred, m = LatencyPredictor.fit(space, records, hidden=(64, 64), epochs=600, seed=0, seq=64)
     held = m["n_heldout"]
     assert held == 8
@@ -119,13 +121,13 @@ _CHILD = textwrap.dedent("""
     import sys, time
     from attnc.search.tinybert import latency as lat
     from attnc.search.tinybert.space import Space
-    real = lat.measure_arch
+    real = lat.measure_archs
     def slow(*a, **k):          # slow enough that the parent kills it mid-collection
         time.sleep(0.3)
         return real(*a, **k)
-    lat.measure_arch = slow
+    lat.measure_archs = slow
     space = Space.from_json(__import__("json").loads(sys.argv[2]))
-    lat.collect(space, 12, sys.argv[1], seq=32, warmup=1, repeats=3, seed=5)
+    lat.collect(space, 12, sys.argv[1], seq=32, warmup=1, repeats=3, seed=5, interleave=2)
 """)
 
 
@@ -150,8 +152,8 @@ def test_collect_resumes_after_sigkill_with_the_same_arch_sequence(tmp_path):
     with open(path, "a") as f:                 # what a kill during a write leaves behind
         f.write('{"index": %d, "arch": "2-6' % len(before))
 
-    resumed = collect(TINY, 12, killed, seed=5, **FAST)
-    ref = collect(TINY, 12, clean, seed=5, **FAST)
+    resumed = collect(TINY, 12, killed, seed=5, interleave=2, **FAST)
+    ref = collect(TINY, 12, clean, seed=5, interleave=2, **FAST)
     lines = path.read_text().splitlines()
     assert lines[: len(before)] == before                      # measured records are kept as written
     assert [json.loads(x) for x in lines] == resumed
@@ -159,8 +161,8 @@ def test_collect_resumes_after_sigkill_with_the_same_arch_sequence(tmp_path):
     assert [r["index"] for r in resumed] == list(range(12))
     assert len({r["arch"] for r in resumed}) == 12
     # a finished dataset is not measured again; a larger one is extended with the same sequence
-    assert collect(TINY, 12, killed, seed=5, **FAST) == resumed
-    more = collect(TINY, 15, killed, seed=5, **FAST)
+    assert collect(TINY, 12, killed, seed=5, interleave=2, **FAST) == resumed
+    more = collect(TINY, 15, killed, seed=5, interleave=2, **FAST)
     assert [r["arch"] for r in more] == [str(a) for a in arch_sequence(TINY, 15, seed=5)]
 
 
@@ -228,3 +230,68 @@ def test_cli_collects_fits_and_saves(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["measured_now"] == 0
     with pytest.raises(ConfigError):
         lat.cli_latency(p.parse_args(argv[:-2] + ["--seq", "16", "--out", str(out)]))
+
+
+def test_measure_archs_times_round_robin_and_reports_the_statistics_of_each_arch(monkeypatch):
+    """Every model runs `warmup` untimed times, then once per round in a rotating order; each arch's
+    statistics are those of its own timed runs (a fake clock: arch i takes (i+1) * round-factor ms)."""
+    import attnc.runtime.modeling as modeling
+
+    archs = [Arch(1, 32, 32, 1, 16), Arch(2, 64, 96, 2, 32), Arch(3, 96, 192, 1, 16)]
+    calls, clock = [], [0.0]
+    factors = [1.0, 3.0, 2.0, 5.0, 4.0]            # a slow spell in rounds 1 and 3 hits every arch
+
+    class Fake(modeling.AttncBertModel):
+        def forward(self, input_ids=None, attention_mask=None, **kw):
+            i = archs.index(Arch(self.config.num_hidden_layers, self.config.hidden_size,
+                                 self.config.intermediate_size, self.config.num_attention_heads,
+                                 self.config.qkv_size))
+            timed = [c for c in calls if c[0] == i]
+            r = len(timed) - 2                     # warmup=2: the round of this call (<0: warm-up)
+            calls.append((i, r))
+            clock[0] += (i + 1) * 1e-3 * (factors[r] if r >= 0 else 10.0)
+
+    monkeypatch.setattr(modeling, "AttncBertModel", Fake)
+    monkeypatch.setattr(lat.time, "perf_counter", lambda: clock[0])
+    recs = lat.measure_archs(TINY, archs, seq=16, warmup=2, repeats=5)
+    assert calls[:6] == [(0, -2), (0, -1), (1, -2), (1, -1), (2, -2), (2, -1)]
+    assert [i for i, _ in calls[6:]] == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2, 1, 2, 0]
+    for i, rec in enumerate(recs):
+        ms = sorted((i + 1) * f for f in factors)
+        assert rec["arch"] == str(archs[i])
+        assert rec["ms"] == pytest.approx(ms[2]) and rec["min_ms"] == pytest.approx(ms[0])
+        assert rec["q25_ms"] == pytest.approx(ms[1]) and rec["mean_ms"] == pytest.approx(sum(ms) / 5)
+
+
+def test_reference_times_put_groups_timed_at_different_machine_speeds_on_one_scale():
+    """Groups of 20 archs measured while the machine ran 0.7x..1.5x as fast (every latency of a group,
+    its reference's included, scaled alike): with the reference times the fit recovers the known
+    latencies; without them it learns the speed spells as noise."""
+    rng = random.Random(0)
+    archs = arch_sequence(MID, 240, seed=1)
+    ref = lat.reference_arch(MID)
+    assert ref in MID and ref == lat.reference_arch(MID)
+    speeds = [0.7, 1.5, 1.0, 1.3, 0.8, 1.2, 0.9, 1.4, 0.75, 1.1, 1.25, 0.85]
+    records = []
+    for i, a in enumerate(archs):
+        s = speeds[i // 20]
+        records.append({"arch": str(a), "ms": synthetic_ms(MID, a) * s * (1 + 0.005 * rng.gauss(0, 1)),
+                        "ref_ms": synthetic_ms(MID, ref) * s})
+    factors = lat.drift_factors(records)
+    assert factors[0] == pytest.approx(statistics.median(speeds) / 0.7)   # median(ref) / own ref
+    seen = set(archs)
+    fresh = [a for a in arch_sequence(MID, 400, seed=7) if a not in seen][:60]
+    truth = [synthetic_ms(MID, a) * statistics.median(speeds) for a in fresh]   # the common scale
+
+    def mape(pred):
+        return 100 * statistics.fmean(abs(p - t) / t for p, t in zip(pred.predict_many(fresh), truth))
+
+    fixed, m = LatencyPredictor.fit(MID, records, hidden=(64, 64), epochs=800, seed=0)
+    raw, m_raw = LatencyPredictor.fit(MID, records, hidden=(64, 64), epochs=800, seed=0, drift=False)
+    assert m["drift_corrected"] and not m_raw["drift_corrected"]
+    assert mape(fixed) < 5.0
+    assert mape(raw) > 2 * mape(fixed)
+    # records without reference times are fitted as they are
+    plain = [{k: v for k, v in r.items() if k != "ref_ms"} for r in records]
+    assert lat.drift_factors(plain) is None
+    assert not LatencyPredictor.fit(MID, plain, hidden=(8,), epochs=5)[1]["drift_corrected"]

@@ -178,7 +178,9 @@ def target_latency(args, predictor, latency_dir) -> tuple[float, dict]:
         raise ConfigError(f"the predictor in {latency_dir} records no measurement settings, so BERT-base "
                           "cannot be timed like it", hint="give the target with --latency-ms")
     from .latency import bert_base_latency_ms
-    base = bert_base_latency_ms(s["device"], s["threads"], s["batch"], s["seq"], folder=latency_dir)
+    # the cached `attnc search latency --bert-base` value when its warmup / repeats were recorded
+    base = bert_base_latency_ms(s["device"], s["threads"], s["batch"], s["seq"], folder=latency_dir,
+                                warmup=s.get("warmup", 3), repeats=s.get("repeats", 10))
     return base / args.speedup, {"speedup": float(args.speedup), "bert_base_ms": base,
                                  "measured_on": dict(s)}
 

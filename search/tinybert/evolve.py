@@ -434,25 +434,10 @@ class SuperPLMFitness:
                 f"{self.tokens} masked tokens)")
 
     def loss(self, arch) -> float:
-        import torch
+        from .train import mean_mlm_loss
 
-        net = self.supernet
-        prev, was_training = net.arch, net.training
-        device = next(net.parameters()).device
-        total, count = 0.0, 0
-        try:
-            net.set_arch(arch)
-            net.eval()
-            with torch.no_grad():
-                for ids, mask, labels in self.batches:
-                    n = int((labels != -100).sum())
-                    loss = net.mlm_loss(ids.to(device), mask.to(device), labels.to(device))
-                    total += float(loss) * n
-                    count += n
-        finally:
-            net.set_arch(prev)
-            net.train(was_training)
-        return total / max(count, 1)
+        return mean_mlm_loss(self.supernet, ({"input_ids": ids, "attention_mask": mask, "labels": labels}
+                                             for ids, mask, labels in self.batches), arch)
 
     def __call__(self, arch) -> float:
         return -self.loss(arch)

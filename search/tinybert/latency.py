@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -45,6 +46,7 @@ FORMAT = 1
 BERT_BASE = "12-768-3072-12-768"
 TARGETS = ("log", "ms")
 INPUTS = ("log", "raw")
+VALUES = ("ms", "q25_ms", "min_ms")     # record fields a predictor can fit
 
 
 def _inputs(features: Sequence[float], kind: str) -> list[float]:
@@ -136,23 +138,95 @@ def _check_target(space: Space, device: str, threads: int, batch: int, seq: int,
 def measure_arch(space: Space, arch: Arch | str, *, device: str = "cpu", threads: int = 1,
                  batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10) -> dict:
     """Median / mean / min latency (ms) of the stand-alone encoder of `arch` (no MLM head)."""
+    return measure_archs(space, [arch], device=device, threads=threads, batch=batch, seq=seq,
+                         warmup=warmup, repeats=repeats)[0]
+
+
+def measure_archs(space: Space, archs: Sequence[Arch | str], *, device: str = "cpu", threads: int = 1,
+                  batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10,
+                  reference: Arch | str | None = None) -> list[dict]:
+    """Latencies (ms: median, mean, min, first quartile of `repeats` runs) of the stand-alone
+    encoders of `archs` (no MLM head), timed INTERLEAVED: after `warmup` untimed runs of each, every
+    one of `repeats` rounds runs each model once in turn (the order rotating by one per round).
+
+    Why: on a shared machine the speed drifts over seconds (other processes, cache pressure,
+    hypervisor steal). Timed one after the other, each arch gets its own slow or fast spell and the
+    drift becomes per-arch noise (a re-measured sub-millisecond model moved by 15-20% on the 2-core
+    dev VM); interleaved, a spell slows every arch of the group alike, and the relative latencies a
+    predictor learns are stable (re-measured: 4%).
+
+    With `reference`, that arch is timed in the same rounds (not returned as a record) and every
+    record gets its median as "ref_ms": groups timed minutes apart can then be put on one scale
+    (drift_factors)."""
     import torch
 
-    from attnc.runtime.latency import time_forward
+    from attnc.runtime.latency import num_threads
     from attnc.runtime.modeling import AttncBertModel
 
-    arch = space.validate(arch)
+    archs = [space.validate(a) for a in archs]
+    timed_archs = archs + ([space.validate(reference)] if reference is not None else [])
     with torch.random.fork_rng(devices=[]):   # the weights don't matter; don't touch the caller's RNG
         torch.manual_seed(0)
-        model = AttncBertModel(space.config(arch), add_pooling_layer=False)
-    t = time_forward(model, seq, batch, warmup=warmup, runs=repeats, threads=threads, device=device)
-    del model
-    return {"arch": str(arch), "ms": t["median_ms"], "mean_ms": t["mean_ms"], "min_ms": t["min_ms"]}
+        models = [AttncBertModel(space.config(a), add_pooling_layer=False).eval().to(device)
+                  for a in timed_archs]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, space.vocab_size, (batch, seq), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    cuda = device.startswith("cuda")
+    times: list[list[float]] = [[] for _ in timed_archs]
+
+    def run(model) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    with num_threads(threads), torch.inference_mode():
+        for m in models:
+            for _ in range(warmup):
+                run(m)
+        n = len(models)
+        for r in range(repeats):
+            for k in range(n):
+                i = (r + k) % n
+                times[i].append(run(models[i]))
+    del models
+    out = []
+    for arch, t in zip(archs, times):
+        t = sorted(t)
+        out.append({"arch": str(arch), "ms": statistics.median(t), "mean_ms": statistics.fmean(t),
+                    "min_ms": t[0], "q25_ms": t[(len(t) - 1) // 4]})
+    if reference is not None:
+        ref = statistics.median(times[-1])
+        for rec in out:
+            rec["ref_ms"] = ref
+    return out
 
 
-def _settings(space, device, threads, batch, seq, warmup, repeats, seed) -> dict:
+def reference_arch(space: Space) -> Arch:
+    """The arch collect() times in every group as a yardstick of the machine's speed: the median by
+    FLOPs of 64 fixed samples (a mid-sized model, so it feels a slow spell as the group does)."""
+    rng = random.Random(12345)
+    pool = sorted({space.sample(rng) for _ in range(64)}, key=lambda a: (space.flops(a), str(a)))
+    return pool[len(pool) // 2]
+
+
+def drift_factors(records: Sequence[dict]) -> list[float] | None:
+    """Per record, the factor that puts its group on the dataset's common scale: median(ref_ms) /
+    its group's ref_ms (None when the records carry no reference times)."""
+    refs = [r.get("ref_ms") for r in records]
+    if not refs or any(not isinstance(v, (int, float)) or not v > 0 for v in refs):
+        return None
+    mid = statistics.median(refs)
+    return [mid / v for v in refs]
+
+
+def _settings(space, device, threads, batch, seq, warmup, repeats, seed, interleave) -> dict:
     return {"space": space.to_json(), "device": device, "threads": threads, "batch": batch, "seq": seq,
-            "warmup": warmup, "repeats": repeats, "seed": seed}
+            "warmup": warmup, "repeats": repeats, "seed": seed, "interleave": interleave}
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -219,9 +293,14 @@ def load_records(folder: str | Path, *, repair: bool = False) -> list[dict]:
 
 def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cpu", threads: int = 1,
             batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10, seed: int = 0,
-            progress: bool = False) -> list[dict]:
+            interleave: int = 16, progress: bool = False) -> list[dict]:
     """Measure the first `samples` archs of arch_sequence(space, samples, seed) on the target and
-    return their records ({"index", "arch", "ms" (median), "mean_ms", "min_ms"}).
+    return their records ({"index", "arch", "ms" (median), "mean_ms", "min_ms", "q25_ms"}).
+
+    Archs are measured in groups of `interleave`, timed interleaved (measure_archs: a slow spell of
+    the machine hits the whole group alike) together with reference_arch(space), whose median each
+    record keeps as "ref_ms" (LatencyPredictor.fit rescales the groups to one machine speed with it);
+    each group's records are written when it is done.
 
     Records already in folder/latency.jsonl are kept: the call measures only the missing ones (so a
     killed run resumes, and a larger `samples` extends). Other settings than the folder's are a
@@ -229,10 +308,13 @@ def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cp
     if not isinstance(space, Space):
         raise ConfigError(f"collect needs a tinybert Space, got {type(space).__name__}")
     _check_target(space, device, threads, batch, seq, warmup, repeats)
+    if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
+        raise ConfigError(f"interleave must be a positive integer, got {interleave!r}")
     archs = arch_sequence(space, samples, seed)
+    reference = reference_arch(space)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = _settings(space, device, threads, batch, seq, warmup, repeats, seed)
+    settings = _settings(space, device, threads, batch, seq, warmup, repeats, seed, interleave)
     machine = _machine(device)
     if (folder / META).exists():
         meta = read_meta(folder)
@@ -264,16 +346,19 @@ def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cp
         bar = tqdm(total=samples, initial=len(records), desc=f"latency {device}", unit="arch")
     try:
         with open(folder / RECORDS, "a") as f:
-            for i, arch in enumerate(todo, start=len(records)):
-                rec = {"index": i, **measure_arch(space, arch, device=device, threads=threads, batch=batch,
-                                                  seq=seq, warmup=warmup, repeats=repeats)}
-                f.write(json.dumps(rec) + "\n")
+            for start in range(0, len(todo), interleave):
+                group = todo[start:start + interleave]
+                measured = measure_archs(space, group, device=device, threads=threads, batch=batch,
+                                         seq=seq, warmup=warmup, repeats=repeats, reference=reference)
+                for rec in measured:
+                    rec = {"index": len(records), **rec}
+                    f.write(json.dumps(rec) + "\n")
+                    records.append(rec)
                 f.flush()
                 os.fsync(f.fileno())
-                records.append(rec)
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{arch} {rec['ms']:.2f} ms")
+                    bar.update(len(group))
+                    bar.set_postfix_str(f"{group[-1]} {records[-1]['ms']:.2f} ms")
     finally:
         if bar is not None:
             bar.close()
@@ -386,7 +471,7 @@ class LatencyPredictor:
     def fit(cls, space: Space, dataset, *, hidden: Sequence[int] = (400, 400, 400), epochs: int = 2000,
             lr: float = 1e-3, seed: int = 0, holdout: float = 0.2, target: str = "log",
             value: str = "ms", inputs: str = "log", seq: int | None = None, settings: dict | None = None,
-            threads: int | None = 1) -> tuple[LatencyPredictor, dict]:
+            threads: int | None = 1, drift: bool = True) -> tuple[LatencyPredictor, dict]:
         """Fit on `dataset` (a list of {"arch", "ms"} records or a collect() folder) and return
         (predictor, metrics). A `holdout` fraction (random with `seed`; never an arch holding the
         minimum or maximum of a feature, so held-out archs are interpolated) is kept out of training
@@ -395,7 +480,12 @@ class LatencyPredictor:
 
         `value` is the record field fitted ("ms": the median of the repeats; "min_ms": their
         minimum). Training runs on `threads` threads (1 by default: for an MLP this small, more
-        threads mostly add synchronisation, and on a loaded machine they stall)."""
+        threads mostly add synchronisation, and on a loaded machine they stall).
+
+        `drift` (default): when the records carry the reference arch's time of their group
+        ("ref_ms", see collect), each latency is first rescaled to the dataset's median machine
+        speed (drift_factors) -- the fit and the held-out errors are on that scale; metrics["raw"]
+        keeps the held-out errors against the unscaled measurements."""
         import torch
 
         from attnc.runtime.latency import num_threads
@@ -404,8 +494,9 @@ class LatencyPredictor:
             raise ConfigError(f"unknown predictor target {target!r}", hint=f"use one of {', '.join(TARGETS)}")
         if inputs not in INPUTS:
             raise ConfigError(f"unknown predictor inputs {inputs!r}", hint=f"use one of {', '.join(INPUTS)}")
-        if value not in ("ms", "min_ms"):
-            raise ConfigError(f"unknown latency value {value!r}", hint="use ms (median) or min_ms")
+        if value not in VALUES:
+            raise ConfigError(f"unknown latency value {value!r}",
+                              hint="use ms (the median of the repeats), q25_ms or min_ms")
         if not 0.0 <= holdout < 1.0:
             raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -419,11 +510,14 @@ class LatencyPredictor:
                 raise ConfigError(f"the dataset in {dataset} was collected on another space",
                                   hint="fit with the space of the dataset (Space.from_json of its meta)")
             seq = meta["seq"] if seq is None else seq
-            settings = settings or {k: meta[k] for k in ("device", "threads", "batch", "seq")}
+            settings = settings or {k: meta[k] for k in ("device", "threads", "batch", "seq", "warmup", "repeats")}
         seq = 128 if seq is None else seq
         # one value per arch (the mean when an arch was measured twice), in first-seen order
         by_arch: dict[Arch, list[float]] = {}
-        for rec in _as_records(dataset):
+        raw_by_arch: dict[Arch, list[float]] = {}
+        recs = _as_records(dataset)
+        factors = drift_factors(recs) if drift else None
+        for k, rec in enumerate(recs):
             try:
                 arch, ms = space.validate(rec["arch"]), float(rec[value])
             except (KeyError, TypeError, ValueError) as e:
@@ -431,9 +525,11 @@ class LatencyPredictor:
                                 hint="records are {'arch': 'L-dm-df-h-dqkv', 'ms': float}") from None
             if not (math.isfinite(ms) and ms > 0):
                 raise DataError(f"bad latency {ms} for {arch}", hint="latencies are positive milliseconds")
-            by_arch.setdefault(arch, []).append(ms)
+            by_arch.setdefault(arch, []).append(ms * (factors[k] if factors else 1.0))
+            raw_by_arch.setdefault(arch, []).append(ms)
         archs = list(by_arch)
         ms = [sum(v) / len(v) for v in by_arch.values()]
+        raw_ms = [sum(v) / len(v) for v in raw_by_arch.values()]
         if len(archs) < 5:
             raise DataError(f"{len(archs)} distinct archs are too few to fit a latency predictor",
                             hint="collect at least 50 (`--samples`)")
@@ -491,11 +587,12 @@ class LatencyPredictor:
         metrics = {
             "n_archs": len(archs), "n_train": len(train_idx), "n_heldout": len(test_idx),
             "target": target, "inputs": inputs, "value": value, "hidden": list(hidden), "epochs": epochs, "lr": lr,
-            "seed": seed,
+            "seed": seed, "drift_corrected": factors is not None,
             "train_loss": float(loss.detach()), "fit_seconds": time.perf_counter() - t0,
             **_errors(pred.predict_many(test_archs), true),
             "train": _errors(pred.predict_many([archs[i] for i in train_idx]), [ms[i] for i in train_idx]),
             "mean_predictor": _errors([train_mean] * len(true), true),
+            "raw": _errors(pred.predict_many(test_archs), [raw_ms[i] for i in test_idx]),
             "linear": _errors(_least_squares([X[i] for i in train_idx], [ms[i] for i in train_idx],
                                              [X[i] for i in test_idx]), true),
         }
@@ -619,6 +716,9 @@ def add_latency_arguments(p) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10, help="timed runs per arch (the median is kept)")
+    p.add_argument("--interleave", type=int, default=16,
+                   help="archs timed together, round-robin, with a reference arch, so that machine drift "
+                        "hits them alike (default 16; they are all in memory at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=2000, help="predictor training epochs (full batch)")
     p.add_argument("--target", choices=TARGETS, default="log", help="fit log(ms) (default) or ms")
@@ -636,14 +736,15 @@ def cli_latency(args) -> int:
     before = len(load_records(args.out)) if (Path(args.out) / META).exists() else 0
     records = collect(space, args.samples, args.out, device=args.device, threads=args.threads,
                       batch=args.batch, seq=args.seq, warmup=args.warmup, repeats=args.repeats,
-                      seed=args.seed, progress=not args.no_progress)
+                      seed=args.seed, interleave=args.interleave, progress=not args.no_progress)
     pred, m = LatencyPredictor.fit(space, records, epochs=args.epochs, seed=args.seed, target=args.target,
                                    seq=args.seq, settings={"device": args.device, "threads": args.threads,
-                                                           "batch": args.batch, "seq": args.seq})
+                                                           "batch": args.batch, "seq": args.seq,
+                                                           "warmup": args.warmup, "repeats": args.repeats})
     pred.save(args.out)
     out = {"out": str(args.out), "samples": len(records), "measured_now": max(len(records) - before, 0),
-           **{k: m[k] for k in ("n_train", "n_heldout", "rmse_ms", "mape_pct", "target")},
-           "mean_predictor": m["mean_predictor"], "linear": m["linear"]}
+           **{k: m[k] for k in ("n_train", "n_heldout", "rmse_ms", "mape_pct", "target", "drift_corrected")},
+           "mean_predictor": m["mean_predictor"], "linear": m["linear"], "raw": m["raw"]}
     if args.bert_base:
         out["bert_base_ms"] = bert_base_latency_ms(args.device, args.threads, args.batch, args.seq,
                                                    warmup=args.warmup, repeats=args.repeats, folder=args.out)
@@ -658,6 +759,9 @@ def cli_latency(args) -> int:
         mp = m["mean_predictor"]
         print(f"held-out ({m['n_heldout']} archs): RMSE {m['rmse_ms']:.3f} ms, MAPE {m['mape_pct']:.2f}%   "
               f"| mean predictor: RMSE {mp['rmse_ms']:.3f} ms, MAPE {mp['mape_pct']:.2f}%")
+        if m["drift_corrected"]:
+            print(f"(latencies rescaled by the reference arch timed in each group; against the "
+                  f"unscaled measurements: MAPE {m['raw']['mape_pct']:.2f}%)")
     if "bert_base_ms" in out:
         print(f"BERT-base ({BERT_BASE}): {out['bert_base_ms']:.2f} ms")
     print(f"predictor saved to {args.out}/{PREDICTOR}")

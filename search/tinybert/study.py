@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnc.compiler.errors import ConfigError
+from attnc.search.study import _Tx, check_meta, connect   # shared with the OP-NAS study
 
 STATUSES = ("pending", "done", "failed")
 
@@ -87,11 +87,7 @@ class Member:
 class Study:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")   # a committed score survives a power cut too
-        self.db.executescript(_SCHEMA)
+        self.db = connect(self.path, _SCHEMA)      # the OP-NAS study's settings: WAL, synchronous=FULL
 
     def close(self) -> None:
         self.db.close()
@@ -107,18 +103,7 @@ class Study:
 
     def check_meta(self, settings: dict) -> None:
         """Store the search settings on first use; on resume the stored ones must match."""
-        old = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        if not old:
-            with self._tx():
-                for k, v in settings.items():
-                    self.db.execute("INSERT INTO meta VALUES (?, ?)", (k, json.dumps(v)))
-            return
-        stored = {k: json.loads(v) for k, v in old.items()}
-        diff = [k for k in settings if k in stored and stored[k] != json.loads(json.dumps(settings[k]))]
-        if diff:
-            raise ConfigError(f"study {self.path} was made with other settings: "
-                              + ", ".join(f"{k}={stored[k]!r} (now {settings[k]!r})" for k in diff),
-                              hint="resume with the same settings, or use a new study folder")
+        check_meta(self.db, self.path, settings, hint="resume with the same settings, or use a new study folder")
 
     def set_meta(self, key: str, value) -> None:
         with self._tx():
@@ -185,18 +170,6 @@ class Study:
 
     def _tx(self):
         return _Tx(self.db)
-
-
-class _Tx:
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, et, e, tb):
-        self.db.execute("COMMIT" if et is None else "ROLLBACK")
-        return False
 
 
 def study_file(path: str | os.PathLike) -> Path:

@@ -224,16 +224,26 @@ def heldout_mlm_loss(supernet, data, arch=None, *, batch_size: int = 32, device=
     training core's fixed eval masks (call data.split(seed) first). Restores the active arch."""
     if not hasattr(data, "eval_idx"):
         raise DataError("the data has no held-out split yet", hint="call data.split(seed) first")
+    batches = (data.batch(data.eval_idx[i:i + batch_size], 12345 + i)
+               for i in range(0, len(data.eval_idx), batch_size))
+    return mean_mlm_loss(supernet, batches, arch, device=device)
+
+
+def mean_mlm_loss(supernet, batches, arch=None, *, device=None) -> float:
+    """Token-weighted mean MLM loss of sub-model `arch` (default: the active one) over `batches`
+    (dicts with input_ids, attention_mask, labels and optionally token_type_ids), in eval mode under
+    no_grad; batches without a masked token are skipped. The SuperPLM's arch and mode are restored.
+    One loop for heldout_mlm_loss (training core batches) and evolve.SuperPLMFitness (fixed masks)."""
     device = device or next(supernet.parameters()).device
     before, was_training = supernet.arch, supernet.training
-    if arch is not None:
-        supernet.set_arch(arch)
-    supernet.eval()
     total, count = 0.0, 0
     try:
+        if arch is not None:
+            supernet.set_arch(arch)
+        supernet.eval()
         with torch.no_grad():
-            for i in range(0, len(data.eval_idx), batch_size):
-                b = T._to(data.batch(data.eval_idx[i:i + batch_size], 12345 + i), device)
+            for b in batches:
+                b = T._to(b, device)
                 n = int((b["labels"] != -100).sum())
                 if n == 0:
                     continue
@@ -376,14 +386,7 @@ def _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, wor
         if state["space"] != space.to_json():
             raise ConfigError(f"the checkpoint {ck} belongs to another search space",
                               hint="resume with the same space, or use a new checkpoint folder")
-        supernet.load_state_dict(state["model"])
-        if distiller is not None:
-            distiller.fit.load_state_dict(state["fit"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        metrics = state["metrics"]
-        metrics["resumed_from"] = start = state["step"]
+        metrics, start = T.restore_training_state(state, supernet, distiller, opt, sched, scaler)
 
     def checkpoint(step: int) -> None:
         if ckpt_root is None or rank != 0:
@@ -462,13 +465,7 @@ def _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, wor
                 stop = "callback"
             if stop is None and step < cfg.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(step)
-    if bar is not None:
-        bar.close()
-    metrics["stopped"] = stop or "steps"
-    metrics["seconds"] = metrics.get("seconds", 0.0) + time.perf_counter() - t0
-    if not metrics["evals"] or metrics["evals"][-1]["step"] != step:
-        evaluate(step)
-    metrics["final_eval"] = {k: v for k, v in metrics["evals"][-1].items() if k != "step"}
+    T.finish_run(metrics, stop, step, t0, evaluate, bar)
     supernet.set_arch(start_arch)
     supernet.train(was_training)
     return metrics
