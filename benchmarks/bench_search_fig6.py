@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--plot", metavar="FILE", help="the figure: best so far vs evaluations per method "
+                    "(mean over seeds, min-max band), as `attnc search report --plot` draws it")
     args = ap.parse_args(argv)
 
     import torch
@@ -74,6 +76,10 @@ def main(argv=None) -> int:
     truth_run = proxy(False, steps=args.truth_steps).runner()
     runs = []
     t_all = time.time()
+    if args.plot:
+        from attnc.search import plots
+        plots.check_plot_path(args.plot)
+    studies = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
             algorithm, ws = METHODS[name]
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 res = opnas.search(space, evaluate=proxy(ws, seed=seed), algorithm=algorithm, budget=args.budget,
                                    seed=seed, population=args.population, top_k=args.top_k,
-                                   children=args.children, study=Path(tmp) / f"{name}-{seed}.db")
+                                   children=args.children, study=Path(tmp) / f"{name}-{seed}" / "study.db")
+                studies.append(Path(tmp) / f"{name}-{seed}")
                 curve, best = [], float("-inf")
                 for e in res.evaluations:
                     if e.score is not None:
@@ -94,6 +101,9 @@ def main(argv=None) -> int:
                              "seconds": time.time() - t0, "failed": res.failed, "duplicates": res.duplicates})
                 print(f"{name:<7} seed {seed}: best proxy {res.best_score:+.4f}, yardstick {truth:+.4f} "
                       f"({time.time() - t0:.0f}s)  " + " | ".join(runs[-1]["best_layers"]), flush=True)
+        if args.plot:
+            plots.save_report([plots.load_study(p) for p in studies], args.plot)
+            print(f"wrote {args.plot}")
     print("\nmean over seeds (yardstick = -MLM loss of the top-1 architecture trained "
           f"{args.truth_steps} steps stand-alone; higher is better)")
     summary = {}

@@ -2,8 +2,9 @@
 
 `run_search_demo` (what `attnc demo` runs after compiling the paper's formulas): a small OP-NAS
 search over 4-layer attention/conv hybrids with the BIWS proxy evaluator (weight-shared MLM
-pretraining on wiki-sample, fine-tuning on rt-polarity), then the best architecture exported with
-its supernet weights as a Hugging Face folder.
+pretraining on wiki-sample; score = minus the held-out MLM loss, since at demo sizes a fine-tuned
+rt-polarity accuracy stays at the majority class for every candidate), then the best architecture
+exported with its supernet weights (and the demo's tokenizer) as a Hugging Face folder.
 
     from attnc.runtime.demo import run_search_demo
     result = run_search_demo("runs/demo", budget=12)

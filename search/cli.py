@@ -18,6 +18,11 @@ from attnc.compiler.cli import load_ops, ops_option   # --ops MODULE: the user's
 from attnc.compiler.errors import ConfigError, DataError
 
 _EVAL_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# `search opnas` defaults of the settings a study records (a resumed study keeps its own)
+_DEFAULTS = dict(layers=4, hidden=128, ffn=512, heads=4, algorithm="opnas", no_weight_sharing=False,
+                 population=100, top_k=5, children=5, alpha=0.5, seed=0)
+_PROXY_FLAGS = {"task": "task", "data_dir": "data_dir", "pretrain_steps": "pretrain_steps",
+                "shared_steps": "shared_pretrain_steps", "finetune_steps": "finetune_steps", "device": "device"}
 
 
 def register(subparsers) -> None:
@@ -30,23 +35,33 @@ def register(subparsers) -> None:
                        description="Search per-layer attention formulas and convolutions. The study "
                                    "(DIR/study.db) holds every candidate; --resume continues it.")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--heads", type=int, default=4)
+    g = p.add_argument_group("space and algorithm (on --resume: the study's own, unless given)")
+    g.add_argument("--layers", type=int, help=f"layers (default {_DEFAULTS['layers']})")
+    g.add_argument("--hidden", type=int, help=f"hidden size (default {_DEFAULTS['hidden']})")
+    g.add_argument("--ffn", type=int, help=f"FFN size (default {_DEFAULTS['ffn']})")
+    g.add_argument("--heads", type=int, help=f"attention heads (default {_DEFAULTS['heads']})")
+    g.add_argument("--algorithm", choices=("opnas", "ea", "random"), help="default opnas")
+    g.add_argument("--no-weight-sharing", action="store_true", default=None,
+                   help="train every child from scratch (default: BIWS weight sharing)")
+    g.add_argument("--population", type=int, help=f"M (default {_DEFAULTS['population']})")
+    g.add_argument("--top-k", type=int, help=f"K (default {_DEFAULTS['top_k']})")
+    g.add_argument("--children", type=int, help=f"C (default {_DEFAULTS['children']})")
+    g.add_argument("--alpha", type=float, help=f"UCB exploration weight (default {_DEFAULTS['alpha']})")
+    g.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--budget", type=int, default=100, help="finished evaluations (duplicates don't count)")
-    p.add_argument("--algorithm", choices=("opnas", "ea", "random"), default="opnas")
-    p.add_argument("--no-weight-sharing", action="store_true")
     p.add_argument("--evaluator", metavar="MODULE:FUNCTION",
                    help="a function architecture -> score (higher is better); default: the BIWS proxy")
     p.add_argument("--resume", action="store_true", help="continue the study in DIR")
-    p.add_argument("--population", type=int, default=100)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--children", type=int, default=5)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    e = p.add_argument_group("the default proxy evaluator (short MLM pretraining, then a fine-tune)")
+    e.add_argument("--task", help="rt-polarity (default) | bbc-topic | glue/NAME (with --data-dir) | mlm "
+                                  "(score = minus the held-out MLM loss, no fine-tune)")
+    e.add_argument("--data-dir", metavar="DIR", help="GLUE-format folder for glue/* tasks")
+    e.add_argument("--pretrain-steps", type=int, metavar="N", help="MLM steps of a from-scratch child (200)")
+    e.add_argument("--shared-steps", type=int, metavar="N", help="MLM steps of a weight-shared child (40)")
+    e.add_argument("--finetune-steps", type=int, metavar="N", help="task steps (100)")
+    e.add_argument("--device", help="auto (default: CUDA when present) | cpu | cuda[:N]")
     p.add_argument("--ray", type=int, metavar="N", help="start a local Ray with N workers")
-    p.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster")
+    p.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster (host:port)")
     p.add_argument("--ray-in-flight", type=int, metavar="N",
                    help="the most evaluations running at once on Ray (default: the cluster's CPUs); "
                         "1 reproduces the in-process search exactly under weight sharing")
@@ -54,7 +69,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--primitive", action="append", default=[], metavar="NAME", dest="extra_primitives",
                    help="add an elementwise function (built-in or registered through --ops) to the "
-                        "paper's Table 1 primitives (repeatable; pass the same on --resume)")
+                        "paper's Table 1 primitives (repeatable; on --resume: the study's own unless given)")
     ops_option(p)
     p.set_defaults(func=_opnas)
 
@@ -86,7 +101,12 @@ def register(subparsers) -> None:
 
 
 def load_evaluator(spec: str):
-    """'module:function' -> the function (imported by name; nothing is evaluated)."""
+    """'module:function' -> the function (imported by name; nothing is evaluated). A class named
+    there must be an attnc.search.Evaluator, made with no arguments."""
+    import inspect
+
+    from .evaluator import Evaluator
+
     if not _EVAL_RE.match(spec):
         raise ConfigError(f"bad --evaluator {spec!r}", hint="write MODULE:FUNCTION, e.g. mypkg.scores:score")
     mod, fn = spec.split(":")
@@ -96,9 +116,53 @@ def load_evaluator(spec: str):
         raise ConfigError(f"cannot import evaluator module {mod!r}: {e}",
                           hint="make it importable (PYTHONPATH or an installed package)") from None
     f = getattr(module, fn, None)
+    if inspect.isclass(f):
+        if not issubclass(f, Evaluator):
+            raise ConfigError(f"evaluator {spec} is a class, not a function or an attnc.search.Evaluator",
+                              hint="name a function architecture -> score, or an Evaluator subclass")
+        try:
+            return f()
+        except TypeError as e:
+            raise ConfigError(f"cannot make evaluator {spec} without arguments: {e}",
+                              hint="give its arguments defaults, or name a function that builds it") from None
     if not callable(f):
         raise ConfigError(f"evaluator module {mod} has no function {fn!r}")
     return f
+
+
+def _study_settings(db: Path) -> dict:
+    """The CLI settings a study was made with (for --resume without repeating every flag)."""
+    from .opnas import read_study
+
+    with read_study(db) as (_, meta):
+        sp = meta.get("space") or {}
+    return {"layers": sp.get("num_layers"), "hidden": sp.get("hidden_size"), "ffn": sp.get("intermediate_size"),
+            "heads": sp.get("num_heads"), "algorithm": meta.get("algorithm"),
+            "no_weight_sharing": not meta.get("weight_sharing", True), "population": meta.get("population"),
+            "top_k": meta.get("top_k"), "children": meta.get("children"), "alpha": meta.get("alpha"),
+            "seed": meta.get("seed"), "primitives": sp.get("primitives")}
+
+
+def _proxy_evaluator(args, weight_sharing: bool):
+    """The BIWS proxy with the CLI's --task / --*-steps / --device (None when no flag is given: the
+    search builds the default one)."""
+    given = {field: getattr(args, flag) for flag, field in _PROXY_FLAGS.items() if getattr(args, flag) is not None}
+    if args.evaluator:
+        if given:
+            raise ConfigError(f"--{next(iter(k for k in _PROXY_FLAGS if getattr(args, k) is not None)).replace('_', '-')} "
+                              "configures the default proxy evaluator, but --evaluator replaces it",
+                              hint="drop one of them")
+        return load_evaluator(args.evaluator)
+    if not given:
+        return None
+    from .proxy import ProxyConfig, ProxyEvaluator
+
+    if given.get("task") == "mlm":
+        given["task"] = None
+    if "device" in given:
+        from attnc.runtime.trainer import resolve_device
+        resolve_device(given["device"])   # an unknown or absent device: ConfigError now, not per candidate
+    return ProxyEvaluator(ProxyConfig(weight_sharing=weight_sharing, **given))
 
 
 def _opnas(args) -> int:
@@ -110,16 +174,24 @@ def _opnas(args) -> int:
         raise ConfigError(f"{db} exists", hint="pass --resume to continue it, or choose another --out")
     if args.resume and not db.exists():
         raise ConfigError(f"nothing to resume: no study at {db}")
+    if args.ray is not None and args.ray < 1:
+        raise ConfigError(f"--ray needs a positive number of workers, got {args.ray}")
+    if args.ray is not None and args.ray_address:
+        raise ConfigError("--ray starts a local Ray and --ray-address joins a cluster: give one of them")
     load_ops(args)
-    evaluate = load_evaluator(args.evaluator) if args.evaluator else None
-    space = opnas.Space(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.ffn,
-                        num_heads=args.heads,
-                        primitives=opnas.TABLE1 + tuple(p for p in args.extra_primitives
-                                                        if p not in opnas.TABLE1))
-    result = opnas.search(space, evaluate, algorithm=args.algorithm,
-                          weight_sharing=not args.no_weight_sharing, budget=args.budget, seed=args.seed,
-                          population=args.population, top_k=args.top_k, children=args.children,
-                          alpha=args.alpha, study=db, ray=args.ray, ray_address=args.ray_address,
+    stored = _study_settings(db) if args.resume else {}
+    opt = {k: (getattr(args, k) if getattr(args, k) is not None else
+               stored.get(k) if stored.get(k) is not None else v) for k, v in _DEFAULTS.items()}
+    primitives = opnas.TABLE1 + tuple(p for p in args.extra_primitives if p not in opnas.TABLE1)
+    if args.resume and not args.extra_primitives and stored.get("primitives"):
+        primitives = tuple(stored["primitives"])
+    evaluate = _proxy_evaluator(args, weight_sharing=not opt["no_weight_sharing"])
+    space = opnas.Space(num_layers=opt["layers"], hidden_size=opt["hidden"], intermediate_size=opt["ffn"],
+                        num_heads=opt["heads"], primitives=primitives)
+    result = opnas.search(space, evaluate, algorithm=opt["algorithm"],
+                          weight_sharing=not opt["no_weight_sharing"], budget=args.budget, seed=opt["seed"],
+                          population=opt["population"], top_k=opt["top_k"], children=opt["children"],
+                          alpha=opt["alpha"], study=db, ray=args.ray, ray_address=args.ray_address,
                           ray_in_flight=args.ray_in_flight,
                           progress=not args.no_progress)
     summary = _summary(result, top=5)
@@ -195,6 +267,8 @@ def _report(args) -> int:
 
     if args.top < 1:
         raise ConfigError(f"--top must be positive, got {args.top}")
+    if args.plot:
+        plots.check_plot_path(args.plot)
     summaries = [_summary(opnas.open_result(d), top=args.top) for d in args.dirs]
     if args.plot:
         plots.save_report([plots.load_study(d) for d in args.dirs], args.plot)
@@ -239,5 +313,13 @@ def _export(args) -> int:
         model = AttncBertForMaskedLM(arch.to_config())
         source = "fresh initialisation"
     model.save_pretrained(args.out)
+    from attnc.runtime.data import load_tokenizer
+    tok = load_tokenizer()   # the proxy's vocabulary (the default uncased one)
+    if len(tok) == model.config.vocab_size:
+        tok.save_pretrained(args.out)
+        source += ", with the tokenizer"
+    else:
+        print(f"warning: the model's vocabulary ({model.config.vocab_size}) is not the default tokenizer's "
+              f"({len(tok)}): no tokenizer was saved", file=sys.stderr)
     print(f"exported rank {args.rank} (score {ranked[args.rank - 1].score:.4f}) to {args.out} ({source})")
     return 0

@@ -312,6 +312,12 @@ def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm
     for name, v in (("budget", budget), ("population", population), ("top_k", top_k), ("children", children)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if ray is not None and (isinstance(ray, bool) or not isinstance(ray, int) or ray < 1):
+        raise ConfigError(f"ray must be a positive number of workers, got {ray!r}")
+    if ray is not None and ray_address is not None:
+        raise ConfigError("ray= starts a local Ray and ray_address= joins a cluster: give one of them")
+    if ray_address is not None:
+        _check_ray_address(ray_address)
     if ray_in_flight is not None and (not isinstance(ray_in_flight, int) or ray_in_flight < 1):
         raise ConfigError(f"ray_in_flight must be a positive integer, got {ray_in_flight!r}")
     if not alpha >= 0:
@@ -335,7 +341,9 @@ def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm
     try:
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=budget, desc=f"search {algorithm}", unit="eval")
+            c = counts(st)   # a resumed search starts its bar (and its ETA) at what is already done
+            bar = tqdm(total=budget, initial=min(budget, c["evaluated"] + c["failed"]),
+                       desc=f"search {algorithm}", unit="eval")
             loop.bar = bar
         loop.run(use_ray=started_ray is not None)
         return result_from_study(st)
@@ -359,6 +367,24 @@ def _resolve_evaluator(evaluate, weight_sharing: bool) -> Evaluator:
     raise ConfigError(f"evaluate must be None, a callable or an Evaluator, got {type(evaluate).__name__}")
 
 
+def _check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (ConfigError) when a host:port Ray address does not answer, rather than hang in
+    ray.init. Other forms ("auto", "ray://...") are left to Ray."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"\[?([\w.\-:]+?)\]?:(\d+)", address) if isinstance(address, str) else None
+    if not isinstance(address, str) or not address:
+        raise ConfigError(f"bad Ray address {address!r}", hint="give host:port of the cluster's head")
+    if m is None:
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {address} ({e})",
+                          hint="start one with `ray start --head --port PORT`, or check the address") from None
+
+
 def _start_ray(ray_cpus, address):
     if ray_cpus is None and address is None:
         return None
@@ -371,9 +397,15 @@ def _start_ray(ray_cpus, address):
     import os
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is not None:
-        _ray.init(address=address, log_to_driver=False)
+        try:
+            _ray.init(address=address, log_to_driver=False)
+        except ConnectionError as e:
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {e}",
+                              hint="check the address (`ray status` on the head node) and that this "
+                                   "machine reaches it") from None
     else:
-        _ray.init(num_cpus=int(ray_cpus), include_dashboard=False, log_to_driver=False)
+        # address="local": always a new local Ray (never a cluster some other run left behind)
+        _ray.init(address="local", num_cpus=int(ray_cpus), include_dashboard=False, log_to_driver=False)
     return "started"
 
 

@@ -179,8 +179,10 @@ def formula_drawing(formula: str) -> LayerDrawing:
             xs = {nid: x + shift for nid, x in xs.items()}
         for nid in ids:
             pos[nid] = (xs[nid], float(y))
+    # one edge per operand, in order: cos(Q, Q) has two edges from Q (the graph keeps one)
+    edges = tuple((u, nid) for nid, n in order for u in n.operands)
     return LayerDrawing("attention", formula, None, tuple((nid, label(n)) for nid, n in order),
-                        tuple((u, v) for u, v in g.edges()), pos, output_of(g))
+                        edges, pos, output_of(g))
 
 
 def layer_drawings(arch: Architecture) -> list[LayerDrawing]:
@@ -264,9 +266,13 @@ def draw_layer(ax, d: LayerDrawing, index: int) -> None:
                 transform=ax.transAxes)
         return
     has_operands = {v for _, v in d.edges}
-    for u, v in d.edges:
+    seen: dict = {}
+    for u, v in d.edges:   # a repeated operand (cos(Q, Q)) is drawn as arcs bending either way
+        k = seen[(u, v)] = seen.get((u, v), -1) + 1
+        rad = 0.0 if k == 0 and d.edges.count((u, v)) == 1 else (0.25 if k % 2 == 0 else -0.25) * (1 + k // 2)
         ax.annotate("", xy=d.positions[v], xytext=d.positions[u],
-                    arrowprops=dict(arrowstyle="-|>", color="#555555", lw=0.8, shrinkA=7, shrinkB=7))
+                    arrowprops=dict(arrowstyle="-|>", color="#555555", lw=0.8, shrinkA=7, shrinkB=7,
+                                    connectionstyle=f"arc3,rad={rad}"))
     for nid, lab in d.nodes:
         if lab in ("Q", "K", "V", "P"):
             colour = _COLOURS["input"]
@@ -309,10 +315,23 @@ def report_figure(studies: Sequence[StudyData]):
     return fig
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """The plot file a command will write: a ConfigError before any work when its suffix is not a
+    format the plots are written in."""
+    out = Path(out)
+    if out.suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError(f"cannot write a plot to {out}: unknown format {out.suffix or '(no suffix)'!r}",
+                          hint=f"end the file name with one of {', '.join(PLOT_FORMATS)}")
+    return out
+
+
 def save_report(studies: Sequence[StudyData], out: str | Path) -> Path:
     """Draw report_figure(studies) to `out` (the format from its suffix: .png, .pdf, .svg)."""
+    out = check_plot_path(out)
     plt = _pyplot()
-    out = Path(out)
     fig = report_figure(studies)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

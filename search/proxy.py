@@ -34,6 +34,11 @@ from .evaluator import EvalResult, Evaluator
 TASKS = ("rt-polarity", "bbc-topic")
 
 
+def _glue_names() -> tuple[str, ...]:
+    from attnc.runtime.data import GLUE_TASKS
+    return tuple(f"glue/{t}" for t in GLUE_TASKS)
+
+
 class TrainingDiverged(RuntimeError):
     """A candidate's training produced a NaN/inf loss (the search records the candidate as failed)."""
 
@@ -56,6 +61,7 @@ class ProxyConfig:
     weight_sharing: bool = True
     tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
     device: str = "auto"                    # trainer device (auto = CUDA when present | cpu | cuda:N)
+    data_dir: str | None = None             # GLUE-format folder for glue/* tasks (offline); None: the hub
     seed: int = 0                           # supernet init and the task subset; each candidate gets its own seed
 
     def __post_init__(self):
@@ -64,9 +70,9 @@ class ProxyConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"proxy {name} must be a positive integer, got {v!r}")
-        if self.task is not None and self.task not in TASKS and not self.task.startswith("glue/"):
+        if self.task is not None and self.task not in TASKS and self.task not in _glue_names():
             raise ConfigError(f"unknown proxy task {self.task!r}",
-                              hint=f"use one of {', '.join(TASKS)}, glue/NAME, or None for MLM loss")
+                              hint=f"use one of {', '.join(TASKS + _glue_names())}, or None (`--task mlm` on the command line) for the held-out MLM loss")
 
     @property
     def child_pretrain_steps(self) -> int:
@@ -100,12 +106,12 @@ def _blocks(cfg: ProxyConfig) -> torch.Tensor:
 
 
 def _task_data(cfg: ProxyConfig):
-    key = (cfg.task, cfg.tokenizer, cfg.finetune_max_len, cfg.max_train, cfg.max_eval, cfg.seed)
+    key = (cfg.task, cfg.data_dir, cfg.tokenizer, cfg.finetune_max_len, cfg.max_train, cfg.max_eval, cfg.seed)
     if key not in _TASKS:
         from attnc.runtime.data import load_task
         from attnc.runtime.trainer import ClassificationData
 
-        task = load_task(cfg.task, seed=cfg.seed)
+        task = load_task(cfg.task, cfg.data_dir, seed=cfg.seed)
         _TASKS[key] = ClassificationData(task, _tokenizer(cfg.tokenizer), cfg.finetune_max_len,
                                          max_train=cfg.max_train, max_eval=cfg.max_eval, seed=cfg.seed)
     return _TASKS[key]

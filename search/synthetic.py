@@ -33,6 +33,14 @@ def fails_on_dist(arch: Architecture) -> float:
     return known_ops(arch)
 
 
+def fails_on_dist_pid(arch: Architecture):
+    """fails_on_dist, reporting the evaluating process id in the metrics."""
+    import os
+
+    from .evaluator import EvalResult
+    return EvalResult(score=fails_on_dist(arch), metrics={"pid": os.getpid()})
+
+
 def known_ops_pid(arch: Architecture):
     """known_ops, reporting the evaluating process id in the metrics (shows where it ran)."""
     import os
@@ -76,4 +84,5 @@ def shared_counters_run(arch: Architecture, payload, seed: int):
 
     trained = [v + (0.5 if c.kind == "conv" else 0.25 + c.formula.count("softsign(")) + 0.001 * (seed % 7)
                for v, c in zip(payload, arch.layers)]
-    return EvalResult(score=known_ops(arch) + 0.01 * sum(payload), weights=trained)
+    return EvalResult(score=known_ops(arch) + 0.01 * sum(payload), weights=trained,
+                      metrics={"start": list(payload)})

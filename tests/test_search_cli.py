@@ -96,9 +96,11 @@ def test_cli_export_without_supernet_warns_and_loads(tmp_path, capsys):
     best = Architecture.from_json(json.loads(capsys.readouterr().out)["best"]["architecture"])
     assert main(["search", "export", str(out), "--rank", "1", "--out", str(tmp_path / "m")]) == 0
     assert "freshly initialised" in capsys.readouterr().err
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
     model = AutoModel.from_pretrained(tmp_path / "m")
     assert model.config.layers == best.to_config().layers
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")           # the proxy's tokenizer goes with it
+    assert len(tok) == model.config.vocab_size and tok.mask_token == "[MASK]"
     assert main(["search", "export", str(out), "--rank", "99", "--out", str(tmp_path / "m2")]) == 2
 
 
@@ -141,3 +143,74 @@ def test_cli_export_uses_the_studys_supernet(tmp_path, capsys):
     emb = got.state_dict()["bert.embeddings.word_embeddings.weight"]
     fresh = Supernet(space, vocab_size=64, max_position_embeddings=32).shared.bert.embeddings.word_embeddings.weight
     assert torch.allclose(emb, fresh * 8)            # three write-backs, each x2
+
+
+def test_resume_takes_the_studys_settings(tmp_path, capsys):
+    """--resume needs only --out and a budget: the space and algorithm settings come from the study;
+    a flag that contradicts them is an error (exit 2), and nothing is lost."""
+    out = tmp_path / "run"
+    base = ["search", "opnas", "--out", str(out), "--evaluator", "test_search_cli:score_conv_free",
+            "--no-progress", "--json"]
+    assert main(base + ["--layers", "2", "--hidden", "32", "--ffn", "48", "--heads", "2", "--budget", "6",
+                        "--population", "4", "--top-k", "2", "--children", "2", "--seed", "3",
+                        "--algorithm", "ea"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--budget", "10", "--resume"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["evaluated"] + s["failed"] == 10
+    arch = Architecture.from_json(s["best"]["architecture"])
+    assert (len(arch.layers), arch.hidden_size, arch.num_heads) == (2, 32, 2)
+    db = sqlite3.connect(out / "study.db")
+    meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    n = db.execute("SELECT COUNT(*) FROM candidates WHERE status IN ('done', 'failed')").fetchone()[0]
+    db.close()
+    assert (meta["algorithm"], meta["seed"], meta["population"]) == ("ea", 3, 4) and n == 10
+    assert main(base + ["--budget", "12", "--resume", "--population", "9"]) == 2
+    assert "population" in capsys.readouterr().err
+
+
+class NotAnEvaluator:
+    pass
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--ray", "0"], "--ray"), (["--ray", "-1"], "--ray"), (["--ray", "2", "--ray-address", "x:1"], "one of"),
+    (["--ray-address", "127.0.0.1:1"], "Ray cluster"),
+    (["--evaluator", "test_search_cli:NotAnEvaluator"], "class"),
+    (["--evaluator", "test_search_cli:score_conv_free", "--task", "mlm"], "--evaluator"),
+    (["--task", "glue/nope"], "task"), (["--shared-steps", "0"], "shared_pretrain_steps"),
+])
+def test_cli_bad_search_settings_exit_2_before_any_study(tmp_path, capsys, extra, needle):
+    out = tmp_path / "r"
+    assert main(["search", "opnas", "--out", str(out), "--layers", "1", "--budget", "2", "--no-progress",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err
+    assert not (out / "study.db").exists()
+
+
+def test_cli_report_bad_plot_format_is_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["search", "opnas", "--out", str(out), "--layers", "1", "--budget", "2", "--population", "2",
+                 "--evaluator", "test_search_cli:score_conv_free", "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["search", "report", str(out), "--plot", str(tmp_path / "x.bogus")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ".png" in err and not (tmp_path / "x.bogus").exists()
+
+
+def test_cli_proxy_flags_reach_the_proxy(tmp_path, capsys):
+    """--task mlm --shared-steps 3: each weight-shared child trains 3 MLM steps and is scored by its
+    held-out MLM loss (a negative number; no fine-tune)."""
+    out = tmp_path / "run"
+    assert main(["search", "opnas", "--out", str(out), "--layers", "1", "--hidden", "32", "--ffn", "48",
+                 "--heads", "2", "--budget", "2", "--population", "2", "--task", "mlm", "--shared-steps", "3",
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    db = sqlite3.connect(out / "study.db")
+    rows = db.execute("SELECT steps, score, metrics FROM candidates WHERE status='done'").fetchall()
+    db.close()
+    assert len(rows) == 2 and all(steps == 3 for steps, _, _ in rows)
+    for _, score, metrics in rows:
+        assert score == -json.loads(metrics)["mlm_loss"] and "task" not in json.loads(metrics)
+    assert s["best"]["score"] == max(r[1] for r in rows)

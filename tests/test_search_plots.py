@@ -132,6 +132,9 @@ def test_formula_drawing_is_the_formula_dag():
     assert {lab[u] for u, v in d.edges if v == d.output} == {"softmax", "V"}
     assert {d.positions[n][1] for n, name in d.nodes if name in "QKV"} == {0.0}
     assert len(set(d.positions.values())) == len(d.nodes)                  # no two nodes overlap
+    twice = plots.formula_drawing("softsign(cos(Q, Q)) @ V")            # Q is both operands of cos
+    lab = dict(twice.nodes)
+    assert sorted(lab[u] for u, v in twice.edges if lab[v] == "cos") == ["Q", "Q"]
     conv = plots.layer_drawings(Architecture((LayerChoice.conv(7), LayerChoice.attention("Q @ K^T @ V / n")),
                                              hidden_size=32, intermediate_size=64, num_heads=2))
     assert (conv[0].kind, conv[0].kernel_size, conv[0].title) == ("conv", 7, "conv, kernel 7")
@@ -164,3 +167,31 @@ def test_non_study_folders_are_data_errors(tmp_path, capsys):
     with pytest.raises(DataError):
         plots.load_study(junk)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_priority_heatmap_is_equation_3_per_position_from_the_rows(runs):
+    """The heatmap's matrix, recomputed by hand from the SQLite rows (the path genes of the done
+    candidates): column k is softmax(u) over the primitives at path position k, with
+    u = mean score + alpha * sqrt(2 ln N / N_i) (unseen: the mean of all, N_i = 1)."""
+    import math
+
+    folder = runs["opnas0"]
+    study = plots.load_study(folder)
+    prims, matrix = plots.priority_matrix(study)
+    assert prims == SPACE.primitives
+    db = sqlite3.connect(folder / "study.db")
+    rows = db.execute("SELECT genes, score FROM candidates WHERE status='done'").fetchall()
+    db.close()
+    paths = [(g["ops"], score) for genes, score in rows for g in json.loads(genes) if g is not None]
+    longest = max(len(ops) for ops, _ in paths)
+    assert len(matrix[0]) == longest
+    for k in range(longest):
+        samples = [(ops[k][0], s) for ops, s in paths if len(ops) > k]
+        N, mean_all = len(samples), sum(s for _, s in samples) / len(samples)
+        u = {}
+        for o in prims:
+            got = [s for x, s in samples if x == o]
+            u[o] = (sum(got) / len(got) if got else mean_all) + study.alpha * math.sqrt(2 * math.log(N) / (len(got) or 1))
+        z = sum(math.exp(v) for v in u.values())
+        for i, o in enumerate(prims):
+            assert matrix[i][k] == pytest.approx(math.exp(u[o]) / z, rel=1e-9)

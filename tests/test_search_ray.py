@@ -7,7 +7,7 @@ import sqlite3
 import ray   # the distributed extra; scripts/setup.sh installs it so this test runs in CI
 
 from attnc.search import opnas
-from attnc.search.synthetic import fails_on_dist, known_ops_pid
+from attnc.search.synthetic import fails_on_dist, fails_on_dist_pid, known_ops_pid
 
 
 def _rows(path):
@@ -23,8 +23,10 @@ def test_ray_two_workers_same_results_as_in_process(tmp_path):
     space = opnas.Space(num_layers=2, kernel_sizes=(7, 65))
     kw = dict(budget=16, population=6, top_k=2, children=3, seed=2)
     local = opnas.search(space, fails_on_dist, study=tmp_path / "local.db", **kw)
-    remote = opnas.search(space, fails_on_dist, study=tmp_path / "ray.db", ray=2, **kw)  # starts Ray
+    remote = opnas.search(space, fails_on_dist_pid, study=tmp_path / "ray.db", ray=2, **kw)  # starts Ray
     assert not ray.is_initialized()   # and shuts it down again
+    pids = {e.metrics["pid"] for e in remote.evaluations}
+    assert pids and os.getpid() not in pids                    # evaluated in Ray's worker processes
     assert _rows(tmp_path / "ray.db") == _rows(tmp_path / "local.db")
     assert remote.best_score == local.best_score and remote.best_architecture == local.best_architecture
     assert sorted((e.id, e.score) for e in remote.evaluations) == sorted((e.id, e.score) for e in local.evaluations)
@@ -32,7 +34,7 @@ def test_ray_two_workers_same_results_as_in_process(tmp_path):
 
 def test_ray_evaluations_run_in_worker_processes(tmp_path):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:   # an already running Ray is joined and left running
         r = opnas.search(opnas.Space(num_layers=1), known_ops_pid, budget=6, population=6, seed=0,
                          study=tmp_path / "s.db", ray=2)
@@ -71,3 +73,34 @@ def test_ray_weight_sharing_one_in_flight_equals_in_process(tmp_path):
         assert score == known_ops(arch) + 0.01 * sum(values)
         values = shared_counters_run(arch, values, seed).weights
     assert values == local_ev.values
+
+
+def test_ray_weight_sharing_two_in_flight_writes_back_in_completion_order(tmp_path):
+    """Two tasks in flight: which state each child starts from depends on timing, but whatever the
+    timing, (a) every child started from a state the driver had committed before it finished (the
+    start or an earlier child's trained weights), (b) the write-backs are applied in completion
+    order: the final shared state is the last finished child's trained weights, and (c) the
+    budget is met exactly."""
+    import json
+
+    from attnc.search.space import Architecture
+    from attnc.search.synthetic import SharedCounters, known_ops, shared_counters_run
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    space = opnas.Space(num_layers=2, kernel_sizes=(7, 65))
+    ev = SharedCounters(2)
+    opnas.search(space, ev, study=tmp_path / "ray.db", ray=2, ray_in_flight=2, budget=10, population=5,
+                 top_k=2, children=3, seed=4)
+    db = sqlite3.connect(tmp_path / "ray.db")
+    done = db.execute("SELECT arch, seed, score, metrics FROM candidates WHERE status='done' "
+                      "ORDER BY finish_order").fetchall()
+    db.close()
+    assert len(done) == 10
+    states = [[0.0, 0.0]]
+    for arch_json, seed, score, metrics in done:
+        arch = Architecture.from_json(json.loads(arch_json))
+        start = json.loads(metrics)["start"]
+        assert start in states                                   # (a)
+        assert score == known_ops(arch) + 0.01 * sum(start)
+        states.append(shared_counters_run(arch, start, seed).weights)
+    assert ev.values == states[-1]                               # (b)

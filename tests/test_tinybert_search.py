@@ -309,3 +309,25 @@ def test_pareto_front_matches_brute_force():
         pts = [(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0]), rng.choice([-3.0, -2.0, -1.5, -1.0])) for _ in range(12)]
         undominated = sorted({p for p in pts if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in pts)})
         assert pareto_front(pts) == undominated
+
+
+def test_a_narrow_window_slows_the_search_but_never_stops_it(tmp_path, monkeypatch):
+    """Only 15 of the 1680 archs lie in the window (L=1, h=1, dm=32), and a child gets 5 draws: most
+    explorations miss it. They fall back to mutations of a parent, and mutations that miss repeat
+    the parent, with a warning; every generation is full and every member lies in the window."""
+    from attnc.search.tinybert import evolve
+
+    monkeypatch.setattr(evolve, "CHILD_DRAWS", 5)
+
+    def latency(a):
+        return 1.0 if (a.layers, a.heads, a.hidden) == (1, 1, 32) else 50.0
+
+    cfg = EvolutionConfig(target_ms=1.0, generations=3, population=6, pe=0.9, seed=3)
+    with pytest.warns(UserWarning, match="fell back"):
+        r = search(SPACE, distance_fitness, latency, cfg, study=tmp_path / "s")
+    pop = _population(tmp_path / "s" / "study.db")
+    assert [sum(1 for p in pop if p[0] == g) for g in range(4)] == [6, 6, 6, 6]
+    assert all(latency(Arch.parse(p[2])) == 1.0 for p in pop)
+    origins = {p[3] for p in pop if p[0] > 0}
+    assert "mutation" in origins or "repeat" in origins
+    assert latency(r.best) == 1.0

@@ -18,11 +18,12 @@ _LAZY = {   # public name -> submodule defining it
     "Arch": "space", "Space": "space",
     "SuperPLM": "supernet",
     "SuperTrainConfig": "train", "train_superplm": "train", "save_superplm": "train",
-    "load_superplm": "train", "heldout_mlm_loss": "train",
+    "load_superplm": "train", "heldout_mlm_loss": "train", "heldout_distill_loss": "train",
+    "new_fit_layer": "train", "load_recipe": "train", "load_fit_layer": "train",
     "LatencyPredictor": "latency", "collect": "latency", "measure_arch": "latency",
     "bert_base_latency_ms": "latency",
     "EvolutionConfig": "evolve", "SearchResult": "evolve", "search": "evolve", "fast_search": "evolve",
-    "SuperPLMFitness": "evolve", "open_result": "evolve",
+    "SuperPLMFitness": "evolve", "SuperPLMDistillFitness": "evolve", "open_result": "evolve",
 }
 
 __all__ = sorted(_LAZY)

@@ -70,9 +70,12 @@ def register(sub) -> None:
     w.add_argument("--arch", metavar="L-dm-df-h-dqkv")
     w.add_argument("--rank", type=int, metavar="K", help="the K-th best architecture of --study")
     p.add_argument("--study", metavar="DIR", help="a `superplm search --out` folder (with --rank)")
-    p.add_argument("--train-steps", type=int, default=0, metavar="N", help="further MLM steps (default 0)")
+    p.add_argument("--train-steps", type=int, default=0, metavar="N",
+                   help="further training steps (default 0): MLM for an mlm SuperPLM, distillation from its "
+                        "teacher for a kd one")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the further training")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="device of the further training: auto | cpu | cuda[:N]")
     _data_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -126,9 +129,12 @@ def _latency(args) -> int:
 
 
 def train_settings(supernet_dir) -> dict:
-    """The corpus / seq_len / seed a SuperPLM was trained with, from its folder (what is recorded)."""
+    """How a SuperPLM was trained (objective, corpus, seq_len, seed, teacher): its folder's recipe.json,
+    else what older saves recorded elsewhere."""
+    from .train import load_recipe
+
+    found = {k: v for k, v in load_recipe(supernet_dir).items() if v is not None}
     root = Path(supernet_dir)
-    found = {}
     for f in (root / "superplm_train.json", root.parent / "superplm_train.json",
               root / "supernet" / "train_metrics.json", root / "train_metrics.json"):
         if f.is_file():
@@ -136,9 +142,9 @@ def train_settings(supernet_dir) -> dict:
                 d = json.loads(f.read_text())
             except ValueError:
                 continue
-            for src in (d, d.get("config") or {}):
-                for k in ("corpus", "seq_len", "seed"):
-                    if k in src and k not in found:
+            for src in (d, d.get("recipe") or {}, d.get("config") or {}):
+                for k in ("objective", "corpus", "seq_len", "seed", "teacher"):
+                    if k in src and src[k] is not None and k not in found:
                         found[k] = src[k]
     return found
 
@@ -194,31 +200,40 @@ def _search(args) -> int:
         raise ConfigError(f"{db} exists", hint="pass --resume to continue it, or choose another --out")
     if args.resume and not db.exists():
         raise ConfigError(f"nothing to resume: no study at {db}")
+    if args.plot:
+        from ..plots import check_plot_path
+        check_plot_path(args.plot)
 
     from attnc.runtime.data import load_tokenizer
 
     from . import report
-    from .evolve import EvolutionConfig, SuperPLMFitness, fast_search, search
+    from .evolve import EvolutionConfig, fast_search, search
     from .latency import LatencyPredictor
     from .train import load_superplm
 
     predictor = LatencyPredictor.load(args.latency_model)
     supernet = load_superplm(args.supernet)
     space = supernet.space
-    if space.max_arch not in predictor.space:
-        raise ConfigError(f"the latency predictor's space does not hold the SuperPLM {space.max_arch}: "
-                          f"predictor maxima {predictor.space.max_arch}",
-                          hint="fit a predictor over a space at least as large (attnc search latency --max-...)")
+    check_predictor_fits(predictor, space, args.latency_model)
     target, target_info = target_latency(args, predictor, Path(args.latency_model))
     cfg = EvolutionConfig(target_ms=target, generations=args.generations, population=args.population,
                           pm=args.pm, pe=args.pe, seed=args.seed)
     tok = load_tokenizer()
     data, data_info = heldout_data(args.supernet, args, tok)
-    fitness = SuperPLMFitness(supernet, data.tensor[data.eval_idx], tok)
+    fitness = make_fitness(supernet, args.supernet, data.tensor[data.eval_idx], tok)
     meta = {"supernet": str(Path(args.supernet).resolve()), "latency_model": str(Path(args.latency_model).resolve()),
-            "heldout": data_info}
+            "heldout": data_info, "fitness": repr(fitness)}
     run = fast_search if args.fast else search
-    result = run(space, fitness, predictor.predict, cfg, study=db, progress=not args.no_progress, meta=meta)
+    fresh = not db.exists()
+    try:
+        result = run(space, fitness, predictor.predict, cfg, study=db, progress=not args.no_progress, meta=meta)
+    except Exception:
+        # a search that stopped before its first score (e.g. an empty latency window) leaves nothing
+        # to resume: remove its study so that the corrected command can run in the same --out
+        if fresh and db.exists() and _nothing_scored(db):
+            for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                f.unlink(missing_ok=True)
+        raise
     summary = report.summary(result)
     summary["target"] = target_info
     summary["fitness"] = repr(fitness)
@@ -228,6 +243,56 @@ def _search(args) -> int:
     (out / SEARCH_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _print(summary, args.json)
     return 0
+
+
+def _nothing_scored(db: Path) -> bool:
+    from .study import Study
+
+    st = Study(db)
+    try:
+        return not any(r.status != "pending" for r in st.rows())
+    finally:
+        st.close()
+
+
+def check_predictor_fits(predictor, space, latency_dir) -> None:
+    """The predictor must cover the SuperPLM's space and time the same attention formula."""
+    from attnc.compiler.errors import ConfigError
+
+    if space.max_arch not in predictor.space:
+        raise ConfigError(f"the latency predictor's space does not hold the SuperPLM {space.max_arch}: "
+                          f"predictor maxima {predictor.space.max_arch}",
+                          hint="fit a predictor over a space at least as large (attnc search latency --max-...)")
+    if _canonical(predictor.space.formula) != _canonical(space.formula):
+        raise ConfigError(f"the latency predictor in {latency_dir} was fitted for the formula "
+                          f"{predictor.space.formula or 'standard attention'!r}, the SuperPLM uses "
+                          f"{space.formula or 'standard attention'!r}",
+                          hint="fit a predictor with the SuperPLM's formula (attnc search latency --formula ...)")
+
+
+def _canonical(formula):
+    if formula is None:
+        return None
+    from attnc.compiler.api import analyze
+    return analyze(formula).canonical
+
+
+def make_fitness(supernet, supernet_dir, blocks, tok):
+    """The fitness of a SuperPLM's sub-models, by how it was trained: minus the held-out MLM loss
+    (mlm), or minus the held-out distillation loss against its teacher through its fit layer (kd,
+    whose MLM head is never trained)."""
+    from .evolve import SuperPLMDistillFitness, SuperPLMFitness
+
+    rec = train_settings(supernet_dir)
+    objective = rec.get("objective") or ("kd" if supernet.space.mode == "kd" else "mlm")
+    if objective == "mlm":
+        return SuperPLMFitness(supernet, blocks, tok)
+    from attnc.runtime.train import load_teacher
+
+    from .train import load_fit_layer
+
+    teacher = load_teacher(rec.get("teacher") or "minilm-l6")
+    return SuperPLMDistillFitness(supernet, blocks, teacher, load_fit_layer(supernet_dir, supernet.space, teacher), tok)
 
 
 def _print(summary: dict, as_json: bool) -> None:
@@ -254,6 +319,9 @@ def _report(args) -> int:
     from . import report
     from .evolve import open_result
 
+    if args.plot:
+        from ..plots import check_plot_path
+        check_plot_path(args.plot)
     result = open_result(args.dir)
     summary = report.summary(result, top=args.top)
     if args.plot:
@@ -302,27 +370,47 @@ def _extract(args) -> int:
     supernet = load_superplm(supernet_dir)
     supernet.space.validate(arch)
     model = supernet.extract(arch)
+    supernet_mode = supernet.space.mode
     del supernet
     tok = load_tokenizer()
     info = {"arch": str(arch), "supernet": str(supernet_dir), "out": str(args.out), "train_steps": args.train_steps}
     if args.train_steps > 0:
-        from attnc.runtime.trainer import TrainConfig, train
+        from attnc.runtime.trainer import DistillConfig, TrainConfig, train, resolve_device
+        resolve_device(args.device)   # an unknown or absent device is a ConfigError before any data work
         data, data_info = heldout_data(supernet_dir, args, tok)
+        rec = train_settings(supernet_dir)
+        kd = (rec.get("objective") or ("kd" if supernet_mode == "kd" else "mlm")) == "kd"
+        teacher = distill = None
+        if kd:   # the MLM head of a kd SuperPLM is untrained: train further as it was trained
+            from attnc.runtime.train import load_teacher
+            teacher = load_teacher(rec.get("teacher") or "minilm-l6")
+            distill = DistillConfig(hidden_mse=1.0, attn_mse=1.0, logit_kl=0.0, task_loss=0.0)
         # the data seed also makes the split: the held-out blocks stay those the SuperPLM never saw
         res = train(model, data, TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
-                                             seed=data_info["data_seed"], device="cpu", warmup=0.1,
-                                             eval_at_start=True, progress=not args.no_progress))
+                                             seed=data_info["data_seed"], device=args.device, warmup=0.1,
+                                             eval_at_start=not kd, progress=not args.no_progress),
+                    teacher=teacher, distill=distill)
         model = res.model.cpu()
-        evals = res.metrics["evals"]
-        info.update(heldout=data_info, heldout_loss_before=evals[0]["loss"],
-                    heldout_loss_after=res.metrics["final_eval"]["loss"])
+        info["heldout"] = data_info
+        if kd:
+            d = res.metrics["distill_losses"]
+            k = max(1, min(10, len(d) // 2))   # mean of the first and of the last k steps
+            info.update(objective="kd", distill_loss_first=sum(d[:k]) / k, distill_loss_last=sum(d[-k:]) / k,
+                        distill_loss_window=k)
+        else:
+            info.update(objective="mlm", heldout_loss_before=res.metrics["evals"][0]["loss"],
+                        heldout_loss_after=res.metrics["final_eval"]["loss"])
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         extra = ""
-        if args.train_steps > 0:
+        if args.train_steps > 0 and info["objective"] == "kd":
+            extra = (f", distilled {args.train_steps} more steps from the teacher (distillation loss "
+                     f"{info['distill_loss_first']:.3f} -> {info['distill_loss_last']:.3f}, first vs last "
+                     f"{info['distill_loss_window']} steps)")
+        elif args.train_steps > 0:
             extra = (f", trained {args.train_steps} MLM steps (held-out MLM loss "
                      f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f})")
         print(f"extracted {arch} from {supernet_dir}{extra}; saved to {args.out} "

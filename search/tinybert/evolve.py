@@ -17,7 +17,9 @@ The loop (generations 0..T, each of S members, all scored):
   with weights proportional to their rank (k for the best ... 1 for the k-th: MLM-loss scores are
   negative, so rank weights stand in for fitness-proportional ones). Every child is redrawn until its
   latency is in the window and it is not already a member of the generation (capped; after the cap an
-  in-window repeat is accepted).
+  in-window repeat is accepted). An exploration that finds nothing in the window becomes a mutation,
+  and a mutation that finds nothing repeats its parent (with a warning): a narrow window slows the
+  search down but never stops it.
 An architecture already scored (kept members, and children equal to an earlier candidate) is looked up
 in the study, never re-scored. Generation t draws its randomness from the stream (seed, t) only, and
 is written whole to the study before any of it is scored; each score is committed before the next, so
@@ -278,18 +280,27 @@ class _Loop:
                 members.append({"arch": a, "origin": "kept", "parents": [a]})
                 taken.add(a)
             weights = [len(kept) - i for i in range(len(kept))]   # rank weights for the roulette
+            misses = 0
             while len(members) < self.cfg.population:
+                child, origin, parents = None, "exploration", []
                 if rng.random() < self.cfg.pe:
-                    child = self._draw(rng, lambda: self.space.sample(rng), taken, "exploration")
-                    origin, parents = "exploration", []
-                else:
+                    child = self._draw(rng, lambda: self.space.sample(rng), taken)
+                    misses += child is None
+                if child is None:   # a mutation (or an exploration that found nothing in the window)
                     parent = rng.choices(kept, weights=weights)[0]
                     p_arch = _parse(parent)
-                    child = self._draw(rng, lambda: self.space.mutate(p_arch, rng, self.cfg.pm), taken,
-                                       f"mutation of {parent}")
+                    child = self._draw(rng, lambda: self.space.mutate(p_arch, rng, self.cfg.pm), taken)
                     origin, parents = "mutation", [parent]
+                    if child is None:   # nothing in the window near the parent: the parent again
+                        child, origin = p_arch, "repeat"
+                        misses += 1
                 taken.add(str(child))
                 members.append({"arch": str(child), "origin": origin, "parents": parents})
+            if misses:
+                warnings.warn(f"generation {g}: {misses} draw(s) found no architecture in the latency window "
+                              f"[{self.lo:.3g}, {self.hi:.3g}] ms in {CHILD_DRAWS} tries and fell back to a "
+                              "mutation or a repeat of a parent (the window holds few architectures: widen "
+                              "it or move the target)", stacklevel=4)
         known = {r.arch for r in self.st.rows()}
         new, seen = [], set()
         for m in members:
@@ -320,8 +331,10 @@ class _Loop:
                           f"not {self.cfg.population}", stacklevel=4)
         return list(found.values())
 
-    def _draw(self, rng: random.Random, make: Callable, taken: set, what: str):
-        """A child in the latency window and, if it can be had within CHILD_DRAWS, new to the generation."""
+    def _draw(self, rng: random.Random, make: Callable, taken: set):
+        """A child of make() in the latency window and, if one can be had within CHILD_DRAWS draws, new
+        to the generation (else an in-window repeat, looked up rather than re-scored); None when no
+        draw landed in the window."""
         fallback = None
         for _ in range(CHILD_DRAWS):
             a = make()
@@ -330,11 +343,7 @@ class _Loop:
             if str(a) not in taken:
                 return a
             fallback = fallback or a
-        if fallback is None:
-            raise ConfigError(f"no {what} landed in the latency window [{self.lo:.3g}, {self.hi:.3g}] ms "
-                              f"in {CHILD_DRAWS} draws",
-                              hint="widen the window or raise pm/pe")
-        return fallback   # the window holds too few architectures: a repeat (looked up, not re-scored)
+        return fallback
 
     def _ranked_parents(self, g: int) -> list[str]:
         scores = {r.arch: r.score for r in self.st.rows("WHERE status = 'done'")}
@@ -441,3 +450,54 @@ class SuperPLMFitness:
 
     def __call__(self, arch) -> float:
         return -self.loss(arch)
+
+
+class SuperPLMDistillFitness:
+    """arch -> minus the held-out distillation loss of the SuperPLM's sub-model `arch` against the
+    teacher (higher is better): the fitness of a SuperPLM trained by distillation (`--mode kd`), whose
+    MLM head is never trained. The loss is the training objective (last hidden states through the
+    saved fit layer, last-layer attention scores; DistillConfig), on held-out blocks; the teacher's
+    targets are computed once. blocks: LongTensor (N, seq_len) of held-out token blocks."""
+
+    def __init__(self, supernet, blocks, teacher, fit, tokenizer=None, *, distill=None, batch_size: int = 32):
+        import torch
+
+        from attnc.runtime.data import load_tokenizer
+
+        from .train import KD_DEFAULT, _SuperDistiller
+
+        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] < 1:
+            raise DataError("SuperPLMDistillFitness needs held-out blocks as a LongTensor (N, seq_len), N >= 1")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if teacher.config.vocab_size != supernet.space.vocab_size:
+            raise ConfigError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
+                              f"SuperPLM's ({supernet.space.vocab_size})", hint="use the SuperPLM's teacher")
+        self.supernet = supernet
+        device = next(supernet.parameters()).device
+        teacher = teacher.to(device).eval()
+        self.distiller = _SuperDistiller(teacher, supernet.space, distill or KD_DEFAULT, fit).to(device)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(None)
+        pad = tok.pad_token_id
+        blocks = blocks.long()
+        self.batches = []
+        for i in range(0, blocks.shape[0], batch_size):
+            ids = blocks[i:i + batch_size]
+            mask = (ids != pad).long() if pad is not None else torch.ones_like(ids)
+            self.batches.append({"input_ids": ids, "attention_mask": mask})
+        self.targets = [self.distiller.teacher_targets({k: v.to(device) for k, v in b.items()})
+                        for b in self.batches]
+        self.tokens = int(sum(int(b["attention_mask"].sum()) for b in self.batches))
+
+    def __repr__(self) -> str:
+        return (f"SuperPLMDistillFitness({sum(b['input_ids'].shape[0] for b in self.batches)} held-out blocks, "
+                f"{self.tokens} tokens, teacher {type(self.distiller.teacher).__name__})")
+
+    def loss(self, arch) -> float:
+        from .train import mean_distill_loss
+
+        return mean_distill_loss(self.supernet, self.distiller, self.batches, arch, targets=self.targets)
+
+    def __call__(self, arch) -> float:
+        return -self.loss(arch)
+

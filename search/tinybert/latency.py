@@ -706,6 +706,9 @@ def add_latency_arguments(p) -> None:
     p.add_argument("--max-hidden", type=int, default=d.max_hidden)
     p.add_argument("--max-ffn", type=int, default=d.max_ffn)
     p.add_argument("--max-heads", type=int, default=d.max_heads)
+    p.add_argument("--min-layers", type=int, default=d.min_layers)
+    p.add_argument("--min-hidden", type=int, default=d.min_hidden)
+    p.add_argument("--min-ffn", type=int, default=d.min_ffn)
     p.add_argument("--mode", choices=("mlm", "kd"), default=d.mode)
     p.add_argument("--head-dim", type=int, default=d.head_dim)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
@@ -731,7 +734,8 @@ def add_latency_arguments(p) -> None:
 def cli_latency(args) -> int:
     """`attnc search latency`: collect (resuming), fit, save, print held-out errors."""
     space = Space(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
-                  max_heads=args.max_heads, mode=args.mode, head_dim=args.head_dim,
+                  max_heads=args.max_heads, min_layers=args.min_layers, min_hidden=args.min_hidden,
+                  min_ffn=args.min_ffn, mode=args.mode, head_dim=args.head_dim,
                   vocab_size=args.vocab_size, formula=args.formula)
     before = len(load_records(args.out)) if (Path(args.out) / META).exists() else 0
     records = collect(space, args.samples, args.out, device=args.device, threads=args.threads,

@@ -42,7 +42,10 @@ def _pyplot():
 
 
 def save_plot(result, out: str | Path) -> Path:
-    """Write the two-panel figure of a SearchResult (evolve.open_result) to `out` (PNG, PDF, SVG...)."""
+    """Write the two-panel figure of a SearchResult (evolve.open_result) to `out` (PNG, PDF, SVG)."""
+    from ..plots import check_plot_path
+
+    out = check_plot_path(out)
     plt = _pyplot()
     scored = result.scored
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -83,7 +86,6 @@ def save_plot(result, out: str | Path) -> Path:
     a2.set_ylabel("score of the generation's members")
     a2.set_title("score per generation")
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)

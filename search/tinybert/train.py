@@ -27,6 +27,7 @@ gradient: the optimizer leaves it alone (no weight decay, no momentum drift) on 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -51,6 +52,8 @@ SUPERNET_DIR = "supernet"
 WEIGHTS_FILE = "supernet.pt"
 SPACE_FILE = "space.json"
 METRICS_FILE = "train_metrics.json"
+RECIPE_FILE = "recipe.json"    # how it was trained: objective, corpus, seq_len, seed, teacher
+FIT_FILE = "fit.pt"            # kd: the distillation fit layer (the KD fitness reads through it)
 # task-agnostic distillation as AutoTinyBERT: last hidden states + last attention scores, no MLM term
 KD_DEFAULT = DistillConfig(hidden_mse=1.0, attn_mse=1.0, logit_kl=0.0, task_loss=0.0)
 
@@ -156,10 +159,16 @@ class _SuperDistiller(torch.nn.Module):
     through a learned fit layer (SuperPLM max width -> teacher width, columns sliced to the active
     width) and last-layer attention scores Q K^T / sqrt(dh) over real token pairs."""
 
-    def __init__(self, teacher, space, cfg: DistillConfig):
+    def __init__(self, teacher, space, cfg: DistillConfig, fit: torch.nn.Linear | None = None):
         super().__init__()
         self.teacher, self.cfg = teacher, cfg
-        self.fit = torch.nn.Linear(space.max_hidden, teacher.config.hidden_size)
+        fit = fit if fit is not None else new_fit_layer(space, teacher, 0)
+        want = (teacher.config.hidden_size, space.max_hidden)
+        if tuple(fit.weight.shape) != want:
+            raise ConfigError(f"the fit layer maps {fit.weight.shape[1]} -> {fit.weight.shape[0]} features; "
+                              f"this SuperPLM and teacher need {want[1]} -> {want[0]}",
+                              hint="make it with new_fit_layer(space, teacher, seed)")
+        self.fit = fit
         self.t_att = T._last_self_attention(teacher)
         if cfg.attn_mse:
             if self.t_att is None:
@@ -201,6 +210,16 @@ class _SuperDistiller(torch.nn.Module):
         return loss
 
 
+def new_fit_layer(space, teacher, seed: int) -> torch.nn.Linear:
+    """The distillation fit layer (SuperPLM max width -> teacher width; a sub-model of width dm uses
+    its first dm columns), initialised from `seed` alone: identical on every rank and independent of
+    the SuperPLM's init. train_superplm trains it beside the SuperPLM; save_superplm keeps it, since
+    the KD fitness of a search (evolve.SuperPLMDistillFitness) reads hidden states through it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 77)
+        return torch.nn.Linear(space.max_hidden, teacher.config.hidden_size)
+
+
 def _pass_loss(supernet, b: dict, objective: str, distiller, distill, targets):
     """Loss of one sub-model pass (the active arch is already set). None when the pass has nothing
     to learn from (an MLM sub-batch without a masked token)."""
@@ -229,30 +248,68 @@ def heldout_mlm_loss(supernet, data, arch=None, *, batch_size: int = 32, device=
     return mean_mlm_loss(supernet, batches, arch, device=device)
 
 
+def heldout_distill_loss(supernet, distiller, data, arch=None, *, batch_size: int = 32) -> float:
+    """Held-out distillation loss (the training objective of a kd SuperPLM) of sub-model `arch` on
+    data's eval split: the real-token-weighted mean over batches, eval mode, no_grad."""
+    if not hasattr(data, "eval_idx"):
+        raise DataError("the data has no held-out split yet", hint="call data.split(seed) first")
+    batches = [data.batch(data.eval_idx[i:i + batch_size], 12345 + i)
+               for i in range(0, len(data.eval_idx), batch_size)]
+    return mean_distill_loss(supernet, distiller, batches, arch)
+
+
+@contextlib.contextmanager
+def _evaluating(supernet, arch):
+    """Sub-model `arch` (None: the active one) in eval mode under no_grad; the SuperPLM's arch and
+    mode are restored on exit."""
+    before, was_training = supernet.arch, supernet.training
+    try:
+        if arch is not None:
+            supernet.set_arch(arch)
+        supernet.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        supernet.set_arch(before)
+        supernet.train(was_training)
+
+
+def mean_distill_loss(supernet, distiller, batches, arch=None, targets=None) -> float:
+    """Mean distillation loss of sub-model `arch` over `batches` (dicts with input_ids and
+    attention_mask), each weighted by its real tokens; `targets` (one per batch) are the teacher's,
+    computed here when not given. Restores the SuperPLM's arch and mode."""
+    device = next(supernet.parameters()).device
+    total, count = 0.0, 0
+    with _evaluating(supernet, arch):
+        for i, b in enumerate(batches):
+            b = T._to({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
+                      device)
+            t = targets[i] if targets is not None else distiller.teacher_targets(b)
+            out = supernet(b["input_ids"], attention_mask=b["attention_mask"],
+                           token_type_ids=b.get("token_type_ids"), output_hidden_states=True,
+                           output_last_scores=bool(distiller.cfg.attn_mse))
+            n = int(b["attention_mask"].sum())
+            total += float(distiller(b, out, t)) * n
+            count += n
+    return total / max(count, 1)
+
+
 def mean_mlm_loss(supernet, batches, arch=None, *, device=None) -> float:
     """Token-weighted mean MLM loss of sub-model `arch` (default: the active one) over `batches`
     (dicts with input_ids, attention_mask, labels and optionally token_type_ids), in eval mode under
     no_grad; batches without a masked token are skipped. The SuperPLM's arch and mode are restored.
     One loop for heldout_mlm_loss (training core batches) and evolve.SuperPLMFitness (fixed masks)."""
     device = device or next(supernet.parameters()).device
-    before, was_training = supernet.arch, supernet.training
     total, count = 0.0, 0
-    try:
-        if arch is not None:
-            supernet.set_arch(arch)
-        supernet.eval()
-        with torch.no_grad():
-            for b in batches:
-                b = T._to(b, device)
-                n = int((b["labels"] != -100).sum())
-                if n == 0:
-                    continue
-                loss = supernet.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"))
-                total += float(loss) * n
-                count += n
-    finally:
-        supernet.set_arch(before)
-        supernet.train(was_training)
+    with _evaluating(supernet, arch):
+        for b in batches:
+            b = T._to(b, device)
+            n = int((b["labels"] != -100).sum())
+            if n == 0:
+                continue
+            loss = supernet.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"))
+            total += float(loss) * n
+            count += n
     return total / max(count, 1)
 
 
@@ -302,12 +359,16 @@ def _any_rank(flag: bool, world: int, device) -> bool:
 
 
 def train_superplm(supernet, data, cfg: SuperTrainConfig = SuperTrainConfig(), *, teacher=None,
-                   distill: DistillConfig | None = None, progress: bool = False, callbacks=()) -> dict:
+                   distill: DistillConfig | None = None, fit: torch.nn.Linear | None = None,
+                   progress: bool = False, callbacks=()) -> dict:
     """Train `supernet` (a SuperPLM) on `data` (the training core's MLMData) with Algorithm 1; see
     the module doc. Returns metrics: losses (per step, the mean over the N*M passes), distill_losses
     (kd), archs (per step, the N*M sampled architectures, global sub-batch order), evals
     ([{step, loss}] held-out MLM loss of the largest sub-model), final_eval, steps, seconds,
-    stopped, resumed_from, world_size, device, precision.
+    stopped, resumed_from, world_size, device, precision. In kd mode the held-out evaluations are the
+    largest sub-model's distillation loss against the teacher (the MLM head is not trained there);
+    `fit` is the distillation fit layer to train (default: new_fit_layer(space, teacher, cfg.seed));
+    pass your own to keep it (save_superplm(..., fit=fit)).
 
     Callbacks: objects with optional on_step(step, loss, state) / on_eval(step, metrics, state);
     returning "stop" ends training (on every rank). Only rank 0 writes checkpoints and shows a bar."""
@@ -336,14 +397,14 @@ def train_superplm(supernet, data, cfg: SuperTrainConfig = SuperTrainConfig(), *
                           f"{space.max_position_embeddings}", hint="use shorter sequences")
     created_group = _init_distributed(device, world)
     try:
-        return _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, world, device)
+        return _train(supernet, data, cfg, teacher, distill, fit, progress, callbacks, rank, world, device)
     finally:
         if created_group:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, world, device) -> dict:
+def _train(supernet, data, cfg, teacher, distill, fit, progress, callbacks, rank, world, device) -> dict:
     space = supernet.space
     N, M = cfg.sub_batches, cfg.samples
     per_rank = N // world
@@ -356,9 +417,8 @@ def _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, wor
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed + 77)    # fit-layer init: same on every rank, independent of the supernet's
-            distiller = _SuperDistiller(teacher, space, distill).to(device)
+        fit = fit if fit is not None else new_fit_layer(space, teacher, cfg.seed)
+        distiller = _SuperDistiller(teacher, space, distill, fit).to(device)
     data.split(cfg.seed)
     extra = list(distiller.fit.parameters()) if distiller is not None else []
     opt = T._make_optimizer(supernet, extra, cfg, device)   # reads lr, weight_decay, optimizer
@@ -400,8 +460,11 @@ def _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, wor
     cb_state = {"model": supernet, "optimizer": opt, "scheduler": sched, "metrics": metrics, "config": cfg}
 
     def evaluate(step: int) -> bool:
-        loss = heldout_mlm_loss(supernet, data, space.max_arch, batch_size=max(sub_size, 8), device=device)
-        m = {"loss": loss, "arch": str(space.max_arch)}
+        if distiller is None:
+            loss = heldout_mlm_loss(supernet, data, space.max_arch, batch_size=max(sub_size, 8), device=device)
+        else:
+            loss = heldout_distill_loss(supernet, distiller, data, space.max_arch, batch_size=max(sub_size, 8))
+        m = {"loss": loss, "kind": "distill" if distiller is not None else "mlm", "arch": str(space.max_arch)}
         metrics["evals"].append({"step": step, **m})
         return T._call(callbacks, "on_eval", step, m, cb_state)
 
@@ -476,9 +539,12 @@ def _train(supernet, data, cfg, teacher, distill, progress, callbacks, rank, wor
 # ================================================================================================
 
 
-def save_superplm(supernet, out_dir, *, metrics: dict | None = None) -> Path:
-    """OUT/supernet/ = supernet.pt (state dict at the largest arch) + space.json (+ train_metrics.json),
-    written in a temp folder and renamed (atomic)."""
+def save_superplm(supernet, out_dir, *, metrics: dict | None = None, recipe: dict | None = None,
+                  fit: torch.nn.Linear | None = None) -> Path:
+    """OUT/supernet/ = supernet.pt (state dict at the largest arch) + space.json (+ train_metrics.json,
+    recipe.json: how it was trained, read back by `superplm search` / `extract` for the held-out data
+    and the fitness; fit.pt: a kd SuperPLM's distillation fit layer), written in a temp folder and
+    renamed (atomic)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-supernet-"))
@@ -486,11 +552,45 @@ def save_superplm(supernet, out_dir, *, metrics: dict | None = None) -> Path:
     (tmp / SPACE_FILE).write_text(json.dumps(supernet.space.to_json(), indent=2) + "\n")
     if metrics is not None:
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    if recipe is not None:
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+    if fit is not None:
+        torch.save({k: v.detach().cpu() for k, v in fit.state_dict().items()}, tmp / FIT_FILE)
     final = out / SUPERNET_DIR
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _supernet_root(folder) -> Path:
+    root = Path(folder)
+    return root / SUPERNET_DIR if (root / SUPERNET_DIR / WEIGHTS_FILE).is_file() else root
+
+
+def load_recipe(folder) -> dict:
+    """How a saved SuperPLM was trained ({} when its folder records nothing: an older save)."""
+    f = _supernet_root(folder) / RECIPE_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise DataError(f"{f} is not valid JSON ({e})", hint="train the SuperPLM again") from None
+
+
+def load_fit_layer(folder, space, teacher) -> torch.nn.Linear:
+    """The distillation fit layer saved beside a kd SuperPLM."""
+    f = _supernet_root(folder) / FIT_FILE
+    if not f.is_file():
+        raise DataError(f"no distillation fit layer in {_supernet_root(folder)} (looked for {FIT_FILE})",
+                        hint="train the kd SuperPLM again with `attnc search superplm train --mode kd`")
+    fit = new_fit_layer(space, teacher, 0)
+    try:
+        fit.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+    except RuntimeError as e:
+        raise DataError(f"{f} does not fit this SuperPLM and teacher: {e}") from None
+    return fit
 
 
 def load_superplm(folder):
@@ -499,9 +599,7 @@ def load_superplm(folder):
     from .space import Space
     from .supernet import SuperPLM
 
-    root = Path(folder)
-    if (root / SUPERNET_DIR / WEIGHTS_FILE).is_file():
-        root = root / SUPERNET_DIR
+    root = _supernet_root(folder)
     if not (root / WEIGHTS_FILE).is_file() or not (root / SPACE_FILE).is_file():
         raise DataError(f"no trained SuperPLM in {folder} (looked for {WEIGHTS_FILE} and {SPACE_FILE})",
                         hint="train one with `attnc search superplm train --out DIR`")
@@ -524,6 +622,9 @@ def add_train_arguments(p) -> None:
     g.add_argument("--max-hidden", type=int, default=256)
     g.add_argument("--max-ffn", type=int, default=1024)
     g.add_argument("--max-heads", type=int, default=4, help="kd mode: ignored, the teacher's head count")
+    g.add_argument("--min-layers", type=int, default=1)
+    g.add_argument("--min-hidden", type=int, default=32, help="smallest hidden size sampled (a multiple of 4)")
+    g.add_argument("--min-ffn", type=int, default=32, help="smallest FFN size sampled (a multiple of 4)")
     g.add_argument("--head-dim", type=int, default=None,
                    help="per-head width (default 64; kd mode: max qkv / heads, default the teacher's)")
     g.add_argument("--mode", choices=OBJECTIVES, default="mlm",
@@ -552,6 +653,7 @@ def _space_from_args(args, teacher):
     from .space import Space
 
     kw = dict(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
+              min_layers=args.min_layers, min_hidden=args.min_hidden, min_ffn=args.min_ffn,
               mode=args.mode, formula=args.formula)
     if args.mode == "kd":
         tc = teacher.config
@@ -587,21 +689,25 @@ def cli_train(args) -> int:
                            precision=args.precision)
     torch.manual_seed(args.seed)   # the SuperPLM's init (identical on every rank)
     supernet = SuperPLM(space)
-    metrics = train_superplm(supernet, data, cfg, teacher=teacher, progress=not args.no_progress)
+    fit = new_fit_layer(space, teacher, args.seed) if teacher is not None else None
+    metrics = train_superplm(supernet, data, cfg, teacher=teacher, fit=fit, progress=not args.no_progress)
+    recipe = {"objective": cfg.objective, "corpus": args.corpus, "seq_len": args.seq_len, "seed": args.seed,
+              "eval_blocks": len(data.eval_idx), "teacher": args.teacher if teacher is not None else None}
     summary = {"out": str(out / SUPERNET_DIR), "space": space.to_json(), "steps": metrics["steps"],
                "world_size": metrics["world_size"], "sub_batches": cfg.sub_batches, "samples": cfg.samples,
                "objective": cfg.objective, "seconds": round(metrics["seconds"], 2),
                "loss_first10": _mean(metrics["losses"][:10]), "loss_last10": _mean(metrics["losses"][-10:]),
-               "final_eval": metrics["final_eval"], "resumed_from": metrics["resumed_from"]}
+               "final_eval": metrics["final_eval"], "resumed_from": metrics["resumed_from"], "recipe": recipe}
     if rank == 0:
-        save_superplm(supernet, out, metrics=metrics)
+        save_superplm(supernet, out, metrics=metrics, recipe=recipe, fit=fit)
         (out / "superplm_train.json").write_text(json.dumps(summary, indent=2) + "\n")
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
+            kind = "distillation" if cfg.objective == "kd" else "MLM"
             print(f"trained SuperPLM {space.max_arch} ({cfg.objective}, N={cfg.sub_batches}, M={cfg.samples}, "
                   f"{world} process(es)): {metrics['steps']} steps in {summary['seconds']} s, "
-                  f"loss {summary['loss_first10']:.3f} -> {summary['loss_last10']:.3f}, held-out MLM loss "
+                  f"loss {summary['loss_first10']:.3f} -> {summary['loss_last10']:.3f}, held-out {kind} loss "
                   f"of {space.max_arch}: {metrics['final_eval']['loss']:.3f}")
             print(f"saved to {out / SUPERNET_DIR} (load with attnc.search.tinybert.train.load_superplm)")
     return 0
@@ -611,5 +717,5 @@ def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else math.nan
 
 
-__all__ = ["SuperTrainConfig", "train_superplm", "sample_arch", "heldout_mlm_loss", "save_superplm",
-           "load_superplm", "add_train_arguments", "cli_train", "KD_DEFAULT"]
+__all__ = ["SuperTrainConfig", "train_superplm", "sample_arch", "heldout_mlm_loss", "heldout_distill_loss",
+           "new_fit_layer", "save_superplm", "load_superplm", "load_recipe", "load_fit_layer", "add_train_arguments", "cli_train", "KD_DEFAULT"]
