@@ -181,3 +181,16 @@ def test_a_search_that_fails_before_scoring_leaves_no_study(corpus, tmp_path, ca
     assert "window" in capsys.readouterr().err
     assert not (tmp_path / "evo" / "study.db").exists()
     assert _search(corpus, tmp_path / "sp", tmp_path / "lat", tmp_path / "evo", _target(pred, space), *args) == 0
+
+
+def test_kd_with_the_real_minilm_teacher(corpus, tmp_path, capsys):
+    """`--mode kd --teacher minilm-l6` distils from the real MiniLM-L6 weights shipped offline: the
+    space takes the teacher's 12 heads, the fit layer maps to its 384 features, and training lowers
+    the distillation loss."""
+    assert _train(corpus, tmp_path / "sp", "--mode", "kd", "--teacher", "minilm-l6", "--steps", "12") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["space"]["max_heads"] == 12 and out["space"]["head_dim"] == 32
+    assert out["recipe"]["teacher"] == "minilm-l6" and out["final_eval"]["kind"] == "distill"
+    fit = torch.load(tmp_path / "sp" / "supernet" / "fit.pt", weights_only=True)
+    assert tuple(fit["weight"].shape) == (384, 32)
+    assert out["loss_last10"] < out["loss_first10"]
