@@ -3,6 +3,11 @@
     attnc.compiler.cli  compile, check, equiv, ops, demo
     attnc.kernels.cli   bench
     attnc.runtime.cli   pretrain, finetune, analyze, latency
+    attnc.search.cli    search
+
+A command imports only the stage that owns it (COMMANDS below), so `attnc check` loads neither
+the kernels, the runtime (transformers) nor the search; `attnc --help` and unknown commands
+load every stage. tests/test_cli.py checks that COMMANDS matches what the stages register.
 
 User errors (AttncError) print their message with the formula position and exit 2, with no
 traceback; argparse usage errors exit 2 as well.
@@ -13,17 +18,26 @@ import argparse
 import importlib
 import sys
 
-from attnc.compiler.errors import AttncError
-
 STAGES = ("attnc.compiler.cli", "attnc.kernels.cli", "attnc.runtime.cli", "attnc.search.cli")
 
+# command -> the stage module that registers it
+COMMANDS = {
+    **dict.fromkeys(("compile", "check", "equiv", "ops", "demo"), "attnc.compiler.cli"),
+    "bench": "attnc.kernels.cli",
+    **dict.fromkeys(("pretrain", "finetune", "analyze", "latency"), "attnc.runtime.cli"),
+    "search": "attnc.search.cli",
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the stage that owns argv's command registers (when known)."""
     parser = argparse.ArgumentParser(prog="attnc", description="Symbolic attention-expression compiler.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for modname in STAGES:
+    command = _command(argv)
+    stages = (COMMANDS[command],) if command in COMMANDS else STAGES
+    for modname in stages:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
@@ -34,8 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand named in argv (the first word that is not an option), if any."""
+    for word in argv or ():
+        if not word.startswith("-"):
+            return word
+        if word == "--":
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from attnc.compiler.errors import AttncError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -45,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `attnc ... | head`: the reader left; stop quietly
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _version() -> str:

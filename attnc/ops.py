@@ -112,8 +112,8 @@ def _domain_in_x(domain) -> sp.Basic:
 def _check_backends(entry: Elementwise) -> None:
     """Fail now, with a hint, rather than inside a generated kernel later."""
     probe = [-2.5, -0.5, 0.0, 0.75, 3.0]
-    try:
-        values = [float(entry.scalar_fn()(v)) for v in probe]
+    try:   # the definition's values: every other form must compute them
+        values = [float(_table.evaluate_float(entry.expr, v)) for v in probe]
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:

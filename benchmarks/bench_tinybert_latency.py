@@ -19,6 +19,11 @@ batch 1, sequence length 128), and the measured speedups of architectures found 
    stand-in (the parameter count: "the largest model that fits"; no SuperPLM is trained here), since
    what is measured is whether the found archs really run at the speed the predictor promised:
    every found arch is then timed interleaved with BERT-base and its measured speedup reported.
+4. The noise floor (--recheck K): K archs of the dataset timed again in a second, independent pass
+   (same settings, groups with the reference arch, the whole pass put on the first pass's scale by
+   the median ratio). The MAPE between the two passes is what measurement noise alone costs: no
+   predictor fitted on these measurements can be checked below it. The predictor's MAPE against the
+   fresh pass is reported beside it.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--speedups", default="5,10,20", help="comma-separated X (target = BERT-base / X)")
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--population", type=int, default=25)
+    ap.add_argument("--recheck", type=int, default=60, help="archs re-timed for the noise floor (0: skip)")
     args = ap.parse_args(argv)
     command = "python " + " ".join(["benchmarks/bench_tinybert_latency.py",
                                     *(argv if argv is not None else sys.argv[1:])])
@@ -86,6 +92,41 @@ def main(argv=None) -> int:
               f"RMSE {m['mean_predictor']['rmse_ms']:.3f} ms MAPE {m['mean_predictor']['mape_pct']:.2f}%  | "
               f"least squares MAPE {m['linear']['mape_pct']:.2f}%  | unscaled MAPE {m['raw']['mape_pct']:.2f}%  "
               f"(fit {m['fit_seconds']:.1f} s)", flush=True)
+
+    # --- the noise floor: a second, independent pass over some archs ----------------------------------
+    noise = None
+    if args.recheck:
+        import random as _random
+
+        from attnc.search.tinybert.latency import reference_arch
+        pick = _random.Random(args.seed + 1).sample(records, min(args.recheck, len(records)))
+        again = []
+        for i in range(0, len(pick), args.interleave):
+            again += measure_archs(SPACE, [r["arch"] for r in pick[i:i + args.interleave]], warmup=args.warmup,
+                                   repeats=args.repeats, reference=reference_arch(SPACE))
+        first = [r["ms"] for r in pick]
+        drift = statistics.median(a["ms"] / b for a, b in zip(again, first))
+        second = [a["ms"] / drift for a in again]
+        pred = predictors[args.search_variant]
+        guess = pred.predict_many([r["arch"] for r in pick])
+        # the predictor speaks the dataset's drift-corrected scale: one global factor puts it on pass 1's
+        g = statistics.median(p / b for p, b in zip(guess, first))
+        guess = [p / g for p in guess]
+
+        def mape(x, y):
+            return 100.0 * statistics.fmean(abs(a - b) / b for a, b in zip(x, y))
+
+        noise = {"archs": len(pick), "pass2_over_pass1_median": drift,
+                 "mape_pass2_vs_pass1_pct": mape(second, first),
+                 "mape_pass2_vs_pass1_raw_pct": mape([a["ms"] for a in again], first),
+                 "predictor_mape_vs_pass1_pct": mape(guess, first),
+                 "predictor_mape_vs_pass2_pct": mape(guess, second),
+                 "note": "archs drawn from the whole dataset (training and held-out archs alike); each "
+                         "pass and the predictor put on pass 1's scale by one global median ratio"}
+        print(f"noise floor: {len(pick)} archs timed again: MAPE between the passes {noise['mape_pass2_vs_pass1_pct']:.2f}% "
+              f"(raw {noise['mape_pass2_vs_pass1_raw_pct']:.2f}%, pass 2 / pass 1 = {drift:.3f}); predictor "
+              f"{noise['predictor_mape_vs_pass1_pct']:.2f}% vs pass 1, {noise['predictor_mape_vs_pass2_pct']:.2f}% "
+              f"vs pass 2", flush=True)
 
     # --- searches on the predictor, then the found archs measured next to BERT-base --------------------
     pred = predictors[args.search_variant]
@@ -133,7 +174,7 @@ def main(argv=None) -> int:
                    "repeats": args.repeats, "interleave": args.interleave},
         "space": SPACE.to_json(), "samples": len(records), "collect_seconds_this_run": collect_s,
         "latency_ms": {"min": lat[0], "median": lat[len(lat) // 2], "max": lat[-1]},
-        "variants": results,
+        "variants": results, "noise_floor": noise,
         "bert_base_ms": {"alone": base_alone, "next_to_found_archs": base_ms},
         "search": {"predictor": args.search_variant, "fitness": "parameters (stand-in: the largest model "
                    "in the window; no SuperPLM)", "generations": args.generations,

@@ -111,7 +111,7 @@ def _analyze_graph(graph, source: str, full_text: str, name, checks: CheckOption
         expr = simplify(to_sympy(graph))
         canonical = print_canonical(expr)
         simplified = to_ir(expr, source=source, name=name, fallback=graph)
-        _check_simplified(graph, simplified, canonical, checks)
+        _check_simplified(graph, simplified, expr, canonical, checks)
     except AttncError as e:
         if e.span is None:   # errors of the symbolic stage point at the whole formula
             e.span = node_of(graph, output_of(graph)).span
@@ -119,13 +119,19 @@ def _analyze_graph(graph, source: str, full_text: str, name, checks: CheckOption
     return Analysis(source, name, graph, simplified, expr, canonical, formula_hash(canonical), checks)
 
 
-def _check_simplified(graph, simplified, canonical: str, checks: CheckOptions) -> None:
-    """Inputs that cancel (x - x, 0 * x) are gone after simplification: check the count again."""
-    used = inputs_used(simplified)
+def _check_simplified(graph, simplified, expr, canonical: str, checks: CheckOptions) -> None:
+    """Inputs that cancel (x - x, 0 * x) are gone after simplification: check the count again.
+    The simplified expression decides (when it has no IR, `simplified` is the unsimplified
+    graph, which still reads the cancelled inputs: a formula that is identically 0 is one)."""
+    if simplified is graph:
+        names = {getattr(s, "name", None) for s in expr.free_symbols}
+        used = tuple(x for x in INPUT_NAMES if x in names)
+    else:
+        used = inputs_used(simplified)
     if len(used) >= min(checks.min_inputs, len(inputs_used(graph))) and used:
         return
     out = node_of(graph, output_of(graph))
-    what = "any input" if not used else f"only {' '.join(used)}"
+    what = "no input" if not used else f"only {' '.join(used)}"
     raise CheckError(f"after simplification the output depends on {what} (it is {canonical})",
                      out.span, hint="terms that cancel (x - x, 0 * x) do not count as uses; "
                      f"use at least {checks.min_inputs} inputs for real")

@@ -2,7 +2,8 @@
 
 The compiler knows backends only through this registry, so it never imports a backend package:
 the torch backend is defined here, the Triton backend registers itself when `attnc.kernels` is
-imported (attnc/__init__.py does that). A backend is a build function and, optionally, an
+imported, which `get("triton")` does on first use (PROVIDERS names the module, so nothing is
+imported before a backend is asked for). A backend is a build function and, optionally, an
 `explain` (text: what the backend makes of the formula) and a `source` (generated code).
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+# backends registered by other packages: name -> module whose import registers it
+PROVIDERS = {"triton": "attnc.kernels"}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -34,12 +37,15 @@ def register_backend(backend: Backend) -> Backend:
 
 
 def get(name: str) -> Backend:
+    if name not in _BACKENDS and name in PROVIDERS:
+        import importlib
+        importlib.import_module(PROVIDERS[name])
     try:
         return _BACKENDS[name]
     except KeyError:
         raise BackendError(f"backend {name!r} is not available",
-                           hint="choose one of " + ", ".join(sorted(_BACKENDS))
-                           + ("" if name != "triton" else "; `import attnc` registers triton")) from None
+                           hint="choose one of " + ", ".join(sorted(set(_BACKENDS) | set(PROVIDERS)))
+                           ) from None
 
 
 class CompiledAttention:

@@ -15,6 +15,7 @@ import networkx as nx
 from . import elementwise
 from .errors import CheckError, ShapeError
 from .ir import Op, inputs_used, is_fn, node_of, output_of, shape_str, topo
+from .scalars import s_div, s_pow
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,7 @@ def check(g: nx.DiGraph, options: CheckOptions = DEFAULT_CHECKS) -> nx.DiGraph:
 SAMPLE_SIZES = ({"n": 7, "d": 5}, {"n": 512, "d": 64})
 _S_UNARY = {Op.NEG: lambda x: -x}   # elementwise functions: their table's scalar form
 _S_BINARY = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
-             Op.DIV: "s_div", Op.POW: "s_pow", Op.MAX: max, Op.MIN: min}
-
-
-def _s(name):
-    from . import torch_ops
-    return getattr(torch_ops, name)
+             Op.DIV: s_div, Op.POW: s_pow, Op.MAX: max, Op.MIN: min}
 
 
 def _check_scalars(g: nx.DiGraph) -> None:
@@ -100,7 +96,6 @@ def _check_scalars(g: nx.DiGraph) -> None:
                 fn = _S_UNARY.get(node.op) or _S_BINARY.get(node.op)
             if fn is None:
                 continue
-            fn = _s(fn) if isinstance(fn, str) else fn
             try:
                 v = float(fn(*args))
             except (OverflowError, ZeroDivisionError, ValueError):

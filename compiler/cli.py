@@ -1,6 +1,12 @@
-"""`attnc compile | check | equiv | ops | demo` — the compiler's commands (this module prints)."""
-from __future__ import annotations
+"""`attnc compile | check | equiv | ops | demo` — the compiler's commands (this module prints).
 
+Start-up matters here (benchmarks/bench_cli_start.py): this module imports only argparse-level
+things; each command imports what it uses. `check` and `compile` (report, --show ir/sympy/code,
+--graph) never import torch: the generated PyTorch source is text. torch is imported only by
+what runs tensors: `compile --fingerprint`, `--backend triton|auto`, `--explain`, `--show
+triton`, `equiv` (numeric fallback) and `demo`.
+"""
+from __future__ import annotations
 
 import json
 import os
@@ -9,13 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .api import analyze, analyze_file, compile as compile_formula
-from .check import CheckOptions
-from .equiv import equivalent, fingerprint
-from . import backends, elementwise
 from .errors import AttncError, BackendError
-from .ir import FUNCTIONS, OP_DOC, Op, label, shape_str, topo
-from .report import report
 
 PAPER_FORMULAS = {
     "standard": "softmax(Q @ K^T / sqrt(d)) @ V",
@@ -38,7 +38,10 @@ def register(sub) -> None:
     p.add_argument("--explain", action="store_true", help="say which kernel class the formula falls in")
     p.add_argument("--json", action="store_true", help="print one JSON object (a list for files)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"],
-                   help="backend whose code to generate (default torch)")
+                   help="backend whose code to generate (default torch: its source is shown with "
+                        "--show code; triton or auto also build the formula, importing torch)")
+    p.add_argument("--fingerprint", action="store_true",
+                   help="also compute the float64 fingerprint (evaluates the formula with torch)")
     p.add_argument("--dtype", default="float32", help="dtype for --show triton (default float32)")
     _size_args(p)
     _check_args(p)
@@ -97,16 +100,20 @@ def ops_option(p) -> None:
 
 def load_ops(args) -> None:
     """Import the user's --ops modules (their registrations are how functions get added)."""
-    from attnc.ops import import_ops_modules
-    import_ops_modules(getattr(args, "ops_modules", []))
+    modules = getattr(args, "ops_modules", [])
+    if modules:
+        from attnc.ops import import_ops_modules
+        import_ops_modules(modules)
 
 
-def _checks(args) -> CheckOptions:
+def _checks(args):
+    from .check import CheckOptions
     load_ops(args)
     return CheckOptions(min_inputs=args.min_inputs, max_inputs=args.max_inputs)
 
 
-def _analyses(text_or_path: str, checks: CheckOptions):
+def _analyses(text_or_path: str, checks):
+    from .api import analyze, analyze_file
     path = Path(text_or_path)
     looks_like_file = "\n" not in text_or_path and len(text_or_path) < 4096 and (
         path.suffix in (".attn", ".txt", ".formula") or path.is_file())
@@ -121,14 +128,21 @@ def _analyses(text_or_path: str, checks: CheckOptions):
 
 
 def cmd_compile(args) -> int:
+    from . import backends
+    from .report import report
+
     checks = _checks(args)
     results = []
     for a in _analyses(args.formula, checks):
         rep = report(a, n=args.seq, d=args.dim, batch=args.batch, heads=args.heads, hidden=args.hidden)
-        fn = compile_formula(a.source, backend=args.backend, name=a.name, checks=checks) \
-            if a.name is None else None
+        fn = None
+        if args.backend != "torch" and a.name is None:   # the torch backend's code is text (_show)
+            from .api import compile as compile_formula
+            fn = compile_formula(a.source, backend=args.backend, name=a.name, checks=checks)
         entry = rep.to_dict()
-        entry["fingerprint"] = fingerprint(a.simplified)
+        if args.fingerprint:
+            from .equiv import fingerprint
+            entry["fingerprint"] = fingerprint(a.simplified)
         if args.explain or "triton" in args.show:
             entry["kernel"] = backends.get("triton").explain(a)
         shows = [(what, _show(a, what, args, fn)) for what in args.show]  # errors before output
@@ -162,7 +176,8 @@ def _print_report(a, rep, entry) -> None:
     title = f"[{a.name}] " if a.name else ""
     print(f"{title}{' '.join(a.source.split())}")
     print(f"  canonical   {rep.canonical}")
-    print(f"  hash        {rep.hash}   (float64 fingerprint {entry['fingerprint']})")
+    fp = f"   (float64 fingerprint {entry['fingerprint']})" if "fingerprint" in entry else ""
+    print(f"  hash        {rep.hash}{fp}")
     print(f"  inputs      {' '.join(rep.inputs)}   path length {rep.path_length}   ops "
           + ", ".join(f"{k} {v}" for k, v in rep.ops.items()))
     s = rep.sizes
@@ -180,13 +195,16 @@ def _show(a, what: str, args, fn) -> str:
     if what == "sympy":
         return str(a.expr)
     if what == "code":
-        if fn is None:
-            fn = compile_formula(a.canonical, backend="torch", checks=a.checks)
-        return fn.source
+        if fn is not None:   # built for --backend triton / auto: that backend's source
+            return fn.source
+        from .codegen_torch import generate   # the torch backend's source, without importing torch
+        return generate(a.simplified, formula=a.source, canonical=a.canonical, digest=a.hash)
+    from . import backends
     return backends.get("triton").source(a, dtype=args.dtype, head_dim=args.dim)
 
 
 def format_ir(g) -> str:
+    from .ir import Op, label, shape_str, topo
     lines = []
     for nid, node in topo(g):
         ops = ", ".join(f"%{o}" for o in node.operands)
@@ -222,6 +240,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_equiv(args) -> int:
+    from .api import analyze
+    from .equiv import equivalent
     checks = _checks(args)
     a, b = analyze(args.a, checks=checks), analyze(args.b, checks=checks)
     res = equivalent(a, b)
@@ -239,6 +259,8 @@ def cmd_equiv(args) -> int:
 
 
 def cmd_ops(args) -> int:
+    from . import elementwise
+    from .ir import FUNCTIONS, OP_DOC, Op
     load_ops(args)
     names = {op: [k for k, (o, _) in FUNCTIONS.items() if o is op] for op in OP_DOC}
     print(f"{'op':12s} {'write it as':28s} math")
@@ -262,6 +284,9 @@ def cmd_ops(args) -> int:
 def cmd_demo(args) -> int:
     if args.tinybert:
         return _demo_tinybert(args)
+    from . import backends
+    from .api import analyze, compile as compile_formula
+    from .report import report
     args.out = args.out or "runs/demo"
     print("== attnc demo: the AutoBERT-Zero paper's formulas ==")
     for title, text in PAPER_FORMULAS.items():

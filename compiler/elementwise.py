@@ -1,14 +1,20 @@
 """Elementwise functions as data: the one table every stage reads.
 
-Each entry is a name, one SymPy definition in the symbol `X` and, optionally, numerically
-stable forms. Everything else is derived from the entry:
+Each entry is a name, one SymPy definition in the symbol `X` and, optionally, a numerically
+stable SymPy form (`kernel`). Everything else is derived from the entry:
 
     parser / check     the DSL accepts `name(x)`; constant arguments are evaluated by `scalar_fn`
+                       (the stable form, else the definition, on Python floats)
     SymPy stage        `sympy(arg)` substitutes the definition (scalars) or wraps `Ew(name, M)`
-    torch backend      `torch_fn` (the stable form given, else the definition evaluated on tensors)
+    torch backend      `torch_fn` (a user's torch= callable, else the stable form / definition
+                       evaluated on tensors)
     Triton kernels     `kernel_expr(arg)` (the stable form given, else the definition), printed as
                        Triton; its `sympy.diff` is the fused backward's local derivative
     FLOP counter       `flop_cost` per output entry
+
+Evaluation walks the SymPy expression with one table per target (`_torch_lib`, `_math_lib`):
+each SymPy function (exp, log, Sigmoid, Softplus, ...) has one tensor and one float form there,
+so a built-in needs only its line in `_builtins()`.
 
 Built-in entries are below; `attnc.ops.register_elementwise` adds entries at run time (after
 checking that every backend can use them). Structural operations (matmul, transpose, softmax,
@@ -24,6 +30,7 @@ import sympy as sp
 
 from .errors import ConfigError
 from .ir import Fn, fn_op
+from .scalars import s_div, s_exp, s_log, s_pow, s_sqrt
 
 X = sp.Symbol("x", real=True)
 
@@ -70,10 +77,9 @@ class Elementwise:
     name: str
     expr: sp.Expr                          # the definition, a SymPy expression in X
     doc: str = ""
-    kernel: sp.Expr | None = None          # stable form for the Triton kernels (SymPy in X)
-    torch: Callable | str | None = None    # stable form for tensors: tensor -> tensor (a str
-                                           # names a function of compiler/torch_ops.py or torch)
-    scalar: Callable | None = None         # stable form for Python floats (constant folding)
+    kernel: sp.Expr | None = None          # stable form (SymPy in X): Triton kernels, floats,
+                                           # tensors
+    torch: Callable | None = None          # a user's own tensor -> tensor form (optional)
     domain: sp.Basic | None = None         # where f is defined, e.g. X > 0: a constant argument
                                            # outside it is a CheckError
     flops: int | None = None               # cost per entry; default: SymPy's operation count
@@ -91,11 +97,11 @@ class Elementwise:
 
     def kernel_expr(self, arg):
         """The form the Triton kernels compute (and differentiate), applied to `arg`."""
-        return (self.expr if self.kernel is None else self.kernel).xreplace({X: arg})
+        return self.stable.xreplace({X: arg})
 
     @property
     def derivative(self) -> sp.Expr:
-        return sp.diff(self.expr if self.kernel is None else self.kernel, X)
+        return sp.diff(self.stable, X)
 
     def in_domain(self, value: float) -> bool:
         """Whether f is defined at the number `value` (always, without a domain)."""
@@ -107,21 +113,19 @@ class Elementwise:
     def flop_cost(self) -> int:
         return self.flops if self.flops is not None else max(1, int(sp.count_ops(self.expr)))
 
-    def torch_fn(self) -> Callable:
-        if isinstance(self.torch, str):
-            import torch
+    @property
+    def stable(self) -> sp.Expr:
+        """The form every backend computes: the stable form if given, else the definition."""
+        return self.expr if self.kernel is None else self.kernel
 
-            from . import torch_ops
-            return getattr(torch_ops, self.torch, None) or getattr(torch, self.torch)
+    def torch_fn(self) -> Callable:
         if self.torch is not None:
             return self.torch
-        expr = self.expr
+        expr = self.stable
         return lambda t: evaluate(expr, t, _TORCH)
 
     def scalar_fn(self) -> Callable:
-        if self.scalar is not None:
-            return self.scalar
-        expr = self.expr
+        expr = self.stable
         return lambda v: evaluate_float(expr, v)
 
 
@@ -177,28 +181,6 @@ def user_digest(fn_names) -> str:
 
 # ---- evaluating a definition on floats or tensors (no code generation, no eval) --------------
 
-def _math_pow(a: float, b: float) -> float:
-    try:
-        if a < 0 and not float(b).is_integer():
-            return math.nan
-        return float(a ** b)
-    except OverflowError:
-        return math.inf
-    except ZeroDivisionError:
-        return math.inf
-
-
-def _math_log(a: float) -> float:
-    return math.log(a) if a > 0 else (-math.inf if a == 0 else math.nan)
-
-
-def _math_exp(a: float) -> float:
-    try:
-        return math.exp(a)
-    except OverflowError:
-        return math.inf
-
-
 def _torch_lib():
     import torch
     return {
@@ -207,7 +189,7 @@ def _torch_lib():
         sp.atan: torch.atan, sp.sinh: torch.sinh, sp.cosh: torch.cosh,
         Sigmoid: torch.sigmoid, Relu: torch.relu,
         Softplus: torch.nn.functional.softplus, LogSigmoid: torch.nn.functional.logsigmoid,
-        "pow": lambda a, b: a ** b,
+        "pow": lambda a, b: a ** b, "div": lambda a, b: a / b, "sqrt": torch.sqrt,
         "max": torch.maximum, "min": torch.minimum,
         "const": lambda v, like: torch.as_tensor(v, dtype=like.dtype, device=like.device)
         if hasattr(like, "dtype") else v,
@@ -215,15 +197,16 @@ def _torch_lib():
 
 
 def _math_lib():
+    def softplus(a: float) -> float:
+        return max(a, 0.0) + math.log1p(math.exp(-abs(a)))
+
     return {
-        sp.exp: _math_exp, sp.log: _math_log, sp.tanh: math.tanh, sp.Abs: abs,
+        sp.exp: s_exp, sp.log: s_log, sp.tanh: math.tanh, sp.Abs: abs,
         sp.sign: lambda a: math.copysign(1.0, a) if a != 0 else 0.0, sp.erf: math.erf,
         sp.sin: math.sin, sp.cos: math.cos, sp.atan: math.atan, sp.sinh: math.sinh,
-        sp.cosh: math.cosh, Sigmoid: lambda a: 1.0 / (1.0 + _math_exp(-a)),
-        Relu: lambda a: max(a, 0.0),
-        Softplus: lambda a: max(a, 0.0) + math.log1p(math.exp(-abs(a))),
-        LogSigmoid: lambda a: min(a, 0.0) - math.log1p(math.exp(-abs(a))),
-        "pow": _math_pow, "max": max, "min": min, "const": lambda v, like: v,
+        sp.cosh: math.cosh, Sigmoid: lambda a: 1.0 / (1.0 + s_exp(-a)),
+        Relu: lambda a: max(a, 0.0), Softplus: softplus, LogSigmoid: lambda a: -softplus(-a),
+        "pow": s_pow, "div": s_div, "sqrt": s_sqrt, "max": max, "min": min, "const": lambda v, like: v,
     }
 
 
@@ -256,13 +239,19 @@ def evaluate(expr, value, lib):
             for a in e.args[1:]:
                 out = out + go(a)
             return out
-        if e.is_Mul:
-            out = go(e.args[0])
-            for a in e.args[1:]:
+        if e.is_Mul:   # x * y^-1 is computed as x / y
+            num = [a for a in e.args if not (a.is_Pow and a.exp == -1)]
+            den = [a.base for a in e.args if a.is_Pow and a.exp == -1]
+            out = go(num[0]) if num else fns["const"](1.0, value)
+            for a in num[1:]:
                 out = out * go(a)
+            for a in den:
+                out = fns["div"](out, go(a))
             return out
         if e.is_Pow:
             base, ex = go(e.base), e.exp
+            if ex == sp.S.Half:
+                return fns["sqrt"](base)
             return fns["pow"](base, float(ex) if ex.is_number else go(ex))
         if isinstance(e, (sp.Max, sp.Min)):
             f = fns["max" if isinstance(e, sp.Max) else "min"]
@@ -297,28 +286,22 @@ def _broadcast_minmax(f, a, b):
 # ---- built-ins -------------------------------------------------------------------------------
 
 def _builtins():
-    # torch forms are named attributes of compiler/torch_ops.py (resolved on first use, so
-    # that the compiler itself does not import torch)
-    def b(name, expr, doc, torch, scalar, *, kernel=None, domain=None):
-        add(Elementwise(name, expr, doc, kernel=kernel, torch=torch, scalar=scalar, domain=domain,
-                        flops=1, builtin=True))
+    """The built-in elementwise functions: one line each (name, definition, doc, and where the
+    textbook definition overflows, a stable SymPy form). Torch, float, Triton, derivative and
+    FLOP forms all derive from it; a new built-in is one more line here."""
+    def b(name, expr, doc, *, kernel=None, domain=None):
+        add(Elementwise(name, expr, doc, kernel=kernel, domain=domain, flops=1, builtin=True))
 
-    def softplus(a: float) -> float:
-        return max(a, 0.0) + math.log1p(math.exp(-abs(a)))
-
-    b("exp", sp.exp(X), "e^x", "exp", _math_exp)
-    b("log", sp.log(X), "ln x", "log", _math_log, domain=X > 0)
-    b("sqrt", sp.sqrt(X), "sqrt(x)", "sqrt", lambda a: math.sqrt(a) if a >= 0 else math.nan,
-      domain=X >= 0)
-    b("abs", sp.Abs(X), "|x|", "abs", abs)
-    b("relu", sp.Max(X, 0), "max(x, 0)", "relu", lambda a: max(a, 0.0), kernel=Relu(X))
-    b("sigmoid", 1 / (1 + sp.exp(-X)), "1 / (1 + e^-x)", "sigmoid",
-      lambda a: 1.0 / (1.0 + _math_exp(-a)), kernel=Sigmoid(X))
-    b("tanh", sp.tanh(X), "tanh x", "tanh", math.tanh)
-    b("softplus", sp.log(1 + sp.exp(X)), "log(1 + e^x)", "softplus", softplus, kernel=Softplus(X))
-    b("logsigmoid", -sp.log(1 + sp.exp(-X)), "log(sigmoid(x)) = -softplus(-x)", "logsigmoid",
-      lambda a: -softplus(-a), kernel=LogSigmoid(X))
-    b("softsign", X / (1 + sp.Abs(X)), "x / (1 + |x|)", "softsign", lambda a: a / (1 + abs(a)))
+    b("exp", sp.exp(X), "e^x")
+    b("log", sp.log(X), "ln x", domain=X > 0)
+    b("sqrt", sp.sqrt(X), "sqrt(x)", domain=X >= 0)
+    b("abs", sp.Abs(X), "|x|")
+    b("relu", sp.Max(X, 0), "max(x, 0)", kernel=Relu(X))
+    b("sigmoid", 1 / (1 + sp.exp(-X)), "1 / (1 + e^-x)", kernel=Sigmoid(X))
+    b("tanh", sp.tanh(X), "tanh x")
+    b("softplus", sp.log(1 + sp.exp(X)), "log(1 + e^x)", kernel=Softplus(X))
+    b("logsigmoid", -sp.log(1 + sp.exp(-X)), "log(sigmoid(x)) = -softplus(-x)", kernel=LogSigmoid(X))
+    b("softsign", X / (1 + sp.Abs(X)), "x / (1 + |x|)")
 
 
 _builtins()

@@ -11,46 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-# ---- scalars (python floats; symbolic n and d are ints at run time) --------------------------
-
-
-def s_log(x: float) -> float:
-    return math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
-
-
-def s_sqrt(x: float) -> float:
-    return math.sqrt(x) if x >= 0 else math.nan
-
-
-def s_exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
-
-
-def s_softplus(x: float) -> float:
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-def s_sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + s_exp(-x))
-
-
-def s_pow(x: float, y: float) -> float:
-    try:
-        return float(x ** y) if not (x < 0 and not float(y).is_integer()) else math.nan
-    except (OverflowError, ZeroDivisionError):
-        return math.inf
-
-
-def s_div(x: float, y: float) -> float:
-    if y == 0:
-        return math.copysign(math.inf, x) if x != 0 else math.nan
-    return x / y
-
+from .scalars import s_div, s_pow  # noqa: F401 - the generated code calls ops.s_div / ops.s_pow
 
 # ---- tensors -----------------------------------------------------------------------------------
 
@@ -134,16 +96,6 @@ def where(cond: torch.Tensor, a, b, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
         a = torch.tensor(a, dtype=like.dtype, device=like.device)
     return torch.where(cond, a, b)
-
-
-def softsign(x: torch.Tensor) -> torch.Tensor:
-    return x / (1 + x.abs())
-
-
-logsigmoid = F.logsigmoid
-softplus = F.softplus
-relu = torch.relu
-sigmoid = torch.sigmoid
 
 
 class _ElementwiseForms:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import networkx as nx
 from lark import Lark, Token, Tree
@@ -46,10 +47,36 @@ class ParenNewlines:
             yield tok
 
 
+GRAMMAR_PATH = Path(__file__).with_name("attention.lark")
+_LARK_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
 @lru_cache(maxsize=1)
 def _lark() -> Lark:
-    return Lark.open("attention.lark", rel_to=__file__, parser="lalr", propagate_positions=True,
-                     postlex=ParenNewlines(), maybe_placeholders=False, cache=False)
+    """The LALR parser. Building its tables costs ~40 ms per process, so the built parser is kept
+    in attnc's cache folder (beside the generated code, see compiler/cache.py) under a name
+    that hashes the grammar, the options and the Lark and Python versions; Lark checks that hash
+    again when it loads the file and rebuilds on any mismatch or unreadable file. Without a
+    writable cache folder the parser is built in memory (Lark's cache errors are silent)."""
+    grammar = GRAMMAR_PATH.read_text(encoding="utf-8")
+    return Lark(grammar, postlex=ParenNewlines(), cache=_lark_cache_file(grammar) or False,
+                **_LARK_OPTIONS)
+
+
+def _lark_cache_file(grammar: str) -> str | None:
+    import hashlib
+    import sys
+
+    import lark
+
+    from attnc.compiler.cache import default_cache_dir
+    key = f"{grammar}\n{sorted(_LARK_OPTIONS.items())}\n{lark.__version__}\n{sys.version_info[:2]}"
+    folder = default_cache_dir() / "parser"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return str(folder / f"lark_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pickle")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@
     explain(analysis)         -> text: the class, q'/k'/v', score, normalisation, or the reason
     triton_source(analysis, dtype="float32", head_dim=64) -> the generated Triton module
     build_triton(analysis, cache_dir=None, **options)     -> CompiledAttention (backend "triton")
+        options: fallback="torch" | "error", allow_tf32=False (TF32 products for fp32 inputs)
+
+Modules: plan (classification), structure (mask bands, weight bounds), lower (tile statements,
+adjoints), codegen (the Triton source), tune (dot types, block configs, autotuning cache),
+launch (the backend), bench (`attnc bench`).
 
 Importing this package does not import triton; the kernels need it (and a CUDA device, or
 TRITON_INTERPRET=1 for the CPU interpreter) only when a streaming formula is built.

@@ -48,6 +48,27 @@ def _standard_kind(formula: str) -> str | None:
     return None
 
 
+def bench_flops(formula: str, *, batch: int, heads: int, seq: int, dim: int, backward: bool,
+                dtype: str = "bf16") -> dict:
+    """FLOPs of the attention products (4 n^2 d per head forward, 3.5x that with the backward),
+    counting only the score blocks the fused forward kernel computes: key blocks that a causal
+    or banded mask of the formula masks wholly are skipped (default block config of the kernel).
+    Returns {"flops", "dense_flops", "computed_fraction", "band"}."""
+    from .plan import classify
+    from .structure import computed_entries, mask_band
+    from .tune import configs
+
+    g = attnc.analyze(formula).simplified
+    c = classify(g)
+    band = mask_band(g, c.plan) if c.streaming else None
+    cfg = configs("fwd", head_dim=dim, dtype=DTYPES.get(dtype, dtype), n=seq)[0]
+    entries = computed_entries(band, seq, cfg.block_m, cfg.block_n)
+    per_entry = 4.0 * batch * heads * dim * (3.5 if backward else 1.0)
+    return {"flops": per_entry * entries, "dense_flops": per_entry * seq * seq,
+            "computed_fraction": entries / (seq * seq), "band": None if band is None else str(band),
+            "blocks": [cfg.block_m, cfg.block_n]}
+
+
 def environment() -> dict:
     import torch
     try:
@@ -142,7 +163,9 @@ def run_bench(formula: str, *, batch=4, heads=8, seq=1024, dim=64, dtype="bf16",
     ts = {x: torch.randn(batch, heads, seq, dim, device="cuda", dtype=dt, generator=gen,
                          requires_grad=backward) for x in "QKVP"}
     args = [ts[x] if x in inputs else None for x in "QKVP"]
-    flops = 4.0 * batch * heads * seq * seq * dim * (3.5 if backward else 1.0)
+    count = bench_flops(formula, batch=batch, heads=heads, seq=seq, dim=dim, backward=backward,
+                        dtype=dtype)
+    flops = count["flops"]
     rows = []
     fns = _callables(formula, backends, kind)
     for b in backends:
@@ -164,7 +187,7 @@ def run_bench(formula: str, *, batch=4, heads=8, seq=1024, dim=64, dtype="bf16",
         r["vs_torch"] = (ref / r["ms"]) if (ref and r["ms"]) else None
     return {"formula": formula, "canonical": attnc.analyze(formula).canonical,
             "shape": {"batch": batch, "heads": heads, "seq": seq, "dim": dim}, "dtype": DTYPES[dtype],
-            "backward": backward, "rows": rows, **environment(), "time": time.time()}
+            "backward": backward, "rows": rows, "flops": count, **environment(), "time": time.time()}
 
 
 def correctness_check(formula: str, *, seq=16, dim=16, batch=1, heads=2) -> dict:
@@ -190,4 +213,4 @@ def correctness_check(formula: str, *, seq=16, dim=16, batch=1, heads=2) -> dict
                                                           "dim": dim}, **environment()}
 
 
-__all__ = ["BACKENDS", "correctness_check", "environment", "parse_backends", "run_bench"]
+__all__ = ["BACKENDS", "bench_flops", "correctness_check", "environment", "parse_backends", "run_bench"]

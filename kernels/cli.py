@@ -61,6 +61,10 @@ def _bench(args) -> int:
                              warmup=args.warmup, iters=args.iters)
     print(f"{result['canonical']}   B={args.batch} H={args.heads} n={args.seq} d={args.dim} "
           f"{result['dtype']}{' fwd+bwd' if args.backward else ' fwd'}   on {result['device']}")
+    count = result["flops"]
+    if count["computed_fraction"] < 1:
+        print(f"TFLOP/s count the {count['computed_fraction']:.1%} of score blocks the fused kernel "
+              f"computes (the mask keeps {count['band']})")
     print(f"{'backend':<8} {'ms':>9} {'TFLOP/s':>9} {'peak MiB':>9} {'vs torch':>9}  note")
     for r in result["rows"]:
         fmt = lambda x, spec: format(x, spec) if x is not None else "-"

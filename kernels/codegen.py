@@ -6,9 +6,18 @@ Kernels (grid: blocks of rows x batch*heads):
                    (k-side features, score tile, online softmax or direct accumulation),
                    epilogue; saves the log-sum-exp (softmax) and, with an epilogue, M = W @ v'.
     _attn_bwd_pre  per query block: dM from dOut through the epilogue; delta = rowsum(dM * M).
-    _attn_bwd_dkv  per key block: recompute the score tiles over all query blocks, accumulate
+    _attn_bwd_dkv  per key block: recompute the score tiles over the query blocks, accumulate
                    the adjoints of v' and of the key-side features, then back to K/V/Q/P.
-    _attn_bwd_dq   per query block: the same over all key blocks for the query-side features.
+    _attn_bwd_dq   per query block: the same over the key blocks for the query-side features.
+
+Every (B, H, n, d) tensor comes with its own four strides (inputs, output, dOut, gradients:
+transposed views need no copies). The softmax runs in log2 units with exp2: log2(e) and the
+formula's scalar factors are folded into q' once per query tile (lower.TileLowering.scaled).
+A causal or banded mask in the formula bounds the loops (structure.mask_band): blocks that it
+masks wholly are never visited. EVEN_M / EVEN_N (n a multiple of the block) and a head dim equal
+to BLOCK_D turn the bounds masks into constants, which the compiler removes. Loaded inputs go to
+tl.dot in their own dtype; weights that fp16 cannot hold go to fp32 (TF32) products
+(tune.dot_types). Block configs come from tune.Tuner (autotuned on a GPU, cached on disk).
 
 Inputs used on both sides (K in softmax(Q @ softplus(K)^T) @ (K + Q)) get one gradient buffer
 per side; the host launcher adds them.
@@ -16,14 +25,17 @@ per side; the host launcher adds them.
 from __future__ import annotations
 
 import networkx as nx
-from attnc.compiler.ir import output_of
+from attnc.compiler.ir import Op, output_of
 
-from .lower import TileLowering, Stmt, forward_lines, literal, reverse_lines, tile_mask
+from .lower import TileLowering, Stmt, dot_operand, forward_expr, literal, reverse_lines
 from .plan import StreamingPlan, render
+from .structure import mask_band, position_conditions, weights_fit_fp16
+from .tune import block_d
 
-GEN_VERSION = "triton-3"
+GEN_VERSION = "triton-4"
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
 
 _HELPERS = '''
 @triton.jit
@@ -97,6 +109,17 @@ def _pow(x, y):
 
 
 @triton.jit
+def _lanes(offs, bound, EVEN: tl.constexpr):
+    """offs < bound, or a constant all-true mask when no block crosses the bound (EVEN): the
+    compiler then drops the masks of the loads, stores and selects that use it."""
+    if EVEN:
+        ok = tl.full(offs.shape, 1, tl.int1)
+    else:
+        ok = offs < bound
+    return ok
+
+
+@triton.jit
 def _row_softmax(x, cols_ok):
     x = tl.where(cols_ok, x, -float("inf"))
     m = tl.max(x, 1)
@@ -106,49 +129,17 @@ def _row_softmax(x, cols_ok):
     return e / tl.where(s > 0, s, 1.0)[:, None]
 '''
 
-_CONFIGS = '''
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _configs(kind):
-    """Autotuning space on a GPU (pruned by head dim); one small config under the CPU interpreter.
-
-    ATTNC_TRITON_AUTOTUNE=0 keeps only the first (default) config of each kernel: tests on a GPU
-    use it so that every (formula, dtype, head dim) compiles one kernel variant, not dozens.
-    """
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    big = BLOCK_D > 64
-    if kind == "pre":
-        space = [(64, 16, 4, 1), (128, 16, 4, 1), (128, 16, 8, 1)]
-    elif kind == "fwd":
-        space = ([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)] if big else
-                 [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 3)])
-    else:
-        space = ([(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)] if big else
-                 [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)])
-    if os.environ.get("ATTNC_TRITON_AUTOTUNE", "1") == "0":
-        space = space[:1]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in space]
-'''
-
-
-def block_d(head_dim: int) -> int:
-    b = 16
-    while b < head_dim:
-        b *= 2
-    return b
-
-
 class _Gen:
     def __init__(self, g: nx.DiGraph, plan: StreamingPlan):
         self.g = g
         self.plan = plan
         low = self.low = TileLowering(g, plan)
         self.out = low.val(output_of(g), "q")
-        self.z = low.val(plan.score, "p")
+        self.softmax = plan.normalization == "softmax"
+        if self.softmax:   # the score in log2 units: exp2 needs no multiply per score
+            self.z = low.scaled(plan.score, "p", ((Op.MUL, ("lit", LOG2E)),), spread=True)
+        else:
+            self.z = low.val(plan.score, "p")
         self.v = low.val(plan.value, "k")
         self.acc = low.val(plan.matmul, "q")
         stmts = low.stmts
@@ -185,7 +176,8 @@ class _Gen:
                             if any(s.name == x for s in self.loads_q + self.loads_k))
         self.q_side = tuple(x for x in self.inputs if any(s.name == x for s in self.loads_q))
         self.k_side = tuple(x for x in self.inputs if any(s.name == x for s in self.loads_k))
-        self.softmax = plan.normalization == "softmax"
+        self.band = mask_band(g, plan)
+        self.fits = weights_fit_fp16(g, plan)
         # a P-kind score is the usual case; a score without any key dependence is still a tile
         self.zt = self.z.text if self.z.kind == "P" else self._as_tile(self.z)
 
@@ -201,11 +193,19 @@ class _Gen:
         return f"tl.full((BLOCK_M, BLOCK_N), {v.text}, tl.float32)"
 
     # -- pieces ---------------------------------------------------------------------------------
+    @staticmethod
+    def tile(tensor: str, rows: str) -> str:
+        """Pointers of a (rows, BLOCK_D) tile of a (B, H, n, d) tensor, through its own strides."""
+        x = _STRIDE[tensor]
+        return f"{tensor}_ptr + {rows}[:, None] * stride_{x}n + offs_d[None, :] * stride_{x}d"
+
     def leaf(self, st: Stmt, acc_text: str | None = None):
         if st.op == "load":
-            if st.kind[0] == "Q":
-                return f"tl.load({st.name}_ptr + q_offs, mask=q_tile_mask, other=0.0).to(tl.float32)"
-            return f"tl.load({st.name}_ptr + k_offs, mask=k_tile_mask, other=0.0).to(tl.float32)"
+            q = st.kind[0] == "Q"
+            tile = self.tile(st.name, "offs_m" if q else "offs_n")
+            mask = "q_tile_mask" if q else "k_tile_mask"
+            return [f"{st.var}_in = tl.load({tile}, mask={mask}, other=0.0)  # {st.name}",
+                    f"{st.var} = {st.var}_in.to(tl.float32)"]
         if st.op == "index":
             return f"{'offs_m' if st.kind[0] == 'Q' else 'offs_n'}.to(tl.float32)"
         if st.op == "acc":
@@ -216,101 +216,159 @@ class _Gen:
         stmts = [s for s in stmts if emitted is None or s.var not in emitted]
         if emitted is not None:
             emitted.update(s.var for s in stmts)
-        return forward_lines(stmts, indent, lambda st: self.leaf(st, acc_text))
-
-    def signature(self, name: str, extra: list[str], block_n: bool = True) -> list[str]:
-        ptrs = [f"{x}_ptr" for x in self.inputs] + ["Mask_ptr"] + extra
-        scal = self.low.scalars.args
-        args = ptrs + scal + ["stride_b", "stride_h", "stride_n", "stride_d", "stride_mb", "n_ctx", "H",
-                              "HAS_MASK: tl.constexpr", "HEAD_DIM: tl.constexpr",
-                              "BLOCK_D: tl.constexpr", "DOT_DTYPE: tl.constexpr",
-                              "DOT_PREC: tl.constexpr", "BLOCK_M: tl.constexpr",
-                              "BLOCK_N: tl.constexpr"]
-        out = [f"def {name}("]
-        line = "        "
-        for a in args:
-            piece = a + ", "
-            if len(line) + len(piece) > 100:
-                out.append(line.rstrip())
-                line = "        "
-            line += piece
-        out.append(line.rstrip().rstrip(",") + "):")
+        out = []
+        for st in stmts:
+            if st.op in ("load", "index", "acc"):
+                text = self.leaf(st, acc_text)
+                if isinstance(text, list):
+                    out += [indent + t for t in text]
+                    continue
+            else:
+                text = forward_expr(st)
+            note = f"  # {st.note}" if st.note else ""
+            out.append(f"{indent}{st.var} = {text}{note}")
         return out
+
+    def params(self, tensors: list[str], rowvecs: list[str], grads: str = "dq_side"):
+        """(kernel parameters, host arguments) in one order: pointers, scalars, strides.
+        Gradient buffers D<X> are taken from the host dict `grads`."""
+        def host_name(t):
+            return f'{grads}["{t[1:]}"]' if t in _GRADS else _HOST[t]
+
+        params, host = [], []
+        for t in tensors:
+            params.append(f"{t}_ptr")
+            host.append(host_name(t))
+        params.append("Mask_ptr")
+        host.append("mask_arg")
+        for r in rowvecs:
+            params.append(f"{r}_ptr")
+            host.append(r.lower())
+        params += self.low.scalars.args
+        host += self.low.scalars.args
+        for t in tensors:
+            x = _STRIDE[t]
+            params += [f"stride_{x}b", f"stride_{x}h", f"stride_{x}n", f"stride_{x}d"]
+            host.append(f"*{host_name(t)}.stride()")
+        params += ["stride_maskb", "n_ctx", "H"]
+        host += ["mask_arg.stride(0)", "n_ctx", "H"]
+        return params, host
+
+    def signature(self, name: str, tensors: list[str], rowvecs: list[str]) -> list[str]:
+        params, _ = self.params(tensors, rowvecs)
+        args = params + [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
+        return [f"def {name}("] + _wrap(args, "        ", "):")
 
     @staticmethod
     def q_block(indent: str, start: str) -> list[str]:
         return [f"{indent}offs_m = {start} + tl.arange(0, BLOCK_M)",
-                f"{indent}m_mask = offs_m < n_ctx",
-                f"{indent}q_offs = base + offs_m[:, None] * stride_n + offs_d[None, :] * stride_d",
+                f"{indent}m_mask = _lanes(offs_m, n_ctx, EVEN_M)",
                 f"{indent}q_tile_mask = m_mask[:, None] & d_mask[None, :]"]
 
     @staticmethod
     def k_block(indent: str, start: str) -> list[str]:
         return [f"{indent}offs_n = {start} + tl.arange(0, BLOCK_N)",
-                f"{indent}n_mask = offs_n < n_ctx",
-                f"{indent}k_offs = base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d",
+                f"{indent}n_mask = _lanes(offs_n, n_ctx, EVEN_N)",
                 f"{indent}key_ok = n_mask",
                 f"{indent}if HAS_MASK:",
-                f"{indent}    keep = tl.load(Mask_ptr + off_b * stride_mb + offs_n, mask=n_mask, other=0)",
+                f"{indent}    keep = tl.load(Mask_ptr + offs_n, mask=n_mask, other=0)",
                 f"{indent}    key_ok = key_ok & (keep != 0)",
                 f"{indent}# padded key rows load as 0 (never their stored values) and get no gradient",
                 f"{indent}k_tile_mask = key_ok[:, None] & d_mask[None, :]"]
 
     @staticmethod
-    def head(pid_rows: str) -> list[str]:
-        return ["    pid = tl.program_id(0)",
-                "    off_hz = tl.program_id(1)",
-                "    off_b = off_hz // H",
-                "    base = off_b.to(tl.int64) * stride_b + (off_hz % H).to(tl.int64) * stride_h",
-                "    offs_d = tl.arange(0, BLOCK_D)",
-                "    d_mask = offs_d < HEAD_DIM",
-                f"    {pid_rows}"]
+    def head(tensors: list[str], rowvecs: list[str], pid_rows: str) -> list[str]:
+        L = ["    pid = tl.program_id(0)",
+             "    off_hz = tl.program_id(1)",
+             "    off_b = (off_hz // H).to(tl.int64)",
+             "    off_h = (off_hz % H).to(tl.int64)",
+             "    # this (batch, head) of every tensor, each through its own strides"]
+        for t in tensors:
+            x = _STRIDE[t]
+            L.append(f"    {t}_ptr += off_b * stride_{x}b + off_h * stride_{x}h")
+        L.append("    Mask_ptr += off_b * stride_maskb")
+        for r in rowvecs:
+            L.append(f"    {r}_ptr += off_hz.to(tl.int64) * n_ctx")
+        L += ["    offs_d = tl.arange(0, BLOCK_D)",
+              "    d_mask = _lanes(offs_d, HEAD_DIM, BLOCK_D == HEAD_DIM)",
+              f"    {pid_rows}"]
+        return L
 
-    def vmasked(self) -> str:
-        return f"tl.where({tile_mask('KD')}, {self.v.text}, 0.0)"
+    def key_loop(self, indent: str) -> list[str]:
+        """The loop over the key blocks a query block [start_m, start_m + BLOCK_M) must visit
+        (the same bounds as structure.key_block_range)."""
+        b = self.band
+        if b is None:
+            return [f"{indent}for start_n in range(0, n_ctx, BLOCK_N):"]
+        return self._band_loop(indent, "n", "start_m + BLOCK_M", b.hi, "start_m", b.lo)
+
+    def query_loop(self, indent: str) -> list[str]:
+        """The loop over the query blocks a key block [start_n, start_n + BLOCK_N) must visit
+        (the same bounds as structure.query_block_range)."""
+        b = self.band
+        if b is None:
+            return [f"{indent}for start_m in range(0, n_ctx, BLOCK_M):"]
+        return self._band_loop(indent, "m", "start_n + BLOCK_N", None if b.lo is None else -b.lo,
+                               "start_n", None if b.hi is None else -b.hi)
+
+    def _band_loop(self, indent, rows, block_end, end_shift, start, start_shift) -> list[str]:
+        what = "key" if rows == "n" else "query"
+        L = [f"{indent}# the mask keeps {self.band}: {what} blocks wholly outside it are skipped",
+             f"{indent}hi_{rows} = {'n_ctx' if end_shift is None else _end(block_end, end_shift)}"]
+        if start_shift is None:
+            L.append(f"{indent}lo_{rows} = 0")
+        else:
+            first = _plus(start, start_shift)
+            L += [f"{indent}lo_{rows} = {first if start_shift >= 0 else f'tl.maximum({first}, 0)'}",
+                  f"{indent}hi_{rows} = tl.where(lo_{rows} < hi_{rows}, hi_{rows}, 0)  # none in reach: no loop",
+                  f"{indent}lo_{rows} = lo_{rows} // BLOCK_{rows.upper()} * BLOCK_{rows.upper()}"]
+        L.append(f"{indent}for start_{rows} in range(lo_{rows}, hi_{rows}, BLOCK_{rows.upper()}):")
+        return L
+
+    def v_operand(self, dtype: str) -> str:
+        return dot_operand(self.v, "KD", dtype)
 
     # -- kernels --------------------------------------------------------------------------------
     def fwd(self) -> list[str]:
         low = self.low
-        extra = ["Out_ptr", "Acc_ptr", "Lse_ptr"]
-        L = ["@triton.autotune(configs=_configs(\"fwd\"), key=[\"n_ctx\"])", "@triton.jit"]
-        L += self.signature("_attn_fwd", extra)
+        tensors, rowvecs = list(self.inputs) + ["Out", "Acc"], ["Lse"]
+        L = ["@triton.jit"] + self.signature("_attn_fwd", tensors, rowvecs)
         L.append('    """One query block: stream over key blocks, O(BLOCK_M x BLOCK_D) state."""')
-        L += self.head("start_m = pid * BLOCK_M")
+        L += self.head(tensors, rowvecs, "start_m = pid * BLOCK_M")
         L += self.q_block("    ", "start_m")
         emitted: set[str] = set()
         p_need = low.closure([a.text for s in self.pstmts for a in s.args] + self.p_qvars + self.p_kvars)
         L.append("    # query-side features")
         L += self.lines([s for s in p_need if s.kind[0] == "Q"], "    ", emitted=emitted)
-        L += ["    m_i = tl.full((BLOCK_M,), -float(\"inf\"), tl.float32)",
-              "    l_i = tl.zeros((BLOCK_M,), tl.float32)",
-              "    acc_o = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)",
-              "    for start_n in range(0, n_ctx, BLOCK_N):"]
+        if self.softmax:
+            L += ["    m_i = tl.full((BLOCK_M,), -float(\"inf\"), tl.float32)",
+                  "    l_i = tl.zeros((BLOCK_M,), tl.float32)"]
+        L.append("    acc_o = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)")
+        L += self.key_loop("    ")
         L += self.k_block("        ", "start_n")
         L.append("        valid = m_mask[:, None] & key_ok[None, :]")
         L.append("        # key-side features")
         kneed = low.closure([s.var for s in p_need if s.kind[0] == "K"] + [self.v.text])
         L += self.lines([s for s in kneed if s.kind[0] == "K"], "        ")
-        L.append("        # score tile")
+        L.append(f"        # score tile{' (log2 units: log2(e) is folded into the scale)' if self.softmax else ''}")
         L += self.lines(self.pstmts, "        ")
         if self.softmax:
             L += [f"        z = tl.where(valid, {self.zt}, -float(\"inf\"))",
                   "        m_new = tl.maximum(m_i, tl.max(z, 1))",
                   "        m_use = tl.where(m_new == -float(\"inf\"), 0.0, m_new)",
-                  # exp2 with log2(e) applied in one fused multiply-add per score
-                  "        alpha = tl.exp2((m_i - m_use) * LOG2E)",
-                  "        p = tl.exp2(z * LOG2E - (m_use * LOG2E)[:, None])",
+                  "        alpha = tl.exp2(m_i - m_use)",
+                  "        p = tl.exp2(z - m_use[:, None])",
                   "        l_i = l_i * alpha + tl.sum(p, 1)",
                   "        acc_o = acc_o * alpha[:, None]",
                   "        m_i = m_new"]
         else:
             L.append(f"        p = tl.where(valid, {self.zt}, 0.0)")
-        L.append(f"        acc_o += tl.dot(p.to(DOT_DTYPE), {self.vmasked()}.to(DOT_DTYPE), "
-                 "input_precision=DOT_PREC)")
+        L.append(f"        acc_o = tl.dot(p.to(W_DTYPE), {self.v_operand('W_DTYPE')}, acc_o, "
+                 "input_precision=W_PREC)")
         if self.softmax:
             L += ["    l_safe = tl.where(l_i > 0, l_i, 1.0)",
-                  "    lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float(\"inf\"))",
-                  "    tl.store(Lse_ptr + off_hz * n_ctx + offs_m, lse, mask=m_mask)"]
+                  "    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float(\"inf\"))  # log2 units",
+                  "    tl.store(Lse_ptr + offs_m, lse, mask=m_mask)"]
             acc_text = "acc_o / l_safe[:, None]"
         else:
             acc_text = "acc_o"
@@ -318,44 +376,49 @@ class _Gen:
         epi = low.closure([self.out.text])
         L += self.lines([s for s in epi if s.kind[0] == "Q"], "    ", acc_text=acc_text, emitted=emitted)
         if self.plan.epilogue:
-            L.append(f"    tl.store(Acc_ptr + q_offs, {self.acc.text}, mask=q_tile_mask)")
-        L.append(f"    tl.store(Out_ptr + q_offs, {self.out.text}.to(Out_ptr.dtype.element_ty), "
+            L.append(f"    tl.store({self.tile('Acc', 'offs_m')}, {self.acc.text}, mask=q_tile_mask)")
+        L.append(f"    tl.store({self.tile('Out', 'offs_m')}, {self.out.text}.to(Out_ptr.dtype.element_ty), "
                  "mask=q_tile_mask)")
         return L
 
+    def acc_load(self) -> str:
+        return f"tl.load({self.tile('Acc', 'offs_m')}, mask=q_tile_mask, other=0.0).to(tl.float32)"
+
+    def dout_load(self) -> str:
+        return f"tl.load({self.tile('DOut', 'offs_m')}, mask=q_tile_mask, other=0.0).to(tl.float32)"
+
     def bwd_pre(self) -> list[str]:
         low = self.low
-        extra = ["M_ptr", "DOut_ptr", "DAcc_ptr", "Delta_ptr"]
-        L = ["@triton.autotune(configs=_configs(\"pre\"), key=[\"n_ctx\"])", "@triton.jit"]
-        L += self.signature("_attn_bwd_pre", extra)
+        tensors, rowvecs = list(self.inputs) + ["Acc", "DOut", "DAcc"], ["Delta"]
+        L = ["@triton.jit"] + self.signature("_attn_bwd_pre", tensors, rowvecs)
         L.append('    """dM = dOut pulled back through the epilogue; delta = rowsum(dM * M)."""')
-        L += self.head("start_m = pid * BLOCK_M")
+        L += self.head(tensors, rowvecs, "start_m = pid * BLOCK_M")
         L += self.q_block("    ", "start_m")
-        acc_text = "tl.load(M_ptr + q_offs, mask=q_tile_mask, other=0.0).to(tl.float32)"
         epi = low.closure([self.out.text])
-        L += self.lines([s for s in epi if s.kind[0] == "Q"], "    ", acc_text=acc_text)
-        L.append("    g_out = tl.load(DOut_ptr + q_offs, mask=q_tile_mask, other=0.0).to(tl.float32)")
+        L += self.lines([s for s in epi if s.kind[0] == "Q"], "    ", acc_text=self.acc_load())
+        L.append(f"    g_out = {self.dout_load()}")
         rev = reverse_lines(low, {self.out.text: ["g_out"]}, {self.acc.text}, "    ", tag="e")
         L += rev.lines
         parts = rev.grads.get(self.acc.text)
         L.append(f"    d_acc = {' + '.join(parts) if parts else 'tl.zeros((BLOCK_M, BLOCK_D), tl.float32)'}")
-        L.append("    tl.store(DAcc_ptr + q_offs, d_acc, mask=q_tile_mask)")
+        L.append(f"    tl.store({self.tile('DAcc', 'offs_m')}, d_acc, mask=q_tile_mask)")
         if self.softmax:
             L.append(f"    delta = tl.sum(tl.where(q_tile_mask, d_acc * {self.acc.text}, 0.0), 1)")
-            L.append("    tl.store(Delta_ptr + off_hz * n_ctx + offs_m, delta, mask=m_mask)")
+            L.append("    tl.store(Delta_ptr + offs_m, delta, mask=m_mask)")
         return L
 
     def _score_seed(self, indent: str) -> list[str]:
         L = []
         if self.softmax:
             L += [f"{indent}z = tl.where(valid, {self.zt}, -float(\"inf\"))",
-                  f"{indent}p = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])"]
+                  f"{indent}p = tl.exp2(z - lse[:, None])"]
         else:
             L.append(f"{indent}p = tl.where(valid, {self.zt}, 0.0)")
-        L.append(f"{indent}dp = tl.dot(d_acc.to(DOT_DTYPE), tl.trans({self.vmasked()}).to(DOT_DTYPE), "
+        L.append(f"{indent}dp = tl.dot(d_acc.to(DOT_DTYPE), tl.trans({self.v_operand('DOT_DTYPE')}), "
                  "input_precision=DOT_PREC)")
         if self.softmax:
-            L.append(f"{indent}g_z = tl.where(valid, p * (dp - delta[:, None]), 0.0)")
+            # d/dz2 of softmax over z2 * ln 2 (the score z2 is in log2 units)
+            L.append(f"{indent}g_z = tl.where(valid, p * (dp - delta[:, None]), 0.0) * LN2")
         else:
             L.append(f"{indent}g_z = tl.where(valid, dp, 0.0)")
         return L
@@ -366,11 +429,10 @@ class _Gen:
         return f"tl.zeros({shape}, tl.float32)"
 
     def _row_stats(self, indent: str) -> list[str]:
-        L = [f"{indent}d_acc = tl.load(DAcc_ptr + q_offs, mask=q_tile_mask, other=0.0)"]
+        L = [f"{indent}d_acc = tl.load({self.tile('DAcc', 'offs_m')}, mask=q_tile_mask, other=0.0)"]
         if self.softmax:
-            L += [f"{indent}delta = tl.load(Delta_ptr + off_hz * n_ctx + offs_m, mask=m_mask, other=0.0)",
-                  (f"{indent}lse = tl.load(Lse_ptr + off_hz * n_ctx + offs_m, mask=m_mask, "
-                   "other=float(\"inf\"))")]
+            L += [f"{indent}delta = tl.load(Delta_ptr + offs_m, mask=m_mask, other=0.0)",
+                  f"{indent}lse = tl.load(Lse_ptr + offs_m, mask=m_mask, other=float(\"inf\"))"]
         return L
 
     def _seed_for_z(self, g_z: str):
@@ -384,14 +446,23 @@ class _Gen:
             return f"tl.sum({g_z}, 0)"
         return None
 
+    def _store_grad(self, x: str, parts, rows: str) -> str:
+        value = " + ".join(parts) if parts else self._zeros("QD" if rows == "offs_m" else "KD")
+        if rows == "offs_m":
+            return f"    tl.store({self.tile('D' + x, rows)}, ({value}).to(D{x}_ptr.dtype.element_ty), " \
+                   "mask=q_tile_mask)"
+        # every in-bounds key row is written: padded rows get 0 (the buffer is not zeroed)
+        return (f"    tl.store({self.tile('D' + x, rows)}, tl.where(k_tile_mask, {value}, 0.0)"
+                f".to(D{x}_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])")
+
     def bwd_dkv(self) -> list[str]:
         low = self.low
-        extra = ["DAcc_ptr", "Delta_ptr", "Lse_ptr"] + [f"D{x}_ptr" for x in self.k_side]
-        L = ["@triton.autotune(configs=_configs(\"bwd\"), key=[\"n_ctx\"])", "@triton.jit"]
-        L += self.signature("_attn_bwd_dkv", extra)
+        tensors = list(self.inputs) + ["DAcc"] + [f"D{x}" for x in self.k_side]
+        rowvecs = ["Delta", "Lse"]
+        L = ["@triton.jit"] + self.signature("_attn_bwd_dkv", tensors, rowvecs)
         L.append('    """One key block: accumulate dv\' and the key-side feature adjoints over all '
                  'query blocks."""')
-        L += self.head("start_n = pid * BLOCK_N")
+        L += self.head(tensors, rowvecs, "start_n = pid * BLOCK_N")
         L += self.k_block("    ", "start_n")
         p_need = low.closure([a.text for s in self.pstmts for a in s.args] + self.p_qvars + self.p_kvars)
         kneed = low.closure([s.var for s in p_need if s.kind[0] == "K"] + [self.v.text])
@@ -402,7 +473,7 @@ class _Gen:
             accs.append(self.v.text)
         for v in accs:
             L.append(f"    ga_{v} = {self._zeros(low.by_var[v].kind)}")
-        L.append("    for start_m in range(0, n_ctx, BLOCK_M):")
+        L += self.query_loop("    ")
         L += self.q_block("        ", "start_m")
         L.append("        valid = m_mask[:, None] & key_ok[None, :]")
         L += self.lines([s for s in p_need if s.kind[0] == "Q"], "        ")
@@ -410,8 +481,9 @@ class _Gen:
         L += self.lines(self.pstmts, "        ")
         L += self._score_seed("        ")
         if self.v.text in accs:
-            L.append(f"        ga_{self.v.text} += tl.dot(tl.trans(p).to(DOT_DTYPE), d_acc.to(DOT_DTYPE), "
-                     "input_precision=DOT_PREC)")
+            v = self.v.text
+            L.append(f"        ga_{v} = tl.dot(tl.trans(p).to(W_DTYPE), d_acc.to(W_DTYPE), ga_{v}, "
+                     "input_precision=W_PREC)")
         kaccs = [v for v in accs if v in self.p_kvars]
         seed = self._seed_for_z("g_z")
         if kaccs and seed is not None:
@@ -425,18 +497,16 @@ class _Gen:
         rev = reverse_lines(low, {v: [f"ga_{v}"] for v in accs}, set(loads), "    ", tag="k")
         L += rev.lines
         for var, st in loads.items():
-            parts = rev.grads.get(var)
-            if parts:
-                L.append(f"    tl.store(D{st.name}_ptr + k_offs, {' + '.join(parts)}, mask=k_tile_mask)")
+            L.append(self._store_grad(st.name, rev.grads.get(var), "offs_n"))
         return L
 
     def bwd_dq(self) -> list[str]:
         low = self.low
-        extra = ["M_ptr", "DOut_ptr", "DAcc_ptr", "Delta_ptr", "Lse_ptr"] + [f"D{x}_ptr" for x in self.q_side]
-        L = ["@triton.autotune(configs=_configs(\"bwd\"), key=[\"n_ctx\"])", "@triton.jit"]
-        L += self.signature("_attn_bwd_dq", extra)
+        tensors = list(self.inputs) + ["Acc", "DOut", "DAcc"] + [f"D{x}" for x in self.q_side]
+        rowvecs = ["Delta", "Lse"]
+        L = ["@triton.jit"] + self.signature("_attn_bwd_dq", tensors, rowvecs)
         L.append('    """One query block: accumulate the query-side feature adjoints over all key blocks."""')
-        L += self.head("start_m = pid * BLOCK_M")
+        L += self.head(tensors, rowvecs, "start_m = pid * BLOCK_M")
         L += self.q_block("    ", "start_m")
         emitted: set[str] = set()
         L.append("    # query-side features")
@@ -445,9 +515,8 @@ class _Gen:
         epi_wrt = {v for v in self.epi_qvars if v in self.live}
         if epi_wrt:
             L.append("    # epilogue adjoints of the query-side features")
-            acc_text = "tl.load(M_ptr + q_offs, mask=q_tile_mask, other=0.0).to(tl.float32)"
-            L += self.lines(self.epilogue, "    ", acc_text=acc_text, emitted=emitted)
-            L.append("    g_out = tl.load(DOut_ptr + q_offs, mask=q_tile_mask, other=0.0).to(tl.float32)")
+            L += self.lines(self.epilogue, "    ", acc_text=self.acc_load(), emitted=emitted)
+            L.append(f"    g_out = {self.dout_load()}")
             rev = reverse_lines(low, {self.out.text: ["g_out"]}, epi_wrt, "    ", tag="e")
             L += rev.lines
             for v, parts in rev.grads.items():
@@ -459,7 +528,7 @@ class _Gen:
             seeds.setdefault(v, []).append(f"ga_{v}")
         seed = self._seed_for_z("g_z")
         if accs and seed is not None:
-            L.append("    for start_n in range(0, n_ctx, BLOCK_N):")
+            L += self.key_loop("    ")
             L += self.k_block("        ", "start_n")
             L.append("        valid = m_mask[:, None] & key_ok[None, :]")
             p_need = low.closure([a.text for s in self.pstmts for a in s.args] + self.p_kvars)
@@ -476,83 +545,78 @@ class _Gen:
         rev = reverse_lines(low, seeds, set(loads), "    ", tag="q")
         L += rev.lines
         for var, st in loads.items():
-            parts = rev.grads.get(var)
-            if parts:
-                L.append(f"    tl.store(D{st.name}_ptr + q_offs, {' + '.join(parts)}, mask=q_tile_mask)")
+            L.append(self._store_grad(st.name, rev.grads.get(var), "offs_m"))
         return L
 
     # -- module ---------------------------------------------------------------------------------
-    def host(self, dtype: str, head_dim: int) -> list[str]:
-        ins = ", ".join(f'inputs["{x}"]' for x in self.inputs)
-        scal = "".join(f"{s}, " for s in self.low.scalars.args)
-        common = "stride_b, stride_h, stride_n, stride_d, stride_mb, n_ctx, H"
-        cexpr = ("HAS_MASK=has_mask, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_DTYPE=dot_dtype, "
-                 "DOT_PREC=dot_prec")
+    def launch(self, indent: str, kernel: str, tensors: list[str], rowvecs: list[str], rows: str) -> list[str]:
+        _, host = self.params(tensors, rowvecs, "dk_side" if rows == "n" else "dq_side")
+        L = _wrap(host, indent + "        ", ")", first=f"{indent}args = (")
+        L.append(f"{indent}_TUNER.launch({kernel}, args, consts, n=n_ctx, batch_heads=B * H, "
+                 f"rows={rows!r}, dtype=DTYPE)")
+        return L
+
+    def host(self) -> list[str]:
         unpack = (", ".join(self.low.scalars.args) + ", = ") if self.low.scalars.args else ""
-        dq_out = ", ".join(f'dq_side["{x}"]' for x in self.q_side)
-        dk_out = ", ".join(f'dk_side["{x}"]' for x in self.k_side)
+        both = [x for x in self.inputs if x in self.q_side and x in self.k_side]
         L = [
-            "def _setup(inputs, mask):",
-            f'    ref = inputs["{self.inputs[0]}"]',
-            "    B, H, n_ctx, d = ref.shape",
-            "    stride_b, stride_h, stride_n, stride_d = ref.stride()",
+            "def _setup(inputs, mask, allow_tf32):",
+            '    """Sizes, the key padding mask as uint8 and the constexprs every kernel takes."""',
+            "    ref = inputs[INPUTS[0]]",
+            "    B, H, n_ctx, _ = ref.shape",
             "    has_mask = mask is not None",
             "    mask_arg = mask.to(torch.uint8).contiguous() if has_mask else ref",
-            "    stride_mb = mask_arg.stride(0) if has_mask else 0",
-            "    lowp = ref.dtype in (torch.float16, torch.bfloat16)",
-            "    if _interpreting() and ref.dtype == torch.bfloat16:",
-            "        lowp = False  # the interpreter's bf16 tl.dot is not reliable",
-            ("    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(ref.dtype) "
-             "if lowp else tl.float32"),
-            "    dot_prec = \"tf32\" if lowp else \"ieee\"",
-            "    return (ref, B, H, n_ctx, d, stride_b, stride_h, stride_n, stride_d, has_mask, mask_arg,",
-            "            stride_mb, dot_dtype, dot_prec)",
+            "    dot_dtype, dot_prec, w_dtype, w_prec = tune.dot_types(",
+            "        DTYPE, allow_tf32=allow_tf32, weights_fit_fp16=WEIGHTS_FIT_FP16)",
+            "    consts = dict(HAS_MASK=has_mask, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,",
+            "                  DOT_DTYPE=getattr(tl, dot_dtype), DOT_PREC=dot_prec,",
+            "                  W_DTYPE=getattr(tl, w_dtype), W_PREC=w_prec)",
+            "    return ref, B, H, n_ctx, mask_arg, consts",
             "",
             "",
-            "def attn_forward(inputs, mask):",
-            '    """inputs: {name: contiguous (B, H, n, d) tensor}; mask: (B, n) bool or None.',
-            "    Returns (out, m, lse): m = W @ v' (fp32, only with an epilogue), lse (fp32, softmax).\"\"\"",
-            "    (ref, B, H, n_ctx, d, stride_b, stride_h, stride_n, stride_d, has_mask, mask_arg,",
-            "     stride_mb, dot_dtype, dot_prec) = _setup(inputs, mask)",
-            f"    {unpack}scalar_args(n_ctx, d)",
+            "def attn_forward(inputs, mask, allow_tf32=False):",
+            '    """inputs: {name: (B, H, n, d) tensor, any strides}; mask: (B, n) bool or None.',
+            "    Returns (out, acc, lse): out in the layout of the first input; acc = W @ v' (fp32, only",
+            "    with an epilogue, else out); lse: log2-sum-exp2 of the log2-unit score rows (softmax).\"\"\"",
+            "    ref, B, H, n_ctx, mask_arg, consts = _setup(inputs, mask, allow_tf32)",
+            f"    {unpack}scalar_args(n_ctx, HEAD_DIM)",
             "    out = torch.empty_like(ref)",
-            "    m = torch.empty(ref.shape, device=ref.device, dtype=torch.float32) if EPILOGUE else out",
+            "    acc = torch.empty(ref.shape, device=ref.device, dtype=torch.float32) if EPILOGUE else out",
             "    lse = torch.empty((B * H, n_ctx), device=ref.device, dtype=torch.float32)",
-            "    grid = lambda META: (triton.cdiv(n_ctx, META[\"BLOCK_M\"]), B * H)",
-            f"    _attn_fwd[grid]({ins}, mask_arg, out, m, lse, {scal}{common},",
-            f"                    {cexpr})",
-            "    return out, m, lse",
+        ]
+        L += self.launch("    ", "_attn_fwd", list(self.inputs) + ["Out", "Acc"], ["Lse"], "m")
+        L += [
+            "    return out, acc, lse",
             "",
             "",
-            "def attn_backward(inputs, mask, out, m, lse, dout):",
-            '    """Gradients {name: fp32 (B, H, n, d)} of sum(out * dout) w.r.t. the inputs."""',
-            "    (ref, B, H, n_ctx, d, stride_b, stride_h, stride_n, stride_d, has_mask, mask_arg,",
-            "     stride_mb, dot_dtype, dot_prec) = _setup(inputs, mask)",
-            f"    {unpack}scalar_args(n_ctx, d)",
-            "    dout = dout.contiguous()",
+            "def _grad_buffer(t, fp32):",
+            '    """A gradient buffer in the layout of its input (every entry is written by a kernel)."""',
+            "    return torch.empty_like(t, dtype=torch.float32 if fp32 else t.dtype)",
+            "",
+            "",
+            "def attn_backward(inputs, mask, out, acc, lse, dout, allow_tf32=False):",
+            '    """Gradients {name: tensor like the input} of sum(out * dout) w.r.t. the inputs;',
+            "    dout may have any strides.\"\"\"",
+            "    ref, B, H, n_ctx, mask_arg, consts = _setup(inputs, mask, allow_tf32)",
+            f"    {unpack}scalar_args(n_ctx, HEAD_DIM)",
             "    d_acc = torch.empty(ref.shape, device=ref.device, dtype=torch.float32)",
             "    delta = torch.empty((B * H, n_ctx), device=ref.device, dtype=torch.float32)",
-            "    grid_m = lambda META: (triton.cdiv(n_ctx, META[\"BLOCK_M\"]), B * H)",
-            "    grid_n = lambda META: (triton.cdiv(n_ctx, META[\"BLOCK_N\"]), B * H)",
-            f"    _attn_bwd_pre[grid_m]({ins}, mask_arg, m, dout, d_acc, delta, {scal}{common},",
-            f"                          {cexpr})",
-            "    dq_side = {x: torch.zeros(ref.shape, device=ref.device, dtype=torch.float32) for x in Q_SIDE}",
-            "    dk_side = {x: torch.zeros(ref.shape, device=ref.device, dtype=torch.float32) for x in K_SIDE}",
         ]
+        L += self.launch("    ", "_attn_bwd_pre", list(self.inputs) + ["Acc", "DOut", "DAcc"], ["Delta"], "m")
+        fp32 = f"x in {tuple(both)!r}" if both else "False"
+        L += [f"    dq_side = {{x: _grad_buffer(inputs[x], {fp32}) for x in Q_SIDE}}",
+              f"    dk_side = {{x: _grad_buffer(inputs[x], {fp32}) for x in K_SIDE}}"]
         if self.k_side:
-            L += [f"    _attn_bwd_dkv[grid_n]({ins}, mask_arg, d_acc, delta, lse, {dk_out}, {scal}{common},",
-                  f"                          {cexpr})"]
+            L += self.launch("    ", "_attn_bwd_dkv", list(self.inputs) + ["DAcc"]
+                             + [f"D{x}" for x in self.k_side], ["Delta", "Lse"], "n")
         if self.q_side:
-            L += [(f"    _attn_bwd_dq[grid_m]({ins}, mask_arg, m, dout, d_acc, delta, lse, {dq_out}, "
-                   f"{scal}{common},"),
-                  f"                         {cexpr})"]
-        L += [
-            "    grads = {}",
-            "    for x in INPUTS:",
-            "        parts = [s[x] for s in (dq_side, dk_side) if x in s]",
-            "        grads[x] = parts[0] if len(parts) == 1 else parts[0] + parts[1]",
-            "    return grads",
-        ]
+            L += self.launch("    ", "_attn_bwd_dq", list(self.inputs) + ["Acc", "DOut", "DAcc"]
+                             + [f"D{x}" for x in self.q_side], ["Delta", "Lse"], "m")
+        L.append("    grads = {**dk_side, **dq_side}")
+        if both:
+            L += [f"    for x in {tuple(both)!r}:   # read at query and at key rows: two fp32 parts",
+                  "        grads[x] = (dq_side[x] + dk_side[x]).to(inputs[x].dtype)"]
+        L.append("    return grads")
         return L
 
     def module(self, *, formula: str, canonical: str, digest: str, dtype: str, head_dim: int) -> str:
@@ -570,29 +634,35 @@ class _Gen:
         for kind, a, b in plan.pairwise:
             header.append(f"#   score leaf {kind}: q' = {render(g, a)};  k' = {render(g, b)}")
         header += [f"#   score z = {render(g, plan.score)}",
-                   f"#   weights: {'softmax over j (online)' if self.softmax else 'z (no normalisation)'}",
+                   f"#   weights: {'softmax over j (online, exp2)' if self.softmax else 'z (no normalisation)'}",
                    f"#   v' = {render(g, plan.value)}",
-                   f"#   out = {render(g, plan.output)}"]
+                   f"#   out = {render(g, plan.output)}",
+                   f"#   key blocks: {describe_band(g, plan)}",
+                   f"#   weights in fp16 products: {describe_fit(self.fits)}"]
+        band = None if self.band is None else (self.band.lo, self.band.hi)
         L = header + [
             '"""Fused streaming attention kernels for one formula (see the header)."""',
             "import math",
-            "import os",
             "",
             "import torch",
             "import triton",
             "import triton.language as tl",
             "",
             "from attnc.compiler import torch_ops as ops",
+            "from attnc.kernels import tune",
             "",
             f"INPUTS = {self.inputs!r}",
             f"Q_SIDE = {self.q_side!r}   # inputs read at query rows",
             f"K_SIDE = {self.k_side!r}   # inputs read at key rows",
             f"NORMALIZATION = {plan.normalization!r}",
             f"EPILOGUE = {plan.epilogue!r}",
+            f"BAND = {band!r}   # (lo, hi): only keys with lo <= j - i <= hi are computed",
+            f"WEIGHTS_FIT_FP16 = {self.fits!r}",
             f"DTYPE = {dtype!r}",
             f"HEAD_DIM = {head_dim}",
             f"BLOCK_D = {block_d(head_dim)}",
-            "LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = exp2(x * log2(e))",
+            "LN2 = tl.constexpr(0.6931471805599453)   # the softmax runs in log2 units (exp2)",
+            "_TUNER = tune.Tuner(__file__)   # block configs: autotuned on a GPU, cached on disk",
             "",
             "",
             "def scalar_args(n, d):",
@@ -600,16 +670,67 @@ class _Gen:
             *scal_lines,
             f"    return ({scal_ret}{',' if len(low.scalars.args) == 1 else ''})",
             "",
-            *_CONFIGS.strip("\n").split("\n"),
-            "",
             *_HELPERS.rstrip("\n").split("\n"),
             "",
             "",
         ]
         for kernel in (self.fwd(), self.bwd_pre(), self.bwd_dkv(), self.bwd_dq()):
             L += kernel + ["", ""]
-        L += self.host(dtype, head_dim)
+        L += self.host()
         return "\n".join(L) + "\n"
+
+
+_STRIDE = {"Q": "q", "K": "k", "V": "v", "P": "p", "Out": "o", "Acc": "acc", "DOut": "do",
+           "DAcc": "dacc", "DQ": "dq", "DK": "dk", "DV": "dv", "DP": "dp"}
+_HOST = {"Q": 'inputs["Q"]', "K": 'inputs["K"]', "V": 'inputs["V"]', "P": 'inputs["P"]',
+         "Out": "out", "Acc": "acc", "DOut": "dout", "DAcc": "d_acc"}
+_GRADS = ("DQ", "DK", "DV", "DP")
+_CONSTEXPRS = ("HAS_MASK", "HEAD_DIM", "BLOCK_D", "DOT_DTYPE", "DOT_PREC", "W_DTYPE", "W_PREC",
+               "EVEN_M", "EVEN_N", "BLOCK_M", "BLOCK_N")
+
+
+def _plus(x: str, c: int) -> str:
+    return x if c == 0 else f"{x} + {c}" if c > 0 else f"{x} - {-c}"
+
+
+def _end(block_end: str, c: int) -> str:
+    """min(min(block_end, n_ctx) + c, n_ctx): one past the last row the band reaches from a block
+    whose last row is min(block_end, n_ctx) - 1 (structure.key_block_range)."""
+    if c <= 0:
+        return _plus(f"tl.minimum({block_end}, n_ctx)", c)
+    return f"tl.minimum({block_end} + {c}, n_ctx)"
+
+
+def _wrap(items: list[str], indent: str, end: str, first: str | None = None, width: int = 100) -> list[str]:
+    """Comma-separated `items` over lines of at most `width` characters, closed by `end`."""
+    out = []
+    line = first if first is not None else indent
+    for i, a in enumerate(items):
+        piece = a + (", " if i < len(items) - 1 else "")
+        if len(line) + len(piece) > width and line.strip():
+            out.append(line.rstrip())
+            line = indent
+        line += piece
+    out.append(line.rstrip() + end)
+    return out
+
+
+def describe_band(g: nx.DiGraph, plan: StreamingPlan) -> str:
+    """What the kernels skip: the band of the formula's mask, or why they skip nothing."""
+    band = mask_band(g, plan)
+    if band is not None:
+        return f"only those meeting {band} ({band.kind} mask); the rest are skipped"
+    conds = position_conditions(g, plan)
+    if not conds:
+        return "all (no causal or banded mask in the formula)"
+    return (f"all: the mask {render(g, conds[0])} is not a band lo <= j - i <= hi of constant "
+            "width that empties the weights, so no block can be skipped")
+
+
+def describe_fit(fits: bool) -> str:
+    if fits:
+        return "yes (softmax or bounded weights)"
+    return "no: the weights are unbounded, so fp16 inputs use fp32 (TF32) products for them"
 
 
 def plan_inputs(g: nx.DiGraph, plan: StreamingPlan) -> tuple[str, ...]:
@@ -630,5 +751,5 @@ def generate(g: nx.DiGraph, plan: StreamingPlan, *, formula: str, canonical: str
                                 head_dim=head_dim)
 
 
-__all__ = ["DTYPES", "GEN_VERSION", "MAX_HEAD_DIM", "block_d", "generate", "literal", "plan_inputs",
-           "plan_sides"]
+__all__ = ["DTYPES", "GEN_VERSION", "MAX_HEAD_DIM", "block_d", "describe_band", "describe_fit",
+           "generate", "literal", "plan_inputs", "plan_sides"]

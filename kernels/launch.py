@@ -2,7 +2,8 @@
 
 Streaming formulas run the generated kernels (codegen.py) wrapped in a torch.autograd.Function;
 the generated module is written to the cache as `triton/<version>_<hash>_<dtype>_d<head dim>.py`
-and imported from that file (Triton's JIT needs real source files). Formulas that do not
+and imported from that file (Triton's JIT needs real source files); block configs chosen by
+autotuning are cached next to it (`triton/tune/`, see tune.py). Formulas that do not
 stream run the PyTorch backend's generated function (plan "torch-fallback"); `.plan` and
 `.classification` on the returned object say which ran and why.
 """
@@ -20,7 +21,7 @@ from attnc.compiler.errors import BackendError
 from .codegen import DTYPES, GEN_VERSION, MAX_HEAD_DIM, generate, plan_inputs
 from .plan import Classification, classify, explain_plan
 
-OPTIONS = ("fallback",)
+OPTIONS = ("fallback", "allow_tf32")
 
 
 def interpreting() -> bool:
@@ -87,10 +88,11 @@ def _check_head_dim(head_dim: int) -> None:
 class StreamingRunner:
     """Loads (and caches) the generated module per (dtype, head dim) and runs it."""
 
-    def __init__(self, analysis, plan, cache_dir):
+    def __init__(self, analysis, plan, cache_dir, allow_tf32: bool = False):
         self.analysis = analysis
         self.plan = plan
         self.cache_dir = cache_dir
+        self.allow_tf32 = allow_tf32     # fp32 inputs may use TF32 tensor-core products
         self.inputs = plan_inputs(analysis.simplified, plan)   # what the kernels read
         self._modules: dict = {}
         self._lock = threading.Lock()
@@ -142,7 +144,7 @@ class StreamingRunner:
         mask = key_padding_mask
         if mask is not None and mask.device != ref.device:
             mask = mask.to(ref.device)
-        return _StreamingFunction.apply(mod, names, mask, *ts)
+        return _StreamingFunction.apply(mod, names, mask, self.allow_tf32, *ts)
 
 
 def _autograd_function():
@@ -152,21 +154,22 @@ def _autograd_function():
         """Forward: the fused kernel; backward: the generated pre / dkv / dq kernels."""
 
         @staticmethod
-        def forward(ctx, mod, names, mask, *tensors):
-            inputs = {x: t.contiguous() for x, t in zip(names, tensors)}
-            out, m, lse = mod.attn_forward(inputs, mask)
-            ctx.mod, ctx.names, ctx.mask = mod, names, mask
-            ctx.save_for_backward(*inputs.values(), out, m, lse)
+        def forward(ctx, mod, names, mask, allow_tf32, *tensors):
+            # the kernels take every tensor's own strides: transposed views are not copied
+            inputs = dict(zip(names, tensors))
+            out, acc, lse = mod.attn_forward(inputs, mask, allow_tf32)
+            ctx.mod, ctx.names, ctx.mask, ctx.allow_tf32 = mod, names, mask, allow_tf32
+            ctx.save_for_backward(*tensors, out, acc, lse)
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            *ts, out, m, lse = ctx.saved_tensors
+            *ts, out, acc, lse = ctx.saved_tensors
             inputs = dict(zip(ctx.names, ts))
-            grads = ctx.mod.attn_backward(inputs, ctx.mask, out, m, lse, dout)
-            res = [None, None, None]
+            grads = ctx.mod.attn_backward(inputs, ctx.mask, out, acc, lse, dout, ctx.allow_tf32)
+            res = [None, None, None, None]
             for i, x in enumerate(ctx.names):
-                res.append(grads[x].to(ts[i].dtype) if ctx.needs_input_grad[3 + i] else None)
+                res.append(grads[x] if ctx.needs_input_grad[4 + i] else None)
             return tuple(res)
 
     return StreamingAttention
@@ -188,7 +191,8 @@ def build_triton(analysis, cache_dir=None, **options):
     """The Triton backend of `attnc.compile`: fused kernels for streaming formulas, else a plan.
 
     options: fallback="torch" (the default and only fallback plan for non-streaming formulas)
-    or fallback="error" (raise BackendError instead).
+    or fallback="error" (raise BackendError instead); allow_tf32=True lets fp32 inputs use TF32
+    tensor-core products (about 1e-3 relative error per product; off by default).
     """
     from attnc.compiler.backends import CompiledAttention, build_torch
 
@@ -199,6 +203,9 @@ def build_triton(analysis, cache_dir=None, **options):
     fallback = options.get("fallback", "torch")
     if fallback not in ("torch", "error"):
         raise BackendError(f"unknown fallback {fallback!r}", hint="fallback='torch' or 'error'")
+    allow_tf32 = options.get("allow_tf32", False)
+    if not isinstance(allow_tf32, bool):
+        raise BackendError(f"allow_tf32 must be True or False, not {allow_tf32!r}")
     _require_triton()
     c = classification(analysis)
     if not c.streaming:
@@ -211,7 +218,7 @@ def build_triton(analysis, cache_dir=None, **options):
         compiled.classification = c
         return compiled
     _require_device()
-    runner = StreamingRunner(analysis, c.plan, cache_dir)
+    runner = StreamingRunner(analysis, c.plan, cache_dir, allow_tf32=allow_tf32)
     source = generate(analysis.simplified, c.plan, formula=analysis.source, canonical=analysis.canonical,
                       digest=analysis.hash, dtype="float32", head_dim=64)
     path = runner.path("float32", 64)

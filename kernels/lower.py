@@ -179,6 +179,7 @@ class Val:
     kind: str            # S QD Q1 KD K1 P
     is_bool: bool = False
     value: float | None = None   # for literal scalars
+    raw: bool = False            # a loaded input: `{text}_in` holds it in the input dtype
 
     @property
     def scalar(self) -> bool:
@@ -189,7 +190,7 @@ class Val:
 class Stmt:
     var: str
     kind: str
-    op: object            # an Op, or one of: load index acc rowsum rowsoftmax dot where cmp
+    op: object            # an Op, or one of: load index acc rowsum rowsoftmax dot round where
     args: tuple = ()
     is_bool: bool = False
     name: str | None = None      # input name for loads
@@ -280,6 +281,26 @@ class ScalarTable:
     def literal(self, value: float) -> Val:
         return Val(literal(value), "S", value=float(value))
 
+    def combine(self, factors: tuple) -> Val:
+        """The product of scalar factors, each (Op.MUL or Op.DIV, item) with item ("node", nid)
+        or ("lit", value): one literal, or one runtime scalar computed on the host."""
+        key = ("combine", factors)
+        if key not in self.values:
+            text, value = "1.0", 1.0
+            for op, item in factors:
+                t, v = self._item(item)
+                fn, fmt = _SCALAR_OPS[op]
+                text = t if text == "1.0" and op is Op.MUL else fmt.format(text, f"({t})")
+                value = fn(value, v) if value is not None and v is not None else None
+            self.values[key] = self._val(text, value)
+        return self.values[key]
+
+    def _item(self, item):
+        kind, x = item
+        if kind == "node":
+            return self._host(x)
+        return _py_float(x), float(x)
+
     def _val(self, text: str, value):
         if value is not None:
             return Val(literal(value), "S", value=float(value))
@@ -295,7 +316,7 @@ class ScalarTable:
         node = node_of(self.g, nid)
         op = node.op
         if op is Op.CONST:
-            res = (repr(float(node.value)), float(node.value))
+            res = (_py_float(node.value), float(node.value))
         elif op is Op.SYMBOL:
             res = (node.name, None)
         else:
@@ -306,11 +327,19 @@ class ScalarTable:
                 fn, fmt = _SCALAR_OPS[op]
             if all(v is not None for _, v in args):
                 value = fn(*[v for _, v in args])
-                res = (repr(value), value)
+                res = (_py_float(value), value)
             else:
                 res = (fmt.format(*[f"({t})" for t, _ in args]), None)
         self._tmp[nid] = res
         return res
+
+
+def _py_float(value: float) -> str:
+    """A float as Python source (inf and nan included)."""
+    value = float(value)
+    if math.isfinite(value):
+        return repr(value)
+    return f'float("{value}")' if value == value else 'float("nan")'
 
 
 _SCALAR_OPS = {
@@ -380,7 +409,8 @@ class TileLowering:
             return self.add("QD", "acc", (), note="W @ v'", prefix="q")
         kind = self._kind(shape, side)
         if op is Op.INPUT:
-            return self.add(kind, "load", (), name=node.name, note=f"{node.name}")
+            v = self.add(kind, "load", (), name=node.name, note=f"{node.name}")
+            return Val(v.text, v.kind, raw=True)
         if op is Op.INDEX:
             return self.add(kind, "index", (), note=f"position {node.name}")
         if op is Op.TRANSPOSE:
@@ -390,6 +420,11 @@ class TileLowering:
             return self.add(join_kinds(a.kind for a in args), op, args, is_bool=True, note=note)
         if op is Op.WHERE:
             return self.add(join_kinds(a.kind for a in args), "where", args, note=note)
+        if op in (Op.MUL, Op.DIV) and side == "p" and self._scalar_factor(nid) is not None \
+                and self._reaches_dot(self._scalar_factor(nid)[0]):
+            # (q' @ k'^T) * s  ->  (q' * s) @ k'^T: the scalar scales q' once per query tile
+            other, factor = self._scalar_factor(nid)
+            return self.scaled(other, side, (factor,))
         if op in GroupOp.Unary or op in GroupOp.Binary or is_fn(op):
             return self.ew(op, args, note)
         if op is Op.SCALE:
@@ -412,10 +447,88 @@ class TileLowering:
             return self.pdot(self.unit(a), self.unit(b), note)
         if op is Op.DIST:
             a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
+            if a.kind == "QD" and b.kind == "KD":
+                # |a|^2 + |b|^2 - 2 a.b from the operands the dot product rounds to DOT_DTYPE:
+                # near-zero distances then cancel exactly instead of leaving rounding noise
+                a, b = self.rounded(a), self.rounded(b)
             sq = self.ew(Op.ADD, [self.sqnorm(a), self.sqnorm(b)])
             two_ab = self.ew(Op.MUL, [self.pdot(a, b), self.scalars.literal(2.0)])
             return self.ew("safesqrt", [self.ew(Op.SUB, [sq, two_ab])], note)
         raise NotImplementedError(op)  # pragma: no cover - classify() rejects the rest
+
+    # -- scalar factors pushed into q' ------------------------------------------------------------
+    def _scalar_factor(self, nid: int):
+        """(tile operand, (op, ("node", scalar))) when `nid` is x * s, s * x or x / s."""
+        node = node_of(self.g, nid)
+        if node.op not in (Op.MUL, Op.DIV) or node.shape == ():
+            return None
+        a, b = node.operands
+        sa, sb = (node_of(self.g, o).shape == () for o in (a, b))
+        if sb and not sa:
+            return a, (node.op, ("node", b))
+        if sa and not sb and node.op is Op.MUL:
+            return b, (Op.MUL, ("node", a))
+        return None
+
+    def _single_use_product(self, nid: int) -> bool:
+        node = node_of(self.g, nid)
+        if node.op is not Op.MATMUL or node.shape != ("n", "n"):
+            return False
+        uses = sum(list(node_of(self.g, s).operands).count(nid) for s in self.g.successors(nid))
+        return uses == 1
+
+    def _reaches_dot(self, nid: int) -> bool:
+        """Whether scalar factors on `nid` can be pushed down to a pairwise product."""
+        node = node_of(self.g, nid)
+        if self._single_use_product(nid):
+            return True
+        if node.op is Op.NEG:
+            return self._reaches_dot(node.operands[0])
+        f = self._scalar_factor(nid)
+        return f is not None and self._reaches_dot(f[0])
+
+    def scaled(self, nid: int, side: str, factors: tuple, spread: bool = False) -> Val:
+        """`nid` times the scalar `factors`, pushed down to the pairwise product where possible so
+        that they scale q' once per query tile rather than every score. spread=True also pushes
+        them through +, - and where (the softmax score times log2(e))."""
+        if not factors:
+            return self.val(nid, side)
+        key = (nid, side, factors, spread)
+        if key in self.memo:
+            return self.memo[key]
+        g = self.g
+        node = node_of(g, nid)
+        op = node.op
+        res = None
+        if node.shape == ():
+            res = self.scalars.combine(((Op.MUL, ("node", nid)),) + factors)
+        elif self._scalar_factor(nid) is not None:
+            other, factor = self._scalar_factor(nid)
+            res = self.scaled(other, side, (factor,) + factors, spread)
+        elif op is Op.NEG:
+            res = self.scaled(node.operands[0], side, ((Op.MUL, ("lit", -1.0)),) + factors, spread)
+        elif self._single_use_product(nid):
+            a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
+            qs = self.ew(Op.MUL, [a, self.scalars.combine(factors)], "q' scaled once per tile")
+            res = self.pdot(qs, b, f"{op.value} {node.shape}")
+        elif spread and op in (Op.ADD, Op.SUB):
+            xs = [self.scaled(o, side, factors, spread) for o in node.operands]
+            res = self.ew(op, xs, f"{op.value} {node.shape}")
+        elif spread and op is Op.WHERE:
+            c = self.val(node.operands[0], side)
+            a, b = (self.scaled(o, side, factors, spread) for o in node.operands[1:])
+            res = self.add(join_kinds(x.kind for x in (c, a, b)), "where", [c, a, b],
+                           note=f"where {node.shape}")
+        else:
+            res = self.ew(Op.MUL, [self.val(nid, side), self.scalars.combine(factors)])
+        self.memo[key] = res
+        return res
+
+    def rounded(self, x: Val) -> Val:
+        """x as the dot product sees it (rounded to DOT_DTYPE); a loaded input already is."""
+        if x.raw:
+            return x
+        return self.add(x.kind, "round", [x], note="rounded like the dot operand")
 
     def sqnorm(self, x: Val) -> Val:
         sq = self.ew(Op.MUL, [x, x])
@@ -459,6 +572,14 @@ def _arg_key(a: Val):
     return a.text
 
 
+def dot_operand(x: Val, kind: str, dtype: str = "DOT_DTYPE") -> str:
+    """A (BLOCK, BLOCK_D) tile as a tl.dot operand: a loaded input goes in its own dtype (its
+    masked lanes loaded as 0); a computed tile is masked (padded lanes may hold anything)."""
+    if x.raw:
+        return f"{x.text}_in.to({dtype})"
+    return f"tl.where({tile_mask(kind)}, {x.text}, 0.0).to({dtype})"
+
+
 def forward_expr(st: Stmt) -> str:
     op, args, kind = st.op, st.args, st.kind
     if op == "rowsum":
@@ -467,9 +588,10 @@ def forward_expr(st: Stmt) -> str:
         return f"_row_softmax({args[0].text}, d_mask[None, :])"
     if op == "dot":
         a, b = args
-        return (f"tl.dot(tl.where({tile_mask('QD')}, {a.text}, 0.0).to(DOT_DTYPE), "
-                f"tl.trans(tl.where({tile_mask('KD')}, {b.text}, 0.0)).to(DOT_DTYPE), "
+        return (f"tl.dot({dot_operand(a, 'QD')}, tl.trans({dot_operand(b, 'KD')}), "
                 "input_precision=DOT_PREC)")
+    if op == "round":
+        return f"{args[0].text}.to(DOT_DTYPE).to(tl.float32)"
     if op == "where":
         c, a, b = (tile_bcast(x, kind) for x in args)
         return f"tl.where({c}, {a}, {b})"
@@ -572,21 +694,25 @@ def _vjp(st: Stmt, g: str):
     if op == "rowsum":
         (a,) = diff_args
         return [(a, full(f"{g}[:, None]", a.kind))]
+    if op == "round":   # straight through: d round(x) / dx = 1
+        (a,) = diff_args
+        return [(a, g)]
     if op == "rowsoftmax":
         (a,) = diff_args
         o = st.var
         return [(a, f"{o} * ({g} - tl.sum(tl.where(d_mask[None, :], {g} * {o}, 0.0), 1)[:, None])")]
     if op == "dot":
+        # score adjoints are weights-like tiles: W_DTYPE keeps unbounded ones out of fp16
         a, b = args
-        gm = f"tl.where(valid, {g}, 0.0).to(DOT_DTYPE)"
+        gm = f"tl.where(valid, {g}, 0.0).to(W_DTYPE)"
         out = []
         for x in diff_args:
             if x is a or x.text == a.text:
-                out.append((a, (f"tl.dot({gm}, tl.where({tile_mask('KD')}, {b.text}, 0.0).to(DOT_DTYPE), "
-                                "input_precision=DOT_PREC)")))
+                out.append((a, (f"tl.dot({gm}, {dot_operand(b, 'KD', 'W_DTYPE')}, "
+                                "input_precision=W_PREC)")))
             if x is b or x.text == b.text:
-                out.append((b, (f"tl.dot(tl.trans({gm}), tl.where({tile_mask('QD')}, {a.text}, 0.0)"
-                                ".to(DOT_DTYPE), input_precision=DOT_PREC)")))
+                out.append((b, (f"tl.dot(tl.trans({gm}), {dot_operand(a, 'QD', 'W_DTYPE')}, "
+                                "input_precision=W_PREC)")))
         return out
     if op == "where":
         c, a, b = args
@@ -622,6 +748,7 @@ def _vjp(st: Stmt, g: str):
 __all__ = [
     "TileLowering",
     "Stmt",
+    "dot_operand",
     "Val",
     "tile_bcast",
     "forward_lines",

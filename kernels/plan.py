@@ -258,6 +258,10 @@ def explain_plan(g: nx.DiGraph, c: Classification) -> str:
     lines.append(f"v' = {render(g, p.value)}")
     lines.append(f"epilogue: {render(g, p.output) if p.epilogue else 'none (out = W @ v_)'}".replace(
         "v_", "v'"))
+    from .codegen import describe_band, describe_fit
+    from .structure import weights_fit_fp16
+    lines.append(f"key blocks: {describe_band(g, p)}")
+    lines.append(f"weights in fp16 products: {describe_fit(weights_fit_fp16(g, p))}")
     return "\n".join(lines)
 
 

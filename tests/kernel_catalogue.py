@@ -61,6 +61,12 @@ CATALOGUE: tuple[Case, ...] = (
     Case("max_min", "softmax(max(Q @ K^T, P @ K^T) + min(i - j, j - i)) @ V"),
     Case("pow_score", "((Q @ K^T / d) ^ 2) @ V / n"),
     Case("dist_sigmoid", "sigmoid(2 - dist(Q, K)) @ V / n"),
+    Case("dist_tanh", "softmax(-dist(2 * tanh(Q), 2 * tanh(K))) @ V"),   # dist of computed features
+    Case("relu_sq", "relu(Q @ K^T) ^ 2 @ V / n ^ 2"),                   # unbounded weights
+    Case("causal_alibi", "softmax(mask(Q @ K^T / sqrt(d) - 0.5 * abs(i - j), j <= i)) @ V", n=37),
+    Case("causal_strict", "softmax(mask(Q @ K^T, j < i)) @ V", n=37),   # row 0 sees no key
+    Case("causal_bias_after_mask", "softmax(mask(Q @ K^T, i >= j) - 0.5 * abs(i - j)) @ V", n=37),
+    Case("banded_sigmoid", "sigmoid(mask(Q @ K^T / sqrt(d), abs(i - j) <= 2)) @ V", n=37),
     Case("odd_n", "softmax(Q @ K^T / sqrt(d)) @ V", n=37),
     Case("head_dim_48", "softmax(Q @ K^T / sqrt(d)) @ V", d=48),
     Case("head_dim_64", "softmax(Q @ softplus(K)^T / sqrt(d)) @ (K + Q)", n=18, d=64),
@@ -110,7 +116,10 @@ def check_formula(formula: str, *, n: int = 20, d: int = 16, dtype=torch.float32
     Inputs are drawn on the CPU (same numbers on every machine), then moved to `device`: CUDA
     where there is one (the kernels compile for the GPU), else the CPU (Triton interpreter).
     poison=True: the Triton run gets inf / NaN in the padded rows of every input the kernels read
-    only at key rows; padded keys contribute nothing, so it must still match the clean references."""
+    only at key rows; padded keys contribute nothing, so it must still match the clean references.
+    poison="all": inf / NaN in the padded rows of every input, also those read at query rows; the
+    output rows of real tokens must match (forward only: a padded query row's own output, and the
+    gradients it sends to every key, are NaN in every backend)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(seed)
     ref = attnc.compile(formula, backend="torch", cache_dir=cache_dir)
@@ -128,7 +137,8 @@ def check_formula(formula: str, *, n: int = 20, d: int = 16, dtype=torch.float32
         pad = (~m)[:, None, :, None]
         fill = torch.tensor([float("inf"), float("nan"), -float("inf")], device=device)
         fill = fill[torch.arange(n, device=device) % 3][None, None, :, None].to(dtype)
-        bad = {x: torch.where(pad, fill, base[x]) for x in k_side if x not in q_side}
+        poisoned = names if poison == "all" else [x for x in k_side if x not in q_side]
+        bad = {x: torch.where(pad, fill, base[x]) for x in poisoned}
         assert bad, f"{formula}: no input read only at key rows to poison"
 
     def run(fn, dt, src=base):
@@ -140,6 +150,10 @@ def check_formula(formula: str, *, n: int = 20, d: int = 16, dtype=torch.float32
     eager, eager_in = run(ref, dtype)
     out, tri_in = run(tri, dtype, {**base, **bad})
     assert out.dtype == dtype and out.shape == (batch, heads, n, d)
+    if poison == "all":
+        real = m[:, None, :, None].expand_as(gold)
+        _check(f"{formula} [out, real rows]", out[real], eager[real], gold[real], dtype)
+        return tri
     _check(f"{formula} [out]", out, eager, gold, dtype)
     if not grad:
         return tri

@@ -148,9 +148,6 @@ PINS = [
     ('softmax(Q @ K^T) @ V',
      'softmax(Q @ K^T) @ V',
      'f368f41a197a3ee5'),
-    ('softmax(Q @ K^T) @ (V - V) + 0 * Q',
-     '0 * (Q)',
-     '0bcdd43fc6ead3c0'),
     ('softmax(Q @ K^T) @ (softmax(K @ V^T) @ V)',
      'softmax(Q @ K^T) @ softmax(K @ V^T) @ V',
      'b6b60e590d108000'),
@@ -994,3 +991,10 @@ def test_pinned_canonical_forms_are_fixed_points():
     for _, canonical, digest in PINS[::7]:
         again = attnc.analyze(canonical)
         assert (again.canonical, again.hash) == (canonical, digest)
+
+
+def test_identically_zero_formula_is_rejected():
+    """Once pinned (canonical '0 * (Q)'): the formula is identically zero, so its output depends on
+    no input; the input-count check now reads the simplified form and rejects it."""
+    with pytest.raises(attnc.CheckError, match="depends on no input"):
+        attnc.analyze("softmax(Q @ K^T) @ (V - V) + 0 * Q")

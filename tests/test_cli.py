@@ -89,3 +89,86 @@ def test_demo_compile_only(capsys, tmp_path):
     code, out, _ = run(capsys, "demo", "--compile-only", "--out", str(tmp_path))
     assert code == 0
     assert out.count("canonical") == 3 and "finite=True" in out
+
+
+# ---- start-up: what a command imports (measured in benchmarks/bench_cli_start.py, not timed here)
+
+_HEAVY = ("torch", "transformers", "triton", "attnc.runtime", "attnc.kernels", "attnc.search")
+_WRAPPER = """
+import contextlib, io, json, sys
+from attnc.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    code = main(sys.argv[1:])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "triton")
+               or m.startswith(("attnc.runtime", "attnc.kernels", "attnc.search")))
+print(json.dumps({"code": code, "heavy": heavy, "out": out.getvalue()}))
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", STANDARD],
+    ["compile", STANDARD],
+    ["compile", STANDARD, "--json", "--show", "code", "--show", "ir", "--show", "sympy"],
+    ["check", "softmax(Q @ K) @ V"],            # a user error: exit 2, still nothing heavy
+    ["ops"],
+])
+def test_check_and_compile_import_no_torch_transformers_or_runtime(argv):
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.splitlines()[-1])
+    assert res["heavy"] == [], f"attnc {argv[0]} imported {res['heavy'][:8]}"
+    assert res["code"] == (2 if argv[1:2] == ["softmax(Q @ K) @ V"] else 0)
+    if "code" in argv:   # the generated PyTorch source is shown without importing torch
+        assert "def forward(q, k, v, p, key_padding_mask=None):" in json.loads(res["out"])["show"]["code"]
+
+
+def test_import_attnc_loads_no_compiler_until_used():
+    code = ("import sys, attnc\n"
+            "before = sorted(m for m in sys.modules if m.startswith('attnc.') or m in ('sympy', 'networkx', 'lark'))\n"
+            "fn = attnc.analyze\n"
+            "print(before, 'sympy' in sys.modules, attnc.AttncError.__module__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["['attnc._hf']", "True", "attnc.compiler.errors"]
+
+
+def test_command_table_matches_what_the_stages_register():
+    import argparse
+    import importlib
+
+    from attnc.cli import COMMANDS, STAGES
+    found = {}
+    for modname in STAGES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(modname).register(sub)
+        found.update(dict.fromkeys(sub.choices, modname))
+    assert found == COMMANDS
+
+
+def test_help_lists_every_stage_and_unknown_commands_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("compile", "check", "bench", "pretrain", "search"):
+        assert command in out
+    with pytest.raises(SystemExit) as e:
+        main(["no-such-command"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_compile_fingerprint_is_opt_in(capsys):
+    code, out, _ = run(capsys, "compile", STANDARD)
+    assert code == 0 and "fingerprint" not in out
+    code, out, _ = run(capsys, "compile", STANDARD, "--fingerprint", "--json")
+    from attnc.compiler.api import analyze
+    from attnc.compiler.equiv import fingerprint
+    assert code == 0 and json.loads(out)["fingerprint"] == fingerprint(analyze(STANDARD).simplified)
+
+
+def test_show_code_is_the_torch_backends_source(capsys):
+    import attnc
+    text = "softmax(Q @ log(1 + exp(K^T)) / sqrt(d)) @ (K + Q)"
+    code, out, _ = run(capsys, "compile", text, "--json", "--show", "code")
+    assert code == 0 and json.loads(out)["show"]["code"] == attnc.compile(text).source

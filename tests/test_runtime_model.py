@@ -257,15 +257,39 @@ def test_autotinybert_shape():
 
 
 def test_flops():
-    n, L, d, df = 128, 12, 768, 3072
-    parts = flops_breakdown(resolve_config("bert-base"), n)
-    assert parts["projections"] == L * 3 * 2 * n * d * d
-    # QK^T and AV: 2 matmuls of 2 n n dh per head -> 4 n^2 d per layer, plus elementwise work
-    assert 4 * n * n * d * L <= parts["mixing"] <= 4 * n * n * d * L + 10 * n * n * 12 * L
-    assert parts["ffn"] >= L * 4 * n * d * df
-    assert count_flops(resolve_config("bert-base"), 256) > 2 * count_flops(resolve_config("bert-base"), 128) * 0.99
+    """Exact forward FLOPs, computed here by hand from the documented convention (2 per
+    multiply-add, 1 per arithmetic op or elementwise function, softmax 5, LayerNorm 5, GELU 8
+    per entry); n differs from every width so that a mix-up of sizes changes the numbers."""
+    def bert_base(n, L=12, dm=768, df=3072, heads=12, dh=64):
+        return {"embeddings": 5 * n * dm,
+                "projections": L * 3 * 2 * n * dm * dm,                      # Q, K, V
+                "mixing": L * heads * (2 * n * n * dh + n * n + 5 * n * n + 2 * n * n * dh),
+                "output": L * (2 * n * dm * dm + 5 * n * dm),                # dense + LayerNorm
+                "ffn": L * (2 * n * dm * df + 8 * n * df + 2 * n * df * dm + 5 * n * dm)}
+
+    for n in (128, 200):
+        want = bert_base(n)
+        want["total"] = sum(want.values())
+        assert flops_breakdown(resolve_config("bert-base"), n) == want
+        assert count_flops(resolve_config("bert-base"), n) == want["total"]
+    assert count_flops(resolve_config("bert-base"), 128) == 22_411_444_224
+
+    # tiny hybrid at n = 32, hidden 32, FFN 48; per layer (heads x head dim):
+    n, dm, df = 32, 32, 48
+    mixing = (4 * (2 * n * n * 6 + n * 6 + n * n + 5 * n * n + n * 6 + 2 * n * n * 6)  # softplus(K^T), K + Q
+              + 2 * n * 24 * 5                                                   # conv, kernel 5, 24 channels
+              + 4 * (2 * n * n * 6 + n * n + 5 * n * n + 2 * n * n * 6)           # standard
+              + 2 * (2 * n * n * 8 + n * n + 5 * n * n + n * 8 + 2 * n * n * 8))  # ... @ (V + P)
+    projections = (2 * 2 * n * dm * 24 + (2 * n * dm * 48 + n * 24) + 3 * 2 * n * dm * 24
+                   + 4 * 2 * n * dm * 16)
+    output = 3 * (2 * n * 24 * dm + 5 * n * dm) + (2 * n * 16 * dm + 5 * n * dm)
+    ffn = 4 * (2 * n * dm * df + 8 * n * df + 2 * n * df * dm + 5 * n * dm)
+    want = {"embeddings": 5 * n * dm, "projections": projections, "mixing": mixing, "output": output,
+            "ffn": ffn}
+    want["total"] = sum(want.values())
     hy = H.tiny_hybrid()
-    assert count_flops(hy, 32) > 0
+    assert flops_breakdown(hy, n) == want
+    assert count_flops(hy, n) == want["total"] == 1_871_104
 
 
 # ---- bad configs give clear errors -------------------------------------------------------------------

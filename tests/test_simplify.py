@@ -36,6 +36,13 @@ CASES = [
     ("where(j <= i, Q @ K^T, Q @ K^T) @ V", "Q @ K^T @ V"),                   # where(c, x, x) = x
     ("softmax(Q @ K^T) @ (V - V + Q)", "softmax(Q @ K^T) @ Q"),               # x - x = 0
     ("(2 * Q) * K + V", "2 * K * Q + V"),                                   # c out of ∘, sorted
+    ("-softplus(-(Q @ K^T)) @ V", "logsigmoid(Q @ K^T) @ V"),                 # -softplus(-x)
+    ("(Q + 1) * 2 + K", "2 + 2 * Q + K"),                                   # broadcasts fold
+    ("exp(i - i) * Q + K", "K + Q"),                                        # exp(0) = 1
+    ("max(i - i, 1) * Q + K", "K + Q"),                                     # max(0, 1) = 1
+    ("(Q ^ 2) ^ 3 + K", "K + Q ^ 6"),                                       # (x^a)^b = x^ab
+    ("Q / norm(2 * Q) + K", "(1 / norm(Q)) * Q / 2 + K"),                   # norm(cx) = |c| norm(x)
+    ("Q * (sqrt(d) + 1) * (n + 1) + K", "(1 + n + n * sqrt(d) + sqrt(d)) * Q + K"),  # expanded
 ]
 
 
@@ -50,8 +57,31 @@ def test_rule(text, expected):
     assert (b.canonical, b.hash) == (a.canonical, a.hash)
 
 
-def test_rules_table_is_named():
-    assert len(RULES) >= 10 and all(isinstance(name, str) and name for name, _ in RULES)
+def test_every_named_rule_fires_on_some_case(monkeypatch):
+    """Each rule of the table has a unique name and rewrites at least one formula of CASES (a
+    rule that never fires, or a case list that misses one, fails here)."""
+    from attnc.compiler import api, rules
+
+    names = [name for name, _ in RULES]
+    assert len(set(names)) == len(names) and all(isinstance(x, str) and x for x in names)
+    fired = set()
+
+    def traced(name, rule):
+        def run(x):
+            y = rule(x)
+            if y is not None and y != x:
+                fired.add(name)
+            return y
+        return run
+
+    monkeypatch.setattr(rules, "RULES", [(name, traced(name, rule)) for name, rule in RULES])
+    api.clear_memos()
+    try:
+        for text, _ in CASES:
+            attnc.analyze(text, checks=LOOSE)
+    finally:
+        api.clear_memos()
+    assert sorted(set(names) - fired) == []
 
 
 def test_equal_under_rules_same_hash():
