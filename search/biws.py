@@ -26,6 +26,7 @@ keep it out of weight decay, as OFA does.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import tempfile
@@ -101,6 +102,14 @@ def _dims_from(space_or_dims: Any, num_layers: int | None, **overrides) -> Super
     if "num_layers" not in fields:
         raise ConfigError("the supernet needs num_layers")
     return SupernetDims(**fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def _formula_inputs(formula: str) -> tuple[str, ...]:
+    """The inputs (Q, K, V, P) a formula uses; analysed once per formula, not per key per child."""
+    from attnc.compiler.api import analyze
+
+    return tuple(analyze(formula).inputs)
 
 
 class _ConvBranch(nn.Module):
@@ -223,9 +232,14 @@ class Supernet(nn.Module):
 
     @staticmethod
     def _inputs(formula: str) -> tuple[str, ...]:
-        from attnc.compiler.api import analyze
+        return _formula_inputs(formula)
 
-        return tuple(analyze(formula).inputs)
+    def _shared_keys(self) -> tuple[str, ...]:
+        # the shared model's state-dict keys never change; prepare and write-back walk them per child
+        keys = self.__dict__.get("_shared_key_cache")
+        if keys is None:
+            keys = self.__dict__["_shared_key_cache"] = tuple(self.shared.state_dict().keys())
+        return keys
 
     def _source(self, arch, key: str):
         """Where child key `key` lives in the supernet: ("shared", key) | ("conv", i, attr) |
@@ -248,7 +262,7 @@ class Supernet(nn.Module):
         """The child's state-dict keys (those of AttncBertForMaskedLM(child_config(arch)))."""
         self._check_arch(arch)
         keys = []
-        for key in self.shared.state_dict():
+        for key in self._shared_keys():
             m = _LAYER_KEY.match(key)
             if m:
                 i, rest = int(m.group(1)), m.group(2)
@@ -317,17 +331,14 @@ class Supernet(nn.Module):
         if missing:
             raise DataError(f"write-back: the trained state lacks {len(missing)} of the child's weights, "
                             f"e.g. {missing[0]}")
-        shared = dict(self.shared.named_parameters())
-        shared.update(dict(self.shared.named_buffers()))
+        shared = self.shared.state_dict(keep_vars=True)   # the live tensors (tied ones share storage)
         seen = set()
         for key in keys:
             src = self._source(arch, key)
             val = state[key]
             if src[0] == "shared":
-                t = shared.get(src[1])
-                if t is None:   # the tied MLM decoder: same storage as the word embeddings
-                    t = self.shared.state_dict()[src[1]]
-                if t.data_ptr() in seen:
+                t = shared[src[1]]
+                if t.data_ptr() in seen:   # the tied MLM decoder: same storage as the word embeddings
                     continue
                 seen.add(t.data_ptr())
                 t.copy_(val)

@@ -14,16 +14,26 @@ completion order. Without weight sharing each child starts from a fresh random i
 pretrains for the longer from-scratch budget. Fine-tuning always trains a copy; only MLM weights
 are shared (the task head is not part of the supernet).
 
-Both the tokenised corpus (the trainer's cached_blocks, on disk) and the tokenised task are cached
-per process, so an evaluation after the first starts training at once.
+The held-out MLM loss is measured on the same held-out blocks for every candidate of a search:
+the split is chosen by ProxyConfig.seed, not by the candidate's seed (which still seeds the init,
+the batch order, the masks and dropout). So scores of different candidates are comparable, and
+under weight sharing no child ever trains on the blocks another child is scored on (with a
+per-candidate split the supernet would have seen later children's held-out blocks).
+
+Per process (a Ray worker fills its own on its first task) the tokenizer, the tokenised corpus
+(the trainer's cached_blocks, on disk), the tokenised task, and the MLM data with its split and
+its masked held-out batches are cached, so an evaluation after the first starts training at once
+and its final evaluation only runs the model.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from attnc.compiler.errors import ConfigError
@@ -62,7 +72,8 @@ class ProxyConfig:
     tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
     device: str = "auto"                    # trainer device (auto = CUDA when present | cpu | cuda:N)
     data_dir: str | None = None             # GLUE-format folder for glue/* tasks (offline); None: the hub
-    seed: int = 0                           # supernet init and the task subset; each candidate gets its own seed
+    seed: int = 0                           # supernet init, task subset, held-out MLM blocks; each candidate
+                                            # gets its own seed (init, batch order, masks, dropout)
 
     def __post_init__(self):
         for name in ("pretrain_steps", "shared_pretrain_steps", "finetune_steps", "batch_size", "seq_len",
@@ -86,6 +97,7 @@ class ProxyConfig:
 _TOKENIZERS: dict = {}
 _BLOCKS: dict = {}
 _TASKS: dict = {}
+_MLM_DATA: dict = {}
 
 
 def _tokenizer(spec: str | None):
@@ -103,6 +115,71 @@ def _blocks(cfg: ProxyConfig) -> torch.Tensor:
 
         _BLOCKS[key] = cached_blocks(cfg.corpus, _tokenizer(cfg.tokenizer), cfg.seq_len)
     return _BLOCKS[key]
+
+
+def _mlm_data(cfg: ProxyConfig):
+    """The proxy's MLM data (cached per process): held-out split by cfg.seed, see the module doc."""
+    key = (cfg.corpus, cfg.tokenizer, cfg.seq_len, cfg.eval_blocks, cfg.seed)
+    if key not in _MLM_DATA:
+        _MLM_DATA[key] = _proxy_mlm_data_class()(_blocks(cfg), _tokenizer(cfg.tokenizer), cfg.eval_blocks, cfg.seed)
+    return _MLM_DATA[key]
+
+
+@functools.cache
+def _proxy_mlm_data_class():
+    """Defined on first use: the trainer module is imported lazily, as everywhere in this module."""
+    from attnc.runtime.trainer import MLMData
+
+    class ProxyMLMData(MLMData):
+        """The trainer's MLMData with a held-out split fixed at construction (train()'s split(seed)
+        keeps it), the held-out batches masked once (the masks MLMData.evaluate draws), and a run's
+        batch order computed once per epoch instead of once per step. Batches, masks and the
+        held-out loss are bit-identical to MLMData's on the same split."""
+
+        def __init__(self, blocks, tokenizer, eval_blocks: int, split_seed: int):
+            super().__init__(blocks, tokenizer, eval_blocks=eval_blocks)
+            super().split(split_seed)
+            self.split_seed = split_seed
+            self._order: tuple | None = None      # ((seed, epoch), permutation) of the latest run
+            self._eval: dict = {}                 # batch_size -> [(masked batch, labelled tokens)]
+
+        def split(self, seed: int):
+            pass   # fixed at construction: every candidate is scored on the same held-out blocks
+
+        def train_batch(self, m: int, batch_size: int, seed: int) -> dict:
+            # MLMData.train_batch draws the epoch's permutation of all training blocks at every step
+            # (milliseconds for a large corpus, as much as a tiny model's step); the same one, kept
+            epoch, pos = divmod(m, self.per_epoch(batch_size))
+            if self._order is None or self._order[0] != (seed, epoch):
+                self._order = ((seed, epoch),
+                               np.random.RandomState(seed * 1000 + epoch).permutation(len(self.train_idx)))
+            perm = self._order[1]
+            return self.batch(self.train_idx[perm[pos * batch_size:(pos + 1) * batch_size]],
+                              seed * 1_000_003 + m)
+
+        def eval_batches(self, batch_size: int) -> list:
+            if batch_size not in self._eval:
+                out = []
+                for i in range(0, len(self.eval_idx), batch_size):
+                    b = self.batch(self.eval_idx[i:i + batch_size], 12345 + i)   # MLMData.evaluate's masks
+                    out.append((b, int((b["labels"] != -100).sum())))
+                self._eval[batch_size] = out
+            return self._eval[batch_size]
+
+        def evaluate(self, model, batch_size: int, device, autocast) -> dict:
+            from attnc.runtime.trainer import _mlm_objective
+
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for b, n in self.eval_batches(batch_size):
+                    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                    with autocast():
+                        loss = _mlm_objective(model, b, nsp=False)[0]
+                    total += float(loss) * n
+                    count += n
+            return {"loss": total / max(count, 1)}
+
+    return ProxyMLMData
 
 
 def _task_data(cfg: ProxyConfig):
@@ -141,12 +218,11 @@ class ProxyRunner:
 
     def __call__(self, arch, payload: Any, seed: int) -> EvalResult:
         from attnc.runtime.modeling import AttncBertForMaskedLM, AttncBertForSequenceClassification
-        from attnc.runtime.trainer import MLMData, TrainConfig, train
+        from attnc.runtime.trainer import TrainConfig, train
 
         cfg = self.config
         t0 = time.perf_counter()
         tok = _tokenizer(cfg.tokenizer)
-        blocks = _blocks(cfg)
         overrides = dict(vocab_size=len(tok), max_position_embeddings=max(cfg.seq_len, cfg.finetune_max_len))
         torch.manual_seed(seed)   # the from-scratch init; also seeds dropout and the data order
         steps = cfg.pretrain_steps
@@ -165,7 +241,7 @@ class ProxyRunner:
             for i, parts in payload["conv"].items():
                 attach_kernel_transform(model, int(i), parts["crop"], parts["transform"])
             steps = cfg.shared_pretrain_steps
-        res = train(model, MLMData(blocks, tok, eval_blocks=cfg.eval_blocks),
+        res = train(model, _mlm_data(cfg),
                     TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
                                 device=cfg.device, warmup=0.1))
         _check_finite(res.metrics["losses"] + [res.metrics["final_eval"]["loss"]], "MLM")

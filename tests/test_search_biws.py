@@ -296,7 +296,12 @@ def test_weight_shared_child_built_without_init_trains_like_an_initialised_one()
     ref.load_state_dict(payload["state"])
     for i, parts in payload["conv"].items():
         attach_kernel_transform(ref, i, parts["crop"], parts["transform"])
-    res = train(ref, MLMData(proxy._blocks(cfg), tok, eval_blocks=cfg.eval_blocks),
+
+    class SearchSplit(MLMData):   # the plain trainer data, held-out blocks chosen by the proxy config's seed
+        def split(self, seed):
+            super().split(cfg.seed)
+
+    res = train(ref, SearchSplit(proxy._blocks(cfg), tok, eval_blocks=cfg.eval_blocks),
                 TrainConfig(steps=cfg.shared_pretrain_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=5,
                             device=cfg.device, warmup=0.1))
     assert got.metrics["mlm_loss"] == res.metrics["final_eval"]["loss"]
@@ -304,6 +309,39 @@ def test_weight_shared_child_built_without_init_trains_like_an_initialised_one()
     want = trained_payload(res.model)
     for k, v in want["state"].items():
         assert torch.equal(got.weights["state"][k], v), k
+
+
+def test_proxy_mlm_data_equals_the_trainer_data_and_keeps_one_held_out_split():
+    """The proxy's cached MLM data gives the trainer's MLMData batches, masks and held-out loss bit
+    for bit (on the same split), and its held-out blocks do not depend on the candidate's seed."""
+    import numpy as np
+    from attnc.runtime.trainer import MLMData
+    from attnc.search import proxy
+
+    cfg = _proxy_cfg(task=None, seed=3)
+    data = proxy._mlm_data(cfg)
+    assert proxy._mlm_data(cfg) is data   # cached per process
+    plain = MLMData(proxy._blocks(cfg), proxy._tokenizer(cfg.tokenizer), eval_blocks=cfg.eval_blocks)
+    plain.split(cfg.seed)
+    held_out = data.eval_idx.copy()
+    for run_seed in (0, 7):
+        data.split(run_seed)   # what train() calls with the candidate's seed: the split stays
+        assert np.array_equal(data.eval_idx, held_out) and np.array_equal(data.train_idx, plain.train_idx)
+    assert np.array_equal(held_out, plain.eval_idx) and not set(held_out) & set(data.train_idx)
+    per = plain.per_epoch(cfg.batch_size)
+    for run_seed in (0, 7):   # steps across an epoch boundary, and the runs interleaved
+        for m in (0, 1, per - 1, per, per + 1):
+            a, b = data.train_batch(m, cfg.batch_size, run_seed), plain.train_batch(m, cfg.batch_size, run_seed)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (run_seed, m)
+    torch.manual_seed(0)
+    model = AttncBertForMaskedLM(_tiny_arch().to_config(vocab_size=len(proxy._tokenizer(cfg.tokenizer)),
+                                                        max_position_embeddings=32)).eval()
+    from contextlib import nullcontext
+    for _ in range(2):   # masked once, then from the cache
+        assert data.evaluate(model, 8, torch.device("cpu"), nullcontext) == \
+            plain.evaluate(model, 8, torch.device("cpu"), nullcontext)
+    # another search seed holds out other blocks
+    assert not np.array_equal(proxy._mlm_data(_proxy_cfg(task=None, seed=4)).eval_idx, held_out)
 
 
 def test_proxy_state_dict_round_trip():
