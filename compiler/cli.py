@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import AttncError, BackendError
+from .errors import AttncError, BackendError, ConfigError
 
 PAPER_FORMULAS = {
     "standard": "softmax(Q @ K^T / sqrt(d)) @ V",
@@ -73,6 +73,7 @@ def register(sub) -> None:
                    help="AutoTinyBERT end to end: SuperPLM training, latency predictor, evolution "
                         "under a latency window, extraction of the best sub-model")
     p.add_argument("--steps", type=int, default=None, help="MLM steps per weight-shared child (OP-NAS demo); SuperPLM steps with --tinybert")
+    p.add_argument("--budget", type=int, default=None, help="evaluations of the OP-NAS demo (default 24)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -312,6 +313,10 @@ def cmd_demo(args) -> int:
     print("\n== a small OP-NAS search: 4-layer attention/conv hybrids, BIWS proxy "
           "(wiki-sample MLM; score = -held-out MLM loss) ==")
     kw = {} if args.steps is None else {"shared_steps": args.steps}
+    if args.budget is not None:
+        if args.budget < 2:
+            raise ConfigError(f"--budget must be at least 2, got {args.budget}")
+        kw["budget"] = args.budget
     result = run_search_demo(os.fspath(args.out), progress=True, **kw)
     s = result["search"]
     print(f"\n{s['evaluated']} evaluated, {s['failed']} failed, {s['duplicates']} duplicates "
@@ -319,6 +324,9 @@ def cmd_demo(args) -> int:
     if s["best_score"] is None:
         print("no candidate finished; see the study's error texts")
         return 1
+    curve = s["best_so_far"]
+    marks = sorted({0, len(curve) // 4, len(curve) // 2, len(curve) - 1})
+    print("best so far: " + ", ".join(f"after {i + 1}: {curve[i]:.4f}" for i in marks if curve[i] is not None))
     for rank, t in enumerate(s["top"], 1):
         print(f"  #{rank}  score {t['score']:.4f}  " + " | ".join(t["layers"]))
     print(f"best score (-held-out MLM loss) {s['best_score']:.4f}; its layers:")

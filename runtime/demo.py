@@ -23,7 +23,7 @@ from .config import AUTOBERT_ZERO_FORMULAS, STANDARD_FORMULA, resolve_config
 DEMO_MODEL = "tiny-hybrid"
 
 
-def run_search_demo(out_dir: str | os.PathLike, budget: int = 12, *, progress: bool = True, seed: int = 0,
+def run_search_demo(out_dir: str | os.PathLike, budget: int = 24, *, progress: bool = True, seed: int = 0,
                     num_layers: int = 4, hidden_size: int = 64, shared_steps: int = 20,
                     finetune_steps: int = 60, vocab_size: int = 4000) -> dict:
     """A small OP-NAS search (study in OUT/search/study.db, resumable) and the best model exported to
@@ -53,7 +53,12 @@ def run_search_demo(out_dir: str | os.PathLike, budget: int = 12, *, progress: b
                           population=max(2, budget // 2), top_k=2, children=2,
                           study=out / "search" / "study.db", progress=progress)
     best = result.best_architecture
-    summary = {"evaluated": len(result.evaluations), "failed": result.failed,
+    curve, top = [], None   # best so far after each finished evaluation (failures keep the previous best)
+    for e in result.evaluations:
+        if e.score is not None:
+            top = e.score if top is None else max(top, e.score)
+        curve.append(top)
+    summary = {"evaluated": len(result.evaluations), "best_so_far": curve, "failed": result.failed,
                "duplicates": result.duplicates, "illegal": result.illegal, "best_score": result.best_score,
                "best_layers": [str(layer) for layer in best.layers] if best is not None else [],
                "top": [{"score": e.score, "layers": [str(x) for x in e.architecture.layers]}
