@@ -292,8 +292,9 @@ def draw_layer(ax, d: LayerDrawing, index: int) -> None:
 
 
 def report_figure(studies: Sequence[StudyData]):
-    """The report figure: best so far (all studies), priority heatmap and best model's layers (of the
-    study holding the best score). Returns the matplotlib Figure."""
+    """The report figure: best so far (all studies), the priority heatmap (of the best OP-NAS study,
+    the algorithm that samples by those priorities; of the best study when none is OP-NAS) and the
+    best model's layers (of the study holding the best score). Returns the matplotlib Figure."""
     if not studies:
         raise ConfigError("no studies to plot")
     plt = _pyplot()
@@ -305,7 +306,8 @@ def report_figure(studies: Sequence[StudyData]):
     upper, lower = fig.subfigures(2, 1, height_ratios=[1.0, 1.25])
     a1, a2 = upper.subplots(1, 2, width_ratios=[1.0, 1.15])
     draw_best_so_far(a1, studies)
-    draw_priorities(a2, top, upper)
+    guided = [s for s in with_best if s.algorithm == "opnas"]
+    draw_priorities(a2, max(guided, key=lambda s: s.best.score) if guided else top, upper)
     if top.best is not None:
         lower.suptitle(f"best architecture: candidate {top.best.id} of {top.label}, "
                        f"score {top.best.score:.4f}", fontsize=10)
