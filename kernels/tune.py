@@ -25,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnc.compiler.errors import ConfigError
+
 INTERPRETER_BLOCKS = (16, 16)
 SMEM_BUDGET = 96 * 1024          # bytes of shared memory a config may plan for (estimate)
 
@@ -125,10 +127,10 @@ def forced_blocks() -> tuple[int, int] | None:
     try:
         bm, bn = (int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"ATTNC_TRITON_BLOCKS={text!r}: expected 'BLOCK_M,BLOCK_N', e.g. '32,16'") \
+        raise ConfigError(f"ATTNC_TRITON_BLOCKS={text!r}: expected 'BLOCK_M,BLOCK_N', e.g. '32,16'") \
             from None
     if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
-        raise ValueError(f"ATTNC_TRITON_BLOCKS={text!r}: block sizes are powers of two >= 16")
+        raise ConfigError(f"ATTNC_TRITON_BLOCKS={text!r}: block sizes are powers of two >= 16")
     return bm, bn
 
 
@@ -208,13 +210,28 @@ def choose(cache: TuneCache, key: str, candidates: list[Config], bench) -> Confi
 
 # ---- launching ---------------------------------------------------------------------------------
 
+def device_tag() -> str:
+    """The GPU model and compute capability the configs are tuned for ("cpu" without CUDA), as a
+    file-name-safe string."""
+    import re
+
+    import torch
+
+    if interpreting() or not torch.cuda.is_available():
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+    return f"{name}-sm{major}{minor}"
+
+
 class Tuner:
     """Launches the kernels of one generated module (created by that module for its own file)."""
 
     def __init__(self, source_file: str | os.PathLike):
         path = Path(source_file)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        self.tag = f"{path.stem.split('_')[0]}_{digest}"
+        # configs are per GPU model: one tuned on an H100 may not even launch on a smaller GPU
+        self.tag = f"{path.stem.split('_')[0]}_{digest}_{device_tag()}"
         self.cache = TuneCache(path.parent / "tune" / f"{self.tag}.json")
 
     def config(self, kernel_name: str, run, *, dtype: str, head_dim: int, has_mask: bool, n: int,

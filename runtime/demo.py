@@ -48,10 +48,15 @@ def run_search_demo(out_dir: str | os.PathLike, budget: int = 24, *, progress: b
                       max_eval=500,
                       seed=seed)
     evaluator = ProxyEvaluator(cfg)
-    # a tiny population so that a dozen evaluations reach the mutation (OP-NAS) phase
+    # a small population so that half the budget goes to the mutation (OP-NAS) phase; a demo run
+    # again with a larger --budget continues its study, with the population it was made with
+    study = out / "search" / "study.db"
+    population = max(2, budget // 2)
+    if study.exists():
+        with opnas.read_study(study) as (_, meta):
+            population = int(meta.get("population", population))
     result = opnas.search(space, evaluate=evaluator, algorithm="opnas", budget=budget, seed=seed,
-                          population=max(2, budget // 2), top_k=2, children=2,
-                          study=out / "search" / "study.db", progress=progress)
+                          population=population, top_k=2, children=2, study=study, progress=progress)
     best = result.best_architecture
     curve, top = [], None   # best so far after each finished evaluation (failures keep the previous best)
     for e in result.evaluations:

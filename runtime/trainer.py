@@ -404,12 +404,17 @@ class _Distiller(torch.nn.Module):
     """Distillation losses against a frozen teacher; owns the learned fit layer (student width ->
     teacher width) when the hidden sizes differ."""
 
-    def __init__(self, teacher, student, cfg: DistillConfig):
+    def __init__(self, teacher, student, cfg: DistillConfig, fit: torch.nn.Module | None = None):
         super().__init__()
         self.teacher, self.cfg = teacher, cfg
         self.student_ref = lambda: student    # not a submodule: the student's parameters are the model's
         ts, ss = teacher.config.hidden_size, student.config.hidden_size
-        self.fit = torch.nn.Linear(ss, ts) if ts != ss else torch.nn.Identity()
+        if fit is None:
+            fit = torch.nn.Linear(ss, ts) if ts != ss else torch.nn.Identity()
+        elif not isinstance(fit, torch.nn.Linear) or tuple(fit.weight.shape) != (ts, ss):
+            raise ConfigError(f"the fit layer must be a Linear({ss}, {ts}) (student width -> teacher width), "
+                              f"got {fit}", hint="pass distill_fit=None for a fresh one")
+        self.fit = fit
         self._captured: dict[str, torch.Tensor] = {}
         self._hooks: list = []
         if cfg.attn_mse:
@@ -553,8 +558,11 @@ def _call(callbacks, hook: str, *args) -> bool:
 
 
 def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
-          distill: DistillConfig | None = None, callbacks=()) -> TrainResult:
+          distill: DistillConfig | None = None, distill_fit: torch.nn.Linear | None = None,
+          callbacks=()) -> TrainResult:
     """Train `model` on `data` (MLMData or ClassificationData) under `config`; see the module doc.
+    distill_fit: the initial distillation fit layer (student width -> teacher width), e.g. a SuperPLM's
+    sliced to a sub-model (default: a fresh one; trained either way).
 
     Callbacks are objects with optional on_step(step, loss, state) and on_eval(step, metrics, state)
     (state: a dict with model, optimizer, scheduler, metrics); returning "stop" ends training."""
@@ -588,7 +596,7 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
         for p in teacher.parameters():
             p.requires_grad_(False)
         torch.manual_seed(cfg.seed + 77)   # fit-layer init, independent of the model's
-        distiller = _Distiller(teacher, model, distill).to(device)
+        distiller = _Distiller(teacher, model, distill, distill_fit).to(device)
     data.split(cfg.seed)
     extra = list(distiller.fit.parameters()) if distiller is not None else []
     opt = _make_optimizer(model, extra, cfg, device)

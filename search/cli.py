@@ -140,12 +140,13 @@ def _study_settings(db: Path) -> dict:
             "heads": sp.get("num_heads"), "algorithm": meta.get("algorithm"),
             "no_weight_sharing": not meta.get("weight_sharing", True), "population": meta.get("population"),
             "top_k": meta.get("top_k"), "children": meta.get("children"), "alpha": meta.get("alpha"),
-            "seed": meta.get("seed"), "primitives": sp.get("primitives")}
+            "seed": meta.get("seed"), "primitives": sp.get("primitives"), "evaluator": meta.get("evaluator")}
 
 
-def _proxy_evaluator(args, weight_sharing: bool):
-    """The BIWS proxy with the CLI's --task / --*-steps / --device (None when no flag is given: the
-    search builds the default one)."""
+def _proxy_evaluator(args, weight_sharing: bool, stored: dict | None = None):
+    """The evaluator of `search opnas`: --evaluator's; else the BIWS proxy with the CLI's --task /
+    --*-steps / --device over the resumed study's own proxy settings (`stored`: the study's
+    evaluator identity) or the defaults (None when nothing is given: the search builds the default)."""
     given = {field: getattr(args, flag) for flag, field in _PROXY_FLAGS.items() if getattr(args, flag) is not None}
     if args.evaluator:
         if given:
@@ -153,7 +154,11 @@ def _proxy_evaluator(args, weight_sharing: bool):
                               "configures the default proxy evaluator, but --evaluator replaces it",
                               hint="drop one of them")
         return load_evaluator(args.evaluator)
-    if not given:
+    if stored and stored.get("kind") == "function":
+        raise ConfigError(f"the study was scored by --evaluator {stored.get('name')}",
+                          hint="pass the same --evaluator to resume it")
+    base = dict(stored["config"]) if stored and stored.get("kind") == "proxy" else {}
+    if not given and not base:
         return None
     from .proxy import ProxyConfig, ProxyEvaluator
 
@@ -162,7 +167,12 @@ def _proxy_evaluator(args, weight_sharing: bool):
     if "device" in given:
         from attnc.runtime.trainer import resolve_device
         resolve_device(given["device"])   # an unknown or absent device: ConfigError now, not per candidate
-    return ProxyEvaluator(ProxyConfig(weight_sharing=weight_sharing, **given))
+    settings = {**base, **given, "weight_sharing": weight_sharing}
+    try:
+        return ProxyEvaluator(ProxyConfig(**settings))
+    except TypeError as e:   # a study written by another attnc version
+        raise ConfigError(f"the study's proxy settings do not fit this attnc: {e}",
+                          hint="resume with the attnc that made it, or start a new study") from None
 
 
 def _opnas(args) -> int:
@@ -170,6 +180,8 @@ def _opnas(args) -> int:
 
     out = Path(args.out)
     db = out / "study.db"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file", hint="give a folder (the study goes in DIR/study.db)")
     if db.exists() and not args.resume:
         raise ConfigError(f"{db} exists", hint="pass --resume to continue it, or choose another --out")
     if args.resume and not db.exists():
@@ -185,7 +197,7 @@ def _opnas(args) -> int:
     primitives = opnas.TABLE1 + tuple(p for p in args.extra_primitives if p not in opnas.TABLE1)
     if args.resume and not args.extra_primitives and stored.get("primitives"):
         primitives = tuple(stored["primitives"])
-    evaluate = _proxy_evaluator(args, weight_sharing=not opt["no_weight_sharing"])
+    evaluate = _proxy_evaluator(args, weight_sharing=not opt["no_weight_sharing"], stored=stored.get("evaluator"))
     space = opnas.Space(num_layers=opt["layers"], hidden_size=opt["hidden"], intermediate_size=opt["ffn"],
                         num_heads=opt["heads"], primitives=primitives)
     result = opnas.search(space, evaluate, algorithm=opt["algorithm"],
@@ -285,10 +297,20 @@ def _report(args) -> int:
     return 0
 
 
+def check_model_folder(out) -> Path:
+    """An output folder for save_pretrained: ConfigError when the path is an existing file
+    (transformers only logs that and writes nothing)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file", hint="give a folder for the model")
+    return out
+
+
 def _export(args) -> int:
     from . import opnas
     from .study import Study
     load_ops(args)
+    check_model_folder(args.out)
 
     result = opnas.open_result(args.dir)
     ranked = result.top(len(result.evaluations))
@@ -314,12 +336,19 @@ def _export(args) -> int:
         source = "fresh initialisation"
     model.save_pretrained(args.out)
     from attnc.runtime.data import load_tokenizer
-    tok = load_tokenizer()   # the proxy's vocabulary (the default uncased one)
-    if len(tok) == model.config.vocab_size:
+    # the proxy's tokenizer as the study recorded it (None: the default uncased vocabulary)
+    spec = (state.get("config") or {}).get("tokenizer") if isinstance(state, dict) else None
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        tok = None
+        print(f"warning: the study's tokenizer {spec} cannot be loaded ({e}): no tokenizer was saved",
+              file=sys.stderr)
+    if tok is not None and len(tok) == model.config.vocab_size:
         tok.save_pretrained(args.out)
         source += ", with the tokenizer"
-    else:
-        print(f"warning: the model's vocabulary ({model.config.vocab_size}) is not the default tokenizer's "
+    elif tok is not None:
+        print(f"warning: the model's vocabulary ({model.config.vocab_size}) is not the tokenizer's "
               f"({len(tok)}): no tokenizer was saved", file=sys.stderr)
     print(f"exported rank {args.rank} (score {ranked[args.rank - 1].score:.4f}) to {args.out} ({source})")
     return 0

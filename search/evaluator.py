@@ -44,6 +44,10 @@ class Evaluator:
     def load_state_dict(self, d: dict) -> None:
         pass
 
+    def identity(self) -> dict:
+        """What the scores of a study mean (kept in the study; a resumed search must match it)."""
+        return {"kind": "evaluator", "name": f"{type(self).__module__}.{type(self).__qualname__}"}
+
 
 class _CallRunner:
     """Picklable runner around a plain function (module-level functions pickle by reference)."""
@@ -74,3 +78,7 @@ class CallableEvaluator(Evaluator):
 
     def __repr__(self) -> str:
         return f"CallableEvaluator({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+    def identity(self) -> dict:
+        name = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+        return {"kind": "function", "name": f"{getattr(self.fn, '__module__', '?')}:{name}"}

@@ -327,18 +327,19 @@ def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm
         import tempfile
         study = Path(tempfile.mkdtemp(prefix="attnc-search-")) / "study.db"
     st = Study(study)
-    # budget may grow on resume (search further); everything that shapes candidates must match
-    st.check_meta({"space": space.to_json(), "algorithm": algorithm, "seed": seed, "population": population,
-                   "top_k": top_k, "children": children, "alpha": alpha,
-                   "weight_sharing": bool(evaluator.weight_sharing)})
-    latest = st.latest_state_file()
-    if evaluator.weight_sharing and latest:
-        evaluator.load_state_dict(st.load_state(latest))
-    loop = _Loop(space, evaluator, algorithm, budget, seed, population, top_k, children, alpha, st, callbacks)
-    loop.in_flight = ray_in_flight
-    started_ray = _start_ray(ray, ray_address)
-    bar = None
+    started_ray, bar = None, None
     try:
+        # budget may grow on resume (search further); everything that shapes candidates, and what
+        # the scores mean (the evaluator), must match
+        st.check_meta({"space": space.to_json(), "algorithm": algorithm, "seed": seed, "population": population,
+                       "top_k": top_k, "children": children, "alpha": alpha,
+                       "weight_sharing": bool(evaluator.weight_sharing), "evaluator": evaluator.identity()})
+        latest = st.latest_state_file()
+        if evaluator.weight_sharing and latest:
+            evaluator.load_state_dict(st.load_state(latest))
+        loop = _Loop(space, evaluator, algorithm, budget, seed, population, top_k, children, alpha, st, callbacks)
+        loop.in_flight = ray_in_flight
+        started_ray = _start_ray(ray, ray_address)
         if progress:
             from tqdm.auto import tqdm
             c = counts(st)   # a resumed search starts its bar (and its ETA) at what is already done
@@ -399,7 +400,7 @@ def _start_ray(ray_cpus, address):
     if address is not None:
         try:
             _ray.init(address=address, log_to_driver=False)
-        except ConnectionError as e:
+        except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"cannot join the Ray cluster at {address}: {e}",
                               hint="check the address (`ray status` on the head node) and that this "
                                    "machine reaches it") from None

@@ -330,14 +330,22 @@ def check_plot_path(out: str | Path) -> Path:
     return out
 
 
+def write_figure(fig, out: Path, **kw) -> None:
+    """fig.savefig(out) with its folder made; a path that cannot be written is a ConfigError."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, **kw)
+    except OSError as e:
+        raise ConfigError(f"cannot write the plot {out}: {e}", hint="choose a writable file path") from None
+
+
 def save_report(studies: Sequence[StudyData], out: str | Path) -> Path:
     """Draw report_figure(studies) to `out` (the format from its suffix: .png, .pdf, .svg)."""
     out = check_plot_path(out)
     plt = _pyplot()
     fig = report_figure(studies)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
+        write_figure(fig, out, dpi=110)
     finally:
         plt.close(fig)
     return out

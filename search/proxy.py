@@ -328,6 +328,10 @@ class ProxyEvaluator(Evaluator):
         return {"config": asdict(self.config),
                 "supernet": None if self.supernet is None else self.supernet.state_refs()}
 
+    def identity(self) -> dict:
+        """The proxy's settings, except the device (a study may resume on another one)."""
+        return {"kind": "proxy", "config": {k: v for k, v in asdict(self.config).items() if k != "device"}}
+
     def load_state_dict(self, d: dict) -> None:
         blob = d.get("supernet") if d else None
         self.supernet = None if blob is None else Supernet.from_state_copy(blob)

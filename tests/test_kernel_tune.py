@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+import attnc
 from attnc.kernels import tune
 from attnc.kernels.tune import Config, TuneCache, Tuner, choose, configs, n_bucket, tune_key
 
@@ -112,7 +114,7 @@ def test_tuner_under_the_interpreter_and_forced_blocks(tmp_path, monkeypatch):
     assert tuner.config("_attn_fwd", run, **kw) == Config(32, 16, 4, 1)
     for bad in ("32", "24,16", "8,8", "a,b"):
         monkeypatch.setenv("ATTNC_TRITON_BLOCKS", bad)
-        with pytest.raises(ValueError, match="ATTNC_TRITON_BLOCKS"):
+        with pytest.raises(attnc.ConfigError, match="ATTNC_TRITON_BLOCKS"):
             tuner.config("_attn_fwd", run, **kw)
     assert not tuner.cache.path.exists()
 
@@ -149,3 +151,9 @@ def test_tuner_on_a_gpu_tunes_once_and_caches_on_disk(tmp_path, monkeypatch):
     assert Tuner(src).config("_attn_bwd_dkv", benched.append, **kw) == configs(
         "bwd", head_dim=64, dtype="float16", n=1000)[0]
     assert benched == []
+
+
+def test_cache_files_are_per_device():
+    """Configs tuned on one GPU model may not launch on another: the cache file names the device
+    ("cpu" under the interpreter)."""
+    assert tune.device_tag() == "cpu"

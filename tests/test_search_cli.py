@@ -189,6 +189,32 @@ def test_cli_bad_search_settings_exit_2_before_any_study(tmp_path, capsys, extra
     assert not (out / "study.db").exists()
 
 
+def test_resuming_a_function_scored_study_needs_its_evaluator(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["search", "opnas", "--out", str(out), "--layers", "1", "--budget", "2", "--population", "2",
+            "--evaluator", "test_search_cli:score_conv_free", "--no-progress", "--json"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["search", "opnas", "--out", str(out), "--budget", "3", "--resume", "--no-progress"]) == 2
+    assert "test_search_cli:score_conv_free" in capsys.readouterr().err
+    assert main(args[:args.index("--budget")] + ["--budget", "3", "--resume"] + args[args.index("--budget") + 2:]) == 0
+
+
+def test_cli_unwritable_outputs_are_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["search", "opnas", "--out", str(out), "--layers", "1", "--budget", "2", "--population", "2",
+                 "--evaluator", "test_search_cli:score_conv_free", "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")
+    for argv in (["search", "export", str(out), "--out", str(tmp_path / "afile")],
+                 ["search", "report", str(out), "--plot", str(out / "study.db" / "x.png")],
+                 ["search", "opnas", "--out", str(tmp_path / "afile"), "--budget", "2"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(tmp_path) in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_cli_report_bad_plot_format_is_exit_2(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["search", "opnas", "--out", str(out), "--layers", "1", "--budget", "2", "--population", "2",
@@ -214,3 +240,16 @@ def test_cli_proxy_flags_reach_the_proxy(tmp_path, capsys):
     for _, score, metrics in rows:
         assert score == -json.loads(metrics)["mlm_loss"] and "task" not in json.loads(metrics)
     assert s["best"]["score"] == max(r[1] for r in rows)
+    # resumed without the flags: the study's own proxy settings (every score an MLM loss)
+    base = ["search", "opnas", "--out", str(out), "--no-progress", "--json", "--resume"]
+    assert main(base + ["--budget", "3"]) == 0
+    capsys.readouterr()
+    db = sqlite3.connect(out / "study.db")
+    rows = db.execute("SELECT steps, score, metrics FROM candidates WHERE status='done'").fetchall()
+    db.close()
+    assert len(rows) == 3 and all(steps == 3 and score == -json.loads(m)["mlm_loss"] for steps, score, m in rows)
+    # another task, or another evaluator, would mix scores of different meaning: refused
+    assert main(base + ["--budget", "4", "--task", "rt-polarity"]) == 2
+    assert "evaluator" in capsys.readouterr().err
+    assert main(base + ["--budget", "4", "--evaluator", "test_search_cli:score_conv_free"]) == 2
+    assert "evaluator" in capsys.readouterr().err

@@ -26,3 +26,5 @@ def test_search_demo_runs_exports_and_resumes(tmp_path):
     assert len(AutoTokenizer.from_pretrained(first["export"])) == model.config.vocab_size
     again = run_search_demo(tmp_path, **kw)                        # the study is complete: nothing re-run
     assert again["search"]["best_score"] == s["best_score"] and again["search"]["evaluated"] == 2
+    more = run_search_demo(tmp_path, **{**kw, "budget": 3})        # a larger budget continues the study
+    assert more["search"]["evaluated"] == 3 and more["search"]["best_so_far"][:2] == s["best_so_far"]

@@ -294,3 +294,31 @@ def test_teacher_with_another_vocab_is_a_config_error(blocks, minilm):
     with pytest.raises(ConfigError, match="vocabulary"):
         train(student, MLMData(blocks.clamp(max=len(small) - 1), small), TrainConfig(steps=1),
               teacher=minilm)
+
+
+def test_a_given_fit_layer_starts_the_distillation(tok, blocks, minilm):
+    """distill_fit= is the fit layer the distillation starts from (a SuperPLM's, sliced): the first
+    step's hidden MSE is computed through it, not through a fresh random one; a wrong shape is a
+    ConfigError."""
+    from attnc.runtime.trainer import _Distiller
+
+    torch.manual_seed(0)
+    student = AttncBertForMaskedLM(resolve_config("2-48-96-12-48", vocab_size=len(tok)))
+    fit = torch.nn.Linear(48, 384)
+    with torch.no_grad():
+        fit.weight.fill_(0.0)
+        fit.bias.fill_(0.0)
+    d = _Distiller(minilm, student, DistillConfig(hidden_mse=1.0, task_loss=0.0), fit)
+    assert d.fit is fit
+    d.close()
+    r = train(student, MLMData(blocks, tok), TrainConfig(steps=1, batch_size=8, lr=1e-9),
+              teacher=minilm, distill=DistillConfig(hidden_mse=1.0, task_loss=0.0), distill_fit=fit)
+    # a zero fit layer predicts 0: the first loss is the mean square of the teacher's hidden states
+    with torch.no_grad():
+        b = MLMData(blocks, tok)
+        b.split(0)
+        batch = b.train_batch(0, 8, 0)
+        hs = minilm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert r.metrics["distill_losses"][0] == pytest.approx(float((hs ** 2).mean()), rel=1e-4)
+    with pytest.raises(ConfigError, match="fit layer"):
+        _Distiller(minilm, student, DistillConfig(hidden_mse=1.0), torch.nn.Linear(32, 384))

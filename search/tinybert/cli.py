@@ -337,7 +337,10 @@ def _report(args) -> int:
 def _extract(args) -> int:
     from attnc.compiler.errors import ConfigError, DataError
 
+    from ..cli import check_model_folder
     from .space import Arch
+
+    check_model_folder(args.out)
 
     supernet_dir = args.supernet
     if args.rank is not None:
@@ -370,26 +373,37 @@ def _extract(args) -> int:
     supernet = load_superplm(supernet_dir)
     supernet.space.validate(arch)
     model = supernet.extract(arch)
-    supernet_mode = supernet.space.mode
+    supernet_space = supernet.space
+    supernet_mode = supernet_space.mode
     del supernet
     tok = load_tokenizer()
     info = {"arch": str(arch), "supernet": str(supernet_dir), "out": str(args.out), "train_steps": args.train_steps}
     if args.train_steps > 0:
-        from attnc.runtime.trainer import DistillConfig, TrainConfig, train, resolve_device
+        from attnc.runtime.trainer import TrainConfig, train, resolve_device
         resolve_device(args.device)   # an unknown or absent device is a ConfigError before any data work
         data, data_info = heldout_data(supernet_dir, args, tok)
         rec = train_settings(supernet_dir)
         kd = (rec.get("objective") or ("kd" if supernet_mode == "kd" else "mlm")) == "kd"
-        teacher = distill = None
-        if kd:   # the MLM head of a kd SuperPLM is untrained: train further as it was trained
+        teacher = distill = fit = None
+        if kd:   # the MLM head of a kd SuperPLM is untrained: train further as it was trained, from
+            # its distillation fit layer (the columns of this sub-model's width)
+            import torch
+
             from attnc.runtime.train import load_teacher
+
+            from .train import KD_DEFAULT, load_fit_layer
             teacher = load_teacher(rec.get("teacher") or "minilm-l6")
-            distill = DistillConfig(hidden_mse=1.0, attn_mse=1.0, logit_kl=0.0, task_loss=0.0)
+            distill = KD_DEFAULT
+            full = load_fit_layer(supernet_dir, supernet_space, teacher)
+            fit = torch.nn.Linear(arch.hidden, full.out_features)
+            with torch.no_grad():
+                fit.weight.copy_(full.weight[:, :arch.hidden])
+                fit.bias.copy_(full.bias)
         # the data seed also makes the split: the held-out blocks stay those the SuperPLM never saw
         res = train(model, data, TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                                              seed=data_info["data_seed"], device=args.device, warmup=0.1,
                                              eval_at_start=not kd, progress=not args.no_progress),
-                    teacher=teacher, distill=distill)
+                    teacher=teacher, distill=distill, distill_fit=fit)
         model = res.model.cpu()
         info["heldout"] = data_info
         if kd:

@@ -43,7 +43,7 @@ def _pyplot():
 
 def save_plot(result, out: str | Path) -> Path:
     """Write the two-panel figure of a SearchResult (evolve.open_result) to `out` (PNG, PDF, SVG)."""
-    from ..plots import check_plot_path
+    from ..plots import check_plot_path, write_figure
 
     out = check_plot_path(out)
     plt = _pyplot()
@@ -86,9 +86,10 @@ def save_plot(result, out: str | Path) -> Path:
     a2.set_ylabel("score of the generation's members")
     a2.set_title("score per generation")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        write_figure(fig, out)
+    finally:
+        plt.close(fig)
     return out
 
 
