@@ -147,12 +147,12 @@ def _proxy_evaluator(args, weight_sharing: bool, stored: dict | None = None):
     """The evaluator of `search opnas`: --evaluator's; else the BIWS proxy with the CLI's --task /
     --*-steps / --device over the resumed study's own proxy settings (`stored`: the study's
     evaluator identity) or the defaults (None when nothing is given: the search builds the default)."""
-    given = {field: getattr(args, flag) for flag, field in _PROXY_FLAGS.items() if getattr(args, flag) is not None}
+    flags = [flag for flag in _PROXY_FLAGS if getattr(args, flag) is not None]
+    given = {_PROXY_FLAGS[flag]: getattr(args, flag) for flag in flags}
     if args.evaluator:
-        if given:
-            raise ConfigError(f"--{next(iter(k for k in _PROXY_FLAGS if getattr(args, k) is not None)).replace('_', '-')} "
-                              "configures the default proxy evaluator, but --evaluator replaces it",
-                              hint="drop one of them")
+        if flags:
+            raise ConfigError(f"--{flags[0].replace('_', '-')} configures the default proxy evaluator, but "
+                              "--evaluator replaces it", hint="drop one of them")
         return load_evaluator(args.evaluator)
     if stored and stored.get("kind") == "function":
         raise ConfigError(f"the study was scored by --evaluator {stored.get('name')}",

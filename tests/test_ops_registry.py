@@ -350,22 +350,6 @@ def test_every_compiler_and_kernels_module_imports_on_its_own():
 
 # ---- README "Adding an operation": the worked example runs as written ---------------------------
 
-def _readme_section(title: str) -> str | None:
-    import pathlib
-    readme = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    start = text.find(f"\n{title}\n")
-    if start < 0:
-        return None
-    end = text.find("\n## ", start + len(title) + 2)
-    return text[start:end if end >= 0 else len(text)]
-
-
-def _code_blocks(section: str, lang: str) -> list[str]:
-    import re
-    return [m.group(1) for m in re.finditer(rf"```{lang}\n(.*?)```", section, re.S)]
-
-
 def test_readme_adding_an_operation_example_runs(tmp_path):
     """The section's first python block is the user's module (its first line names the file),
     the second uses it; both run in a fresh process, then the `attnc ops` / `attnc compile` /
@@ -377,10 +361,10 @@ def test_readme_adding_an_operation_example_runs(tmp_path):
     import subprocess
     import sys
 
-    section = _readme_section("## Adding an operation")
-    if section is None:
-        pytest.skip("README.md has no '## Adding an operation' section yet (the lead pastes it)")
-    module, usage, builtin = _code_blocks(section, "python")
+    from readme_text import code_blocks, section
+
+    text = section("## Adding an operation")
+    module, usage, builtin = code_blocks(text, "python")
     name = re.match(r"# (\w+)\.py\n", module).group(1)
     (tmp_path / f"{name}.py").write_text(module)
     (tmp_path / "use_it.py").write_text(usage)
@@ -392,7 +376,7 @@ def test_readme_adding_an_operation_example_runs(tmp_path):
     registered = re.findall(r'register_elementwise\((?:\s|#[^\n]*)*"(\w+)"', module)
     assert registered == ["sqrelu", "gelu_approx"]
     ran = 0
-    for line in _code_blocks(section, "sh")[0].splitlines():
+    for line in code_blocks(text, "sh")[0].splitlines():
         argv = shlex.split(line, comments=True)
         if argv[:2] not in (["attnc", "ops"], ["attnc", "compile"], ["attnc", "check"]):
             continue

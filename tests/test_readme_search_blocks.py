@@ -3,21 +3,16 @@ the code): OP-NAS at a tiny budget with a synthetic evaluator, AutoTinyBERT as w
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 
 import torch
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+from readme_text import code_blocks, section
 
 
 def python_block(heading: str) -> str:
-    """The first ```python block after the line `heading` of README.md."""
-    text = README.read_text()
-    at = text.index("\n" + heading + "\n")
-    m = re.compile(r"```python\n(.*?)```", re.S).search(text, at)
-    assert m is not None, f"no python block after {heading!r}"
-    return m.group(1)
+    """The first ```python block of the README section headed `heading`."""
+    blocks = code_blocks(section(heading), "python")
+    assert blocks, f"no python block in {heading!r}"
+    return blocks[0]
 
 
 def test_opnas_block(tmp_path):

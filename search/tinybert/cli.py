@@ -129,23 +129,20 @@ def _latency(args) -> int:
 
 
 def train_settings(supernet_dir) -> dict:
-    """How a SuperPLM was trained (objective, corpus, seq_len, seed, teacher): its folder's recipe.json,
-    else what older saves recorded elsewhere."""
-    from .train import load_recipe
+    """How a SuperPLM was trained (objective, corpus, seq_len, seed, teacher): its recipe.json. A
+    SuperPLM saved before recipes existed records only its objective (in train_metrics.json; an
+    unreadable file counts as unrecorded)."""
+    from .train import METRICS_FILE, _supernet_root, load_recipe
 
     found = {k: v for k, v in load_recipe(supernet_dir).items() if v is not None}
-    root = Path(supernet_dir)
-    for f in (root / "superplm_train.json", root.parent / "superplm_train.json",
-              root / "supernet" / "train_metrics.json", root / "train_metrics.json"):
-        if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-            except ValueError:
-                continue
-            for src in (d, d.get("recipe") or {}, d.get("config") or {}):
-                for k in ("objective", "corpus", "seq_len", "seed", "teacher"):
-                    if k in src and src[k] is not None and k not in found:
-                        found[k] = src[k]
+    metrics = _supernet_root(supernet_dir) / METRICS_FILE
+    if "objective" not in found and metrics.is_file():
+        try:
+            objective = json.loads(metrics.read_text()).get("objective")
+        except ValueError:
+            objective = None
+        if objective is not None:
+            found["objective"] = objective
     return found
 
 

@@ -404,6 +404,25 @@ def open_result(study: str | Path) -> SearchResult:
 # --- fitness from the SuperPLM -----------------------------------------------------------------------
 
 
+def heldout_batches(blocks, tokenizer, batch_size: int, who: str) -> list[tuple[int, object, object]]:
+    """(first row, input_ids, attention_mask) per batch of held-out `blocks` (LongTensor (N, seq_len),
+    N >= 1; padding = the tokenizer's pad id), for the SuperPLM fitness functions."""
+    import torch
+
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] < 1:
+        raise DataError(f"{who} needs held-out blocks as a LongTensor (N, seq_len), N >= 1, got "
+                        + (f"shape {tuple(blocks.shape)}" if isinstance(blocks, torch.Tensor)
+                           else type(blocks).__name__))
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    blocks, pad = blocks.long(), tokenizer.pad_token_id
+    out = []
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i:i + batch_size]
+        out.append((i, ids, (ids != pad).long() if pad is not None else torch.ones_like(ids)))
+    return out
+
+
 class SuperPLMFitness:
     """arch -> minus the held-out MLM loss of the SuperPLM's sub-model `arch` (higher is better).
 
@@ -418,23 +437,13 @@ class SuperPLMFitness:
 
         from attnc.runtime.data import MLMMasker, load_tokenizer
 
-        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] < 1:
-            raise DataError("SuperPLMFitness needs held-out blocks as a LongTensor (N, seq_len), N >= 1, got "
-                            + (f"shape {tuple(blocks.shape)}" if isinstance(blocks, torch.Tensor)
-                               else type(blocks).__name__))
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.supernet = supernet
         tok = tokenizer if tokenizer is not None else load_tokenizer(None)
+        batches = heldout_batches(blocks, tok, batch_size, "SuperPLMFitness")
+        self.supernet = supernet
         masker = MLMMasker(tok, mlm_prob)
-        blocks = blocks.long()
-        pad = tok.pad_token_id
         self.batches = []
-        for i in range(0, blocks.shape[0], batch_size):
-            ids = blocks[i:i + batch_size]
-            mask = (ids != pad).long() if pad is not None else torch.ones_like(ids)
-            g = torch.Generator().manual_seed(mask_seed + i)
-            masked, labels = masker(ids, mask, g)
+        for i, ids, mask in batches:
+            masked, labels = masker(ids, mask, torch.Generator().manual_seed(mask_seed + i))
             self.batches.append((masked, mask, labels))
         self.tokens = int(sum(int((lab != -100).sum()) for _, _, lab in self.batches))
 
@@ -460,16 +469,12 @@ class SuperPLMDistillFitness:
     targets are computed once. blocks: LongTensor (N, seq_len) of held-out token blocks."""
 
     def __init__(self, supernet, blocks, teacher, fit, tokenizer=None, *, distill=None, batch_size: int = 32):
-        import torch
-
         from attnc.runtime.data import load_tokenizer
 
         from .train import KD_DEFAULT, _SuperDistiller
 
-        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] < 1:
-            raise DataError("SuperPLMDistillFitness needs held-out blocks as a LongTensor (N, seq_len), N >= 1")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        tok = tokenizer if tokenizer is not None else load_tokenizer(None)
+        batches = heldout_batches(blocks, tok, batch_size, "SuperPLMDistillFitness")
         if teacher.config.vocab_size != supernet.space.vocab_size:
             raise ConfigError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
                               f"SuperPLM's ({supernet.space.vocab_size})", hint="use the SuperPLM's teacher")
@@ -477,14 +482,7 @@ class SuperPLMDistillFitness:
         device = next(supernet.parameters()).device
         teacher = teacher.to(device).eval()
         self.distiller = _SuperDistiller(teacher, supernet.space, distill or KD_DEFAULT, fit).to(device)
-        tok = tokenizer if tokenizer is not None else load_tokenizer(None)
-        pad = tok.pad_token_id
-        blocks = blocks.long()
-        self.batches = []
-        for i in range(0, blocks.shape[0], batch_size):
-            ids = blocks[i:i + batch_size]
-            mask = (ids != pad).long() if pad is not None else torch.ones_like(ids)
-            self.batches.append({"input_ids": ids, "attention_mask": mask})
+        self.batches = [{"input_ids": ids, "attention_mask": mask} for _, ids, mask in batches]
         self.targets = [self.distiller.teacher_targets({k: v.to(device) for k, v in b.items()})
                         for b in self.batches]
         self.tokens = int(sum(int(b["attention_mask"].sum()) for b in self.batches))
