@@ -69,8 +69,9 @@ def register_elementwise(name: str, expr, *, torch: Callable | None = None,
 
 def _check_free(name: str) -> None:
     from attnc.compiler.ir import FUNCTIONS
+    from attnc.compiler.structural import CALLS
     from attnc.grammar.parser import RESERVED_NAMES
-    if name in FUNCTIONS or name in RESERVED_NAMES or name in ("T",):
+    if name in FUNCTIONS or name in CALLS or name in RESERVED_NAMES or name in ("T",):
         raise ConfigError(f"{name!r} is a built-in name of the formula language",
                           hint="pick another name; `attnc ops` lists the taken ones")
 

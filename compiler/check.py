@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from . import elementwise
+from . import elementwise, structural
 from .errors import CheckError, ShapeError
 from .ir import Op, inputs_used, is_fn, node_of, output_of, shape_str, topo
 from .scalars import s_div, s_pow
@@ -74,7 +74,7 @@ def _check_scalars(g: nx.DiGraph) -> None:
                 raise CheckError("division by zero", node.span,
                                  hint="the divisor is a constant 0 (at " + ", ".join(
                                      f"{k}={v}" for k, v in sizes.items()) + ")")
-            if node.shape != () or node.is_bool or node.op is Op.WHERE:
+            if node.shape != () or node.is_bool or structural.get(node.op) is not None:  # where(c, a, b)
                 continue
             if node.op is Op.CONST:
                 val[nid] = node.value
@@ -113,10 +113,13 @@ def _has_symbol(g: nx.DiGraph, nid: int) -> bool:
 
 
 def _only_fill(g: nx.DiGraph, nid: int) -> bool:
-    """True when every use of const `nid` is a value branch of a where()."""
+    """True when every use of const `nid` is an operand that may hold a non-finite fill (a value
+    branch of a where(): the structural operation's `fill_positions`)."""
     for user in g.successors(nid):
         u = node_of(g, user)
-        if u.op is not Op.WHERE or u.operands[0] == nid:
+        spec = structural.get(u.op)
+        fills = spec.fill_positions if spec is not None else ()
+        if any(o == nid and k not in fills for k, o in enumerate(u.operands)) or not fills:
             return False
     return True
 

@@ -260,16 +260,19 @@ def cmd_equiv(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from . import elementwise
+    from . import elementwise, structural
     from .ir import FUNCTIONS, OP_DOC, Op
     load_ops(args)
     names = {op: [k for k, (o, _) in FUNCTIONS.items() if o is op] for op in OP_DOC}
     print(f"{'op':12s} {'write it as':28s} math")
     syntax = {Op.NEG: "-x", Op.ADD: "x + y", Op.SUB: "x - y", Op.MUL: "x * y", Op.DIV: "x / y",
-              Op.POW: "x ^ c", Op.MATMUL: "x @ y", Op.TRANSPOSE: "x^T, transpose(x)"}
+              Op.POW: "x ^ c"}
     for op, doc in OP_DOC.items():
         how = syntax.get(op, ", ".join(f"{k}(...)" for k in names[op]))
         print(f"{op.value:12s} {how:28s} {doc}")
+    for spec in structural.TABLE.values():
+        how = spec.syntax or ", ".join(f"{k}(...)" for k in spec.calls)
+        print(f"{spec.name:12s} {how:28s} {spec.doc}")
     print("\nelementwise functions (f(x) entrywise; attnc.ops.register_elementwise adds more):")
     print(f"{'name':12s} {'origin':10s} {'definition':28s} derivative")
     for e in elementwise.entries():

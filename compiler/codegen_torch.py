@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import networkx as nx
 
+from . import structural
 from .ir import (INPUT_NAMES, GroupOp, Node, Op, format_number, inputs_used, is_fn, output_of, shape_str,
                  topo)
 
 CODEGEN_VERSION = "torch-4"
 
 # Elementwise functions (exp, softplus, registered ones) call their table entry's forms:
-# ops.fn.NAME(tensor), ops.sfn.NAME(float) (compiler/elementwise.py).
-_T_UNARY = {Op.NEG: "-{0}", Op.NOT: "~{0}", Op.TRANSPOSE: "{0}.transpose(-1, -2)",
-            Op.SCALE: "ops.scale({0})"}
+# ops.fn.NAME(tensor), ops.sfn.NAME(float) (compiler/elementwise.py); structural operations
+# (matmul, softmax, cos, where, ...) print their entry's `torch` call (compiler/structural.py).
+_T_UNARY = {Op.NEG: "-{0}", Op.NOT: "~{0}"}
 _S_UNARY = {Op.NEG: "-{0}", Op.NOT: "not {0}"}
 _INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=",
           Op.EQ: "==", Op.NE: "!="}
@@ -81,13 +82,12 @@ def _leaf(node: Node, ref: str) -> str:
     return repr(float(v))
 
 
-def _keep(shape_axis) -> str:
-    return "keep" if shape_axis == "n" else "None"
-
-
 def _op(node: Node, args: list[str], shapes: list, ref: str) -> str:
     op = node.op
     scalar = [s == () for s in shapes]
+    spec = structural.get(op)
+    if spec is not None:
+        return spec.torch(args, shapes, ref)
     if is_fn(op):
         return f"ops.{'sfn' if scalar[0] else 'fn'}.{op.value}({args[0]})"
     if op in _T_UNARY or op in _S_UNARY:
@@ -114,18 +114,6 @@ def _op(node: Node, args: list[str], shapes: list, ref: str) -> str:
         if all(scalar):
             return f"{_paren(args[0])} {_S_LOGIC[op]} {_paren(args[1])}"
         return f"{_paren(args[0])} {_T_LOGIC[op]} {_paren(args[1])}"
-    if op is Op.WHERE:
-        if scalar[0]:
-            return f"({args[1]} if {args[0]} else {args[2]})"
-        return f"ops.where({args[0]}, {args[1]}, {args[2]}, {ref})"
-    if op is Op.MATMUL:
-        return f"ops.matmul({args[0]}, {args[1]}, {_keep(shapes[0][1])})"
-    if op is Op.SOFTMAX:
-        return f"ops.softmax({args[0]}, {_keep(shapes[0][1])})"
-    if op is Op.NORM:
-        return f"ops.norm({args[0]}, {_keep(shapes[0][1])})"
-    if op in (Op.COS, Op.DIST):
-        return f"ops.{op.value}({args[0]}, {args[1]}, {_keep(shapes[0][1])})"
     raise NotImplementedError(op)  # pragma: no cover - every Op is handled above
 
 

@@ -18,7 +18,8 @@ so a built-in needs only its line in `_builtins()`.
 
 Built-in entries are below; `attnc.ops.register_elementwise` adds entries at run time (after
 checking that every backend can use them). Structural operations (matmul, transpose, softmax,
-scale, norm, cos, dist, where/mask, arithmetic) are not in this table: see compiler/ir.py.
+scale, norm, cos, dist, where/mask) are not in this table: each is one entry of
+compiler/structural.py; arithmetic is the IR's (compiler/ir.py).
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class Op(enum.Enum):
     OR = "or"
     NOT = "not"
     WHERE = "where"          # where(cond, a, b)
-    # matrix ops
+    # structural operations: each defined in one place, compiler/structural.py
     MATMUL = "matmul"
     TRANSPOSE = "transpose"
     SCALE = "scale"          # x / sqrt(last dim of x)
@@ -103,8 +103,9 @@ def is_fn(op) -> bool:
 
 
 class GroupOp:
-    """Groups of structural ops. Elementwise functions (`Fn`) belong to Unary and Elementwise
-    too: test them with `is_fn(op)`."""
+    """Groups of the elementwise ops (arithmetic, comparisons, logic, where). Elementwise
+    functions (`Fn`) belong to Unary and Elementwise too: test them with `is_fn(op)`. Facts about
+    the structural operations are attributes of their entries in compiler/structural.py."""
 
     Leaf = frozenset({Op.INPUT, Op.CONST, Op.SYMBOL, Op.INDEX})
     Unary = frozenset({Op.NEG})
@@ -114,32 +115,25 @@ class GroupOp:
     Boolean = Compare | Logic
     Elementwise = Unary | Binary | Compare | Logic | frozenset({Op.WHERE})
     Commutative = frozenset({Op.ADD, Op.MUL, Op.MAX, Op.MIN, Op.EQ, Op.NE, Op.AND, Op.OR})
-    RowReduce = frozenset({Op.SOFTMAX, Op.NORM, Op.SCALE})
-    Pairwise = frozenset({Op.MATMUL, Op.COS, Op.DIST})
-    Matrix = frozenset({Op.MATMUL, Op.TRANSPOSE, Op.SCALE, Op.SOFTMAX, Op.NORM, Op.COS, Op.DIST})
 
 
-# The DSL's structural function names and their ops / arities. The grammar parses any
-# NAME(args); this table and the elementwise table (compiler/elementwise.py) decide which
-# names exist: see `function`.
+# Arithmetic, comparisons and logic: how they are written (messages) and their DSL function
+# names. The structural operations (matmul, transpose, scale, softmax, norm, cos, dist, where /
+# mask) carry their own names, docs and rules in compiler/structural.py; elementwise functions
+# in compiler/elementwise.py. `function` looks a name up in all three.
+ARITH_TEXT = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "^",
+              Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
+              Op.AND: "&", Op.OR: "|", Op.NOT: "!", Op.NEG: "-"}
+
 FUNCTIONS: dict[str, tuple[Op, int]] = {
-    "neg": (Op.NEG, 1), "transpose": (Op.TRANSPOSE, 1), "scale": (Op.SCALE, 1),
-    "softmax": (Op.SOFTMAX, 1), "norm": (Op.NORM, 1),
-    "cos": (Op.COS, 2), "dist": (Op.DIST, 2), "max": (Op.MAX, 2), "min": (Op.MIN, 2),
-    "pow": (Op.POW, 2), "add": (Op.ADD, 2), "matmul": (Op.MATMUL, 2),
-    "where": (Op.WHERE, 3), "mask": (Op.WHERE, 2),  # mask(x, cond) == where(cond, x, -inf)
+    "neg": (Op.NEG, 1), "max": (Op.MAX, 2), "min": (Op.MIN, 2), "pow": (Op.POW, 2), "add": (Op.ADD, 2),
 }
 
-# Math of every op, for the README's reference, `attnc ops`, and error hints.
+# Math of the arithmetic ops, for the README's reference, `attnc ops`, and error hints.
 OP_DOC: dict[Op, str] = {
     Op.NEG: "-x", Op.ADD: "x + y (broadcasting)", Op.SUB: "x - y", Op.MUL: "x * y elementwise",
     Op.DIV: "x / y elementwise", Op.POW: "x ^ c, elementwise power", Op.MAX: "max(x, y) elementwise",
-    Op.MIN: "min(x, y) elementwise", Op.MATMUL: "x @ y, (a,b)@(b,c) -> (a,c)",
-    Op.TRANSPOSE: "x^T", Op.SCALE: "x / sqrt(last dim of x)",
-    Op.SOFTMAX: "exp(x_ij) / sum_j exp(x_ij), row-wise", Op.NORM: "sqrt(sum_j x_ij^2), (a,b) -> (a,1)",
-    Op.COS: "cos(x, y)_ab = x_a . y_b / (|x_a| |y_b|)",
-    Op.DIST: "dist(x, y)_ab = |x_a - y_b|_2",
-    Op.WHERE: "where(c, x, y) = x where c else y; mask(x, c) = where(c, x, -inf)",
+    Op.MIN: "min(x, y) elementwise",
 }
 
 
@@ -147,6 +141,10 @@ def function(name: str) -> tuple["Op | Fn", int] | None:
     """(op, arity) of a DSL function name, or None when no such function exists."""
     if name in FUNCTIONS:
         return FUNCTIONS[name]
+    from .structural import CALLS
+    if name in CALLS:
+        spec, arity = CALLS[name]
+        return spec.op, arity
     from .elementwise import lookup
     entry = lookup(name)
     return (entry.op, entry.arity) if entry is not None else None
@@ -154,7 +152,8 @@ def function(name: str) -> tuple["Op | Fn", int] | None:
 
 def function_names() -> tuple[str, ...]:
     from .elementwise import names
-    return tuple(FUNCTIONS) + names()
+    from .structural import CALLS
+    return tuple(FUNCTIONS) + tuple(CALLS) + names()
 
 
 @dataclass(frozen=True)
@@ -274,6 +273,7 @@ def shape_str(shape: Shape) -> str:
 
 def to_dot(g: nx.DiGraph, title: str | None = None) -> str:
     """A graphviz picture of the graph: one box per op with its shape, edges labelled by position."""
+    from .structural import MATRIX_OPS
     out = output_of(g)
     lines = ["digraph attnc {", '  rankdir="BT";', '  node [fontname="Helvetica", fontsize=11];']
     if title or g.graph.get("source"):
@@ -284,7 +284,7 @@ def to_dot(g: nx.DiGraph, title: str | None = None) -> str:
             style = 'shape=ellipse, style=filled, fillcolor="#cfe2ff"'
         elif node.op in GroupOp.Leaf:
             style = 'shape=ellipse, style=filled, fillcolor="#eeeeee"'
-        elif node.op in GroupOp.Matrix:
+        elif node.op in MATRIX_OPS:
             style = 'shape=box, style="rounded,filled", fillcolor="#ffe5b4"'
         else:
             style = 'shape=box, style="rounded,filled", fillcolor="#e2f0d9"'

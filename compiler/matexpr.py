@@ -7,13 +7,14 @@ Transpose, HadamardProduct and HadamardPower carry products, sums, transposes an
 products/powers (scalar coefficients live inside MatMul, so scalar folding, neg∘neg, x + x = 2x
 and constants pulled out of matmuls come from SymPy's canonical forms). What SymPy has no
 class for is added here: `Ew` (elementwise function), `EwN` (where / comparisons / logic / max /
-min / pow), `Softmax`, `RowNorm`, `CosSim`, `Dist`, and `Bcast` (a scalar, row or column
-broadcast to a matrix shape).
+min / pow) and `Bcast` (a scalar, row or column broadcast to a matrix shape). The structural
+operations' own classes (`Softmax`, `RowNorm`, `CosSim`, `Dist`) are with their operations in
+compiler/structural.py.
 """
 from __future__ import annotations
 
 import sympy as sp
-from sympy import MatMul, MatPow, MatrixExpr
+from sympy import HadamardPower, HadamardProduct, MatAdd, MatMul, MatPow, MatrixExpr, ZeroMatrix
 from sympy.core.symbol import Str
 
 n, d = sp.symbols("n d", positive=True, integer=True)
@@ -46,42 +47,6 @@ class EwN(MatrixExpr):
     fname = property(lambda self: self.args[0].name)
     operands = property(lambda self: self.args[3:])
     shape = property(lambda self: (self.args[1], self.args[2]))
-
-
-class Softmax(MatrixExpr):
-    """Row-wise softmax (last axis)."""
-
-    def __new__(cls, x):
-        return MatrixExpr.__new__(cls, x)
-
-    shape = property(lambda self: self.args[0].shape)
-
-
-class RowNorm(MatrixExpr):
-    """Row L2 norm, keepdim: (a, b) -> (a, 1)."""
-
-    def __new__(cls, x):
-        return MatrixExpr.__new__(cls, x)
-
-    shape = property(lambda self: (self.args[0].shape[0], ONE))
-
-
-class CosSim(MatrixExpr):
-    """Pairwise cosine similarity of rows: (a, m), (b, m) -> (a, b)."""
-
-    def __new__(cls, a, b):
-        return MatrixExpr.__new__(cls, a, b)
-
-    shape = property(lambda self: (self.args[0].shape[0], self.args[1].shape[0]))
-
-
-class Dist(MatrixExpr):
-    """Pairwise euclidean distance of rows: (a, m), (b, m) -> (a, b)."""
-
-    def __new__(cls, a, b):
-        return MatrixExpr.__new__(cls, a, b)
-
-    shape = property(lambda self: (self.args[0].shape[0], self.args[1].shape[0]))
 
 
 class Bcast(MatrixExpr):
@@ -131,5 +96,23 @@ def chain_factors(x) -> list:
     return out
 
 
-__all__ = ["n", "d", "DIMS", "ONE", "Ew", "EwN", "Softmax", "RowNorm", "CosSim", "Dist", "Bcast",
-           "is_mat", "shape_of", "bcast_to", "coeff_and_mat", "chain_factors"]
+def row_constant(x) -> bool:
+    """True when every row of x is a constant (x_ij does not depend on j)."""
+    if isinstance(x, Bcast):
+        return not is_mat(x.value) or x.value.shape[1] == 1
+    if isinstance(x, ZeroMatrix):
+        return True
+    if x.shape[1] == 1:
+        return True
+    if isinstance(x, MatMul):
+        c, m = coeff_and_mat(x)
+        return m is not x and row_constant(m)
+    if isinstance(x, (Ew, HadamardProduct, MatAdd)):
+        return all(row_constant(a) for a in x.args if is_mat(a))
+    if isinstance(x, HadamardPower):
+        return row_constant(x.base)
+    return False
+
+
+__all__ = ["n", "d", "DIMS", "ONE", "Ew", "EwN", "Bcast", "is_mat", "shape_of", "bcast_to",
+           "coeff_and_mat", "chain_factors", "row_constant"]

@@ -6,9 +6,9 @@ import sympy as sp
 from sympy import (HadamardPower, HadamardProduct, MatAdd, MatMul, MatPow, MatrixSymbol, Transpose,
                    ZeroMatrix)
 
+from . import structural
 from .errors import AttncError
-from .matexpr import (ONE, Bcast, CosSim, Dist, Ew, EwN, RowNorm, Softmax, chain_factors, coeff_and_mat,
-                      d, is_mat, n)
+from .matexpr import ONE, Bcast, Ew, EwN, chain_factors, coeff_and_mat, d, is_mat, n
 
 
 # Precedences follow the grammar: | & ! compare sum product unary power postfix.
@@ -89,13 +89,9 @@ def _p(x, elementwise: bool = True) -> tuple[str, int]:
             where = f"where({ops[0][0]}, {ops[1][0]}, {ops[2][0]})"
             return f"{where} + 0 * ({_zero_like(x.shape)})", P_SUM
         return f"{f}({', '.join(o[0] for o in ops)})", P_ATOM
-    if isinstance(x, Softmax):
-        return f"softmax({_p(x.args[0], False)[0]})", P_ATOM
-    if isinstance(x, RowNorm):
-        return f"norm({_p(x.args[0], False)[0]})", P_ATOM
-    if isinstance(x, (CosSim, Dist)):
-        name = "cos" if isinstance(x, CosSim) else "dist"
-        return f"{name}({_p(x.args[0], False)[0]}, {_p(x.args[1], False)[0]})", P_ATOM
+    spec = structural.BY_EXPR.get(type(x))
+    if spec is not None:   # softmax(x), norm(x), cos(x, y), dist(x, y): its name and operands
+        return f"{spec.name}({', '.join(_p(a, False)[0] for a in x.args)})", P_ATOM
     raise AttncError(f"internal: cannot print {type(x).__name__}")  # pragma: no cover
 
 

@@ -1,9 +1,10 @@
 """Per-formula reports: canonical form, inputs, projection parameters and FLOPs.
 
-FLOPs count one per multiply-add half (a matmul (a, b) @ (b, c) is 2abc), one per arithmetic
-op, an elementwise function's `flop_cost` (compiler/elementwise.py; 1 for the built-ins),
-5 per softmax entry (max, subtract, exp, sum, divide), and are given per
-(batch, head) as a polynomial in n and d as well as for concrete sizes.
+FLOPs count one per arithmetic op entry, an elementwise function's `flop_cost`
+(compiler/elementwise.py; 1 for the built-ins) and a structural operation's `flops`
+(compiler/structural.py: a matmul (a, b) @ (b, c) is 2abc, a softmax 5 per entry, ...), and are
+given per (batch, head) as a polynomial in n and d as well as for concrete sizes. This is the one
+FLOP counter of the project (the runtime's counters call it).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from dataclasses import asdict, dataclass
 import networkx as nx
 import sympy as sp
 
-from . import elementwise
-from .ir import GroupOp, Op, inputs_used, is_fn, op_counts, path_length, topo
+from . import elementwise, structural
+from .ir import GroupOp, inputs_used, is_fn, op_counts, path_length, topo
 from .symbolic import n as N_SYM, d as D_SYM
 
 _SIZE = {"n": N_SYM, "d": D_SYM, 1: sp.Integer(1)}
@@ -30,22 +31,12 @@ def flops_expr(g: nx.DiGraph) -> sp.Expr:
     """FLOPs per (batch, head) as a polynomial in n and d."""
     total = sp.Integer(0)
     for _, node in topo(g):
-        if node.op in GroupOp.Leaf or node.shape == () or node.op is Op.TRANSPOSE:
+        if node.op in GroupOp.Leaf or node.shape == ():
             continue
-        ins = [g.nodes[o]["node"].shape for o in node.operands]
         out = _numel(node.shape)
-        if node.op is Op.MATMUL:
-            total += 2 * out * _SIZE[ins[0][1]]
-        elif node.op is Op.SOFTMAX:
-            total += 5 * out
-        elif node.op is Op.NORM:
-            total += 2 * _numel(ins[0]) + out
-        elif node.op is Op.COS:
-            m = _SIZE[ins[0][1]]
-            total += 2 * out * m + 3 * (_numel(ins[0]) + _numel(ins[1])) + out
-        elif node.op is Op.DIST:
-            m = _SIZE[ins[0][1]]
-            total += 2 * out * m + 2 * (_numel(ins[0]) + _numel(ins[1])) + 4 * out
+        spec = structural.get(node.op)
+        if spec is not None:
+            total += spec.flops([g.nodes[o]["node"].shape for o in node.operands], node.shape, _SIZE)
         elif is_fn(node.op):
             total += elementwise.get(node.op.value).flop_cost * out
         else:

@@ -1,7 +1,9 @@
 """The rewrite rules of the SymPy stage, and `simplify` (apply them bottom-up to a fixpoint).
 
 Each rule takes a node whose children are already simplified and returns a replacement, or
-None when it does not apply. The law is in the rule's name. Adding a rule is adding a line.
+None when it does not apply. The law is in the rule's name. Adding a rule is adding a line:
+here for algebra shared by every operation, in the operation's entry (compiler/structural.py)
+for a law of one structural operation.
 """
 from __future__ import annotations
 
@@ -10,10 +12,9 @@ from typing import Callable
 import sympy as sp
 from sympy import HadamardPower, HadamardProduct, MatAdd, MatMul, MatrixSymbol, Transpose, ZeroMatrix
 
-from . import elementwise
+from . import elementwise, structural
 from .errors import CheckError
-from .matexpr import (ONE, Bcast, CosSim, Dist, Ew, EwN, RowNorm, Softmax, bcast_to, chain_factors,
-                      coeff_and_mat, is_mat, shape_of)
+from .matexpr import ONE, Bcast, Ew, EwN, chain_factors, coeff_and_mat, is_mat, row_constant, shape_of
 
 
 def _canon(x):
@@ -73,10 +74,8 @@ def _transpose_in(x):
     if isinstance(a, Bcast):
         m, p = a.shape
         return Bcast(T(a.value), p, m)
-    if isinstance(a, CosSim):
-        return CosSim(a.args[1], a.args[0])
-    if isinstance(a, Dist):
-        return Dist(a.args[1], a.args[0])
+    if type(a) in structural.BY_EXPR:                   # cos(a, b)^T = cos(b, a), ...
+        return structural.BY_EXPR[type(a)].transposed(a)
     if isinstance(a, ZeroMatrix):
         return ZeroMatrix(a.shape[1], a.shape[0])
     return None
@@ -214,57 +213,6 @@ def _logsigmoid(x):
     return None
 
 
-def row_constant(x) -> bool:
-    """True when every row of x is a constant (x_ij does not depend on j)."""
-    if isinstance(x, Bcast):
-        return not is_mat(x.value) or x.value.shape[1] == 1
-    if isinstance(x, ZeroMatrix):
-        return True
-    if x.shape[1] == 1:
-        return True
-    if isinstance(x, MatMul):
-        c, m = coeff_and_mat(x)
-        return m is not x and row_constant(m)
-    if isinstance(x, (Ew, HadamardProduct, MatAdd)):
-        return all(row_constant(a) for a in x.args if is_mat(a))
-    if isinstance(x, HadamardPower):
-        return row_constant(x.base)
-    return False
-
-
-def _softmax_shift(x):
-    """softmax(s + r) -> softmax(s) when r is constant along each row."""
-    if not isinstance(x, Softmax) or not isinstance(x.args[0], MatAdd):
-        return None
-    terms = x.args[0].args
-    keep = [t for t in terms if not row_constant(t)]
-    if not keep or len(keep) == len(terms):
-        return None
-    return Softmax(keep[0] if len(keep) == 1 else MatAdd(*keep))
-
-
-def _cos_scale(x):
-    """cos(c * a, b) -> cos(a, b) for c > 0; dist(c * a, c * b) -> |c| dist(a, b)."""
-    if isinstance(x, CosSim):
-        (ca, a), (cb, b) = coeff_and_mat(x.args[0]), coeff_and_mat(x.args[1])
-        if (ca != 1 and ca.is_positive) or (cb != 1 and cb.is_positive):
-            return CosSim(a if ca.is_positive else x.args[0], b if cb.is_positive else x.args[1])
-    if isinstance(x, Dist):
-        (ca, a), (cb, b) = coeff_and_mat(x.args[0]), coeff_and_mat(x.args[1])
-        if ca != 1 and ca == cb:
-            return MatMul(sp.Abs(ca), Dist(a, b))
-    return None
-
-
-def _norm_scale(x):
-    """norm(c * x) -> |c| norm(x)."""
-    if isinstance(x, RowNorm):
-        c, m = coeff_and_mat(x.args[0])
-        if c != 1:
-            return MatMul(sp.Abs(c), RowNorm(m))
-    return None
-
-
 _EWN_SCALAR = {"max": sp.Max, "min": sp.Min, "pow": lambda a, b: a ** b}
 
 
@@ -284,12 +232,6 @@ def _ewn_const(x):
     return Bcast(_EWN_SCALAR[x.fname](*vals), *x.shape)
 
 
-def _where_same(x):
-    if isinstance(x, EwN) and x.fname == "where" and x.operands[1] == x.operands[2]:
-        return bcast_to(x.operands[1], x.shape)                           # where(c, x, x) -> x
-    return None
-
-
 RULES: list[tuple[str, Callable]] = [
     ("canonical sums and products (x + x = 2x, neg∘neg, scalar folding, (cA)B = c(AB))",
      lambda x: _canon(x) if isinstance(x, (MatAdd, MatMul, HadamardProduct)) else None),
@@ -302,11 +244,12 @@ RULES: list[tuple[str, Callable]] = [
     ("elementwise functions of constants are constants", _ew_const),
     ("elementwise identities (log exp x = x, log(1 + e^x) = softplus x, |−x| = |x|)", _ew_identities),
     ("-softplus(-x) = logsigmoid(x)", _logsigmoid),
-    ("softmax is invariant to per-row shifts", _softmax_shift),
-    ("cosine similarity ignores positive scales", _cos_scale),
-    ("norm(c x) = |c| norm(x)", _norm_scale),
-    ("where(c, x, x) = x", _where_same),
     ("max / min / pow of constants are constants", _ewn_const),
+    # each structural operation's own laws (compiler/structural.py): softmax's shift invariance,
+    # norm(c x) = |c| norm(x), cos's scale invariance, dist(c x, c y) = |c| dist(x, y),
+    # where(c, x, x) = x. Every rule rewrites only nodes of its own class, so their place in
+    # this list does not change any result.
+    *structural.rules(),
 ]
 
 MAX_REWRITES = 200
@@ -346,4 +289,4 @@ def simplify(expr):
     return go(expr)
 
 
-__all__ = ["RULES", "MAX_REWRITES", "simplify", "row_constant"]
+__all__ = ["RULES", "MAX_REWRITES", "simplify", "row_constant"]  # row_constant: compiler/matexpr.py

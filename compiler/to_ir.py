@@ -1,5 +1,5 @@
 """SymPy -> IR: the simplified expression becomes IR again for code generation, with matrix
-chains multiplied in the cheapest order (e.g. Q @ (K^T @ V))."""
+chains multiplied in the cheapest order (e.g. Q @ (K^T @ V): `structural.MATMUL.chain`)."""
 from __future__ import annotations
 
 import math
@@ -9,15 +9,13 @@ import sympy as sp
 from sympy import (HadamardPower, HadamardProduct, MatAdd, MatMul, MatPow, MatrixSymbol, Transpose,
                    ZeroMatrix)
 
-from . import shapes
+from . import shapes, structural
 from .errors import AttncError
 from .ir import INPUT_NAMES, GraphBuilder, Node, Op, fn_op, node_of
-from .matexpr import (ONE, Bcast, CosSim, Dist, Ew, EwN, RowNorm, Softmax, chain_factors, coeff_and_mat,
-                      d, is_mat, n)
+from .matexpr import Bcast, Ew, EwN, chain_factors, coeff_and_mat, d, is_mat, n
 
 
-# Matrix-chain order is chosen for these sizes (n long, d small), e.g. Q @ (K^T @ V).
-CHAIN_COST_SIZES = {n: 512, d: 64, ONE: 1}
+CHAIN_COST_SIZES = structural.CHAIN_COST_SIZES
 
 
 class LoweringError(Exception):
@@ -99,7 +97,8 @@ class _IrBuilder:
             if c != 1:
                 return self._scaled(c, self.mat(m))
             mats = chain_factors(x)
-            return self._chain([self.mat(a, exact=True) for a in mats], mats)
+            return structural.MATMUL.chain([self.mat(a, exact=True) for a in mats], mats,
+                                           lambda a, b: self.node(Op.MATMUL, [a, b]))
         if isinstance(x, MatPow):
             return self._mat(MatMul(x))
         if isinstance(x, HadamardProduct):
@@ -115,13 +114,9 @@ class _IrBuilder:
             return self.node(fn_op(x.fname), [self.mat(x.arg)])
         if isinstance(x, EwN):
             return self.node(Op(x.fname), [self.mat(o) for o in x.operands])
-        if isinstance(x, Softmax):
-            return self.node(Op.SOFTMAX, [self.mat(x.args[0], exact=True)])
-        if isinstance(x, RowNorm):
-            return self.node(Op.NORM, [self.mat(x.args[0], exact=True)])
-        if isinstance(x, (CosSim, Dist)):
-            op = Op.COS if isinstance(x, CosSim) else Op.DIST
-            return self.node(op, [self.mat(a, exact=True) for a in x.args])
+        spec = structural.BY_EXPR.get(type(x))
+        if spec is not None:   # softmax, norm, cos, dist: their op over full-shaped operands
+            return self.node(spec.op, [self.mat(a, exact=True) for a in x.args])
         raise LoweringError(type(x).__name__)
 
     def _scaled(self, c, nid: int) -> int:
@@ -144,29 +139,6 @@ class _IrBuilder:
             else:
                 out = self.node(Op.SUB if neg else Op.ADD, [out, tid])
         return out
-
-    def _chain(self, ids: list[int], mats: list) -> int:
-        """Matrix chain product in the cheapest order for CHAIN_COST_SIZES."""
-        dims = [CHAIN_COST_SIZES[m.shape[0]] for m in mats] + [CHAIN_COST_SIZES[mats[-1].shape[1]]]
-        k = len(ids)
-        cost = [[0] * k for _ in range(k)]
-        split = [[0] * k for _ in range(k)]
-        for span in range(1, k):
-            for a in range(k - span):
-                b = a + span
-                cost[a][b] = math.inf
-                for s in range(a, b):
-                    c = cost[a][s] + cost[s + 1][b] + dims[a] * dims[s + 1] * dims[b + 1]
-                    if c < cost[a][b]:
-                        cost[a][b], split[a][b] = c, s
-
-        def build(a: int, b: int) -> int:
-            if a == b:
-                return ids[a]
-            s = split[a][b]
-            return self.node(Op.MATMUL, [build(a, s), build(s + 1, b)])
-
-        return build(0, k - 1)
 
     def scalar(self, x) -> int:
         x = sp.sympify(x)

@@ -1,5 +1,6 @@
 """IR -> SymPy: each IR node becomes a SymPy scalar or matrix expression (compiler/matexpr.py).
-Elementwise functions take their definition from the table (compiler/elementwise.py)."""
+Elementwise functions take their definition from their table (compiler/elementwise.py),
+structural operations their SymPy form from theirs (compiler/structural.py)."""
 from __future__ import annotations
 
 import math
@@ -8,11 +9,11 @@ from typing import Callable
 
 import networkx as nx
 import sympy as sp
-from sympy import HadamardPower, HadamardProduct, MatAdd, MatMul, MatrixSymbol, Transpose
+from sympy import HadamardPower, HadamardProduct, MatAdd, MatMul, MatrixSymbol
 
-from . import elementwise
+from . import elementwise, structural
 from .ir import GroupOp, Node, Op, is_fn, output_of, topo
-from .matexpr import DIMS, CosSim, Dist, Ew, EwN, RowNorm, Softmax, bcast_to, d, is_mat, n
+from .matexpr import DIMS, Ew, EwN, bcast_to, d, is_mat, n
 
 
 _SCALAR_BIN: dict[Op, Callable] = {
@@ -58,14 +59,16 @@ def _node_to_sympy(node: Node, args: list):
     if op is Op.CONST:
         return number(node.value)
     scalar = shape == ()
+    spec = structural.get(op)
+    if spec is not None:
+        return spec.sympy(args, shape)
     if is_fn(op):   # a scalar gets the function's definition, a matrix an Ew node
         (x,) = args
         return elementwise.get(op.value).sympy(x) if scalar else Ew(op.value, x)
     if op is Op.NEG:
         (x,) = args
         return -x if scalar else MatMul(-1, x)
-    if op in _REL or op in GroupOp.Logic or op is Op.WHERE or (op in (Op.MAX, Op.MIN, Op.POW)
-                                                                and not scalar):
+    if op in _REL or op in GroupOp.Logic or (op in (Op.MAX, Op.MIN, Op.POW) and not scalar):
         if scalar:
             if op in _REL:
                 return _REL[op](*args)
@@ -75,8 +78,6 @@ def _node_to_sympy(node: Node, args: list):
                 return sp.Or(*args)
             if op is Op.NOT:
                 return sp.Not(args[0])
-            if op is Op.WHERE:
-                return sp.Piecewise((args[1], args[0]), (args[2], True))
             return _SCALAR_BIN[op](*args)
         if op is Op.POW and not is_mat(args[1]):
             return HadamardPower(args[0], args[1])
@@ -100,20 +101,6 @@ def _node_to_sympy(node: Node, args: list):
                 return MatMul(1 / b, a)
             inv = HadamardPower(bcast_to(b, shape), -1)
             return MatMul(a, inv) if not is_mat(a) else HadamardProduct(bcast_to(a, shape), inv)
-    if op is Op.MATMUL:
-        return MatMul(*args)
-    if op is Op.TRANSPOSE:
-        return Transpose(args[0])
-    if op is Op.SCALE:
-        return MatMul(1 / sp.sqrt(args[0].shape[1]), args[0])
-    if op is Op.SOFTMAX:
-        return Softmax(args[0])
-    if op is Op.NORM:
-        return RowNorm(args[0])
-    if op is Op.COS:
-        return CosSim(*args)
-    if op is Op.DIST:
-        return Dist(*args)
     raise NotImplementedError(op)  # pragma: no cover
 
 

@@ -12,7 +12,7 @@ import networkx as nx
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from attnc.compiler import shapes
+from attnc.compiler import shapes, structural
 from attnc.compiler.errors import AttncError, CheckError, ParseError, Span
 from attnc.compiler.ir import (INDEX_NAMES, INPUT_NAMES, SYMBOL_NAMES, GraphBuilder, Node, Op, function,
                                function_names)
@@ -328,18 +328,12 @@ class _Builder:
         op, arity = found
         if len(args) != arity:
             raise ParseError(f"{fname}() takes {arity} argument{'s' * (arity != 1)}, got {len(args)}",
-                             span, hint=_CALL_HINTS.get(fname))
+                             span, hint=structural.call_hint(fname))
         ids = [self.expr(a, env) for a in args]
-        if fname == "mask":  # mask(x, cond) == where(cond, x, -inf)
-            x, cond = ids
-            return self.node(Op.WHERE, [cond, x, self.const(-math.inf, span)], span)
+        spec = structural.get(op)
+        if spec is not None:   # e.g. mask(x, cond) is where(cond, x, -inf)
+            ids = spec.arguments(fname, ids, lambda v: self.const(v, span))
         return self.node(op, ids, span)
-
-
-_CALL_HINTS = {"where": "where(cond, x, y), e.g. where(j <= i, s, -inf)",
-               "mask": "mask(x, cond), e.g. mask(s, j <= i)",
-               "cos": "cos(x, y): pairwise cosine similarity of the rows, e.g. cos(Q, K)",
-               "dist": "dist(x, y): pairwise euclidean distance of the rows, e.g. dist(Q, K)"}
 
 
 def _name_hint(name: str, env) -> str:

@@ -7,7 +7,10 @@ Every value inside the fused kernel has a *kind*, the shape of the tile that hol
     KD  (BLOCK_N, BLOCK_D) key-row tile        K1  (BLOCK_N,) key-row feature
     P   (BLOCK_M, BLOCK_N) score tile
 
-`TileLowering` turns IR nodes into a list of `Stmt` (one tile op each, in topological order);
+`TileLowering` turns IR nodes into a list of `Stmt` (one tile op each, in topological order):
+elementwise ops directly, structural operations through their entry's `triton` lowering
+(compiler/structural.py), which composes the tile vocabulary here (dot, rowsum, rowsoftmax,
+safesqrt, where, elementwise ops);
 `forward_lines` prints them as Triton; `reverse_lines` prints the adjoint code. Local
 derivatives of the elementwise ops come from SymPy (`sympy.diff` of the op's definition,
 printed as Triton by `TritonPrinter`); row reductions (row sum, row softmax over the head
@@ -25,12 +28,10 @@ from functools import lru_cache
 
 import networkx as nx
 import sympy as sp
-from attnc.compiler import elementwise
+from attnc.compiler import elementwise, structural
 from attnc.compiler import torch_ops as ops
 from attnc.compiler.elementwise import LogSigmoid, Relu, Sigmoid, Softplus, Step  # noqa: F401
-from attnc.compiler.ir import GroupOp, Op, fn_op, is_fn, node_of
-
-COS_EPS = 1e-8   # torch_ops.cos clamps row norms to this
+from attnc.compiler.ir import GroupOp, Op, is_fn, node_of
 
 
 # ---- SymPy definitions of the elementwise ops ----------------------------------------------
@@ -44,7 +45,7 @@ class SafeSqrtGrad(sp.Function):
 
 
 class SafeSqrt(sp.Function):
-    """sqrt(x) for x > 0, else 0, with a zero derivative there (torch_ops.safe_sqrt)."""
+    """sqrt(x) for x > 0, else 0, with a zero derivative there (compiler/structural.py `_safe_sqrt`)."""
 
     def fdiff(self, argindex=1):
         return SafeSqrtGrad(self.args[0])
@@ -413,13 +414,12 @@ class TileLowering:
             return Val(v.text, v.kind, raw=True)
         if op is Op.INDEX:
             return self.add(kind, "index", (), note=f"position {node.name}")
-        if op is Op.TRANSPOSE:
-            return self.val(node.operands[0], side)
+        spec = structural.get(op)
+        if spec is not None and not spec.tile_operands:    # transpose: a view of its operand
+            return spec.triton(self, node, side, None, note)
         args = [self.val(o, side) for o in node.operands]
         if op in GroupOp.Boolean:
             return self.add(join_kinds(a.kind for a in args), op, args, is_bool=True, note=note)
-        if op is Op.WHERE:
-            return self.add(join_kinds(a.kind for a in args), "where", args, note=note)
         if op in (Op.MUL, Op.DIV) and side == "p" and self._scalar_factor(nid) is not None \
                 and self._reaches_dot(self._scalar_factor(nid)[0]):
             # (q' @ k'^T) * s  ->  (q' * s) @ k'^T: the scalar scales q' once per query tile
@@ -427,33 +427,8 @@ class TileLowering:
             return self.scaled(other, side, (factor,))
         if op in GroupOp.Unary or op in GroupOp.Binary or is_fn(op):
             return self.ew(op, args, note)
-        if op is Op.SCALE:
-            cols = shape[1]
-            if cols == 1:
-                return args[0]
-            return self.ew(Op.MUL, [args[0], self.scalars.rsqrt(cols)], note)
-        if op is Op.NORM:
-            return self.norm(args[0], note)
-        if op is Op.SOFTMAX:
-            x = args[0]
-            if x.kind in ("Q1", "K1"):
-                return self.ew("softmax1", [x], note)
-            return self.add(x.kind, "rowsoftmax", [x], note=note)
-        if op is Op.MATMUL:
-            a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
-            return self.pdot(a, b, note)
-        if op is Op.COS:
-            a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
-            return self.pdot(self.unit(a), self.unit(b), note)
-        if op is Op.DIST:
-            a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
-            if a.kind == "QD" and b.kind == "KD":
-                # |a|^2 + |b|^2 - 2 a.b from the operands the dot product rounds to DOT_DTYPE:
-                # near-zero distances then cancel exactly instead of leaving rounding noise
-                a, b = self.rounded(a), self.rounded(b)
-            sq = self.ew(Op.ADD, [self.sqnorm(a), self.sqnorm(b)])
-            two_ab = self.ew(Op.MUL, [self.pdot(a, b), self.scalars.literal(2.0)])
-            return self.ew("safesqrt", [self.ew(Op.SUB, [sq, two_ab])], note)
+        if spec is not None:     # matmul, softmax, cos, where, ...: its entry's tile lowering
+            return spec.triton(self, node, side, args, note)
         raise NotImplementedError(op)  # pragma: no cover - classify() rejects the rest
 
     # -- scalar factors pushed into q' ------------------------------------------------------------
@@ -535,15 +510,6 @@ class TileLowering:
         if x.kind in ("Q1", "K1"):
             return sq
         return self.add(x.kind[0] + "1", "rowsum", [sq])
-
-    def norm(self, x: Val, note="norm") -> Val:
-        if x.kind in ("Q1", "K1"):
-            return self.ew(fn_op("abs"), [x], note)
-        return self.ew("safesqrt", [self.sqnorm(x)], note)
-
-    def unit(self, x: Val) -> Val:
-        n = self.ew(Op.MAX, [self.norm(x), self.scalars.literal(COS_EPS)])
-        return self.ew(Op.DIV, [x, n])
 
     def pdot(self, a: Val, b: Val, note="") -> Val:
         if a.kind == "QD" and b.kind == "KD":
@@ -673,9 +639,9 @@ def reverse_lines(low: TileLowering, seeds: dict[str, list[str]], wrt: set[str],
         for a, expr in _vjp(st, g):
             if a.text in active:
                 contribs.setdefault(a.text, []).append(expr)
-    for v in wrt:
-        if v in contribs:
-            res.grads[v] = contribs[v]
+    for st in low.stmts:   # in statement order, not set order: the source is the same in every process
+        if st.var in wrt and st.var in contribs:
+            res.grads[st.var] = contribs[st.var]
     return res
 
 

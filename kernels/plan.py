@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-from attnc.compiler.ir import (GroupOp, Node, Op, format_number, is_fn, node_of, output_of, shape_str,
-                               topo)
+from attnc.compiler import structural
+from attnc.compiler.ir import (ARITH_TEXT, GroupOp, Node, Op, format_number, is_fn, node_of, output_of,
+                               shape_str, topo)
 
 STREAMING = "streaming"
 FALLBACK = "fallback"
@@ -104,7 +105,8 @@ def _epilogue(g: nx.DiGraph, nid: int, m: int) -> None:
     node = node_of(g, nid)
     if node.shape == ():
         return
-    if node.op in (Op.MATMUL, Op.COS, Op.DIST, Op.TRANSPOSE) or node.shape[0] != "n" \
+    spec = structural.get(node.op)
+    if (spec is not None and (spec.pairwise or spec.reorients)) or node.shape[0] != "n" \
             or node.shape[1] == "n":
         raise _NotStreaming(f"{render(g, nid)} is applied to the attention output but is not a "
                             "row-local operation (elementwise, norm, scale or softmax over the head dim)")
@@ -128,22 +130,30 @@ def _row_local(g: nx.DiGraph, nid: int, role: str) -> None:
         raise _NotStreaming(f"the {role} {render(g, nid)} ({shape_str(shape)}) reduces over all tokens")
     rows = shape[0] == "n"
     op = node.op
-    if op is Op.NORM and node_of(g, node.operands[0]).shape == ("n", "n"):
-        raise _NotStreaming(f"{render(g, nid)} is a norm over the keys of an n x n matrix: it "
-                            "needs the whole row before the score can be used")
+    spec = structural.get(op)
+    _keys_reduced(g, nid)
     if op in (Op.INPUT, Op.INDEX):
         return
-    if op in (Op.MATMUL, Op.COS, Op.DIST):
+    if spec is not None and spec.pairwise:
         raise _NotStreaming(f"the {role} {render(g, nid)} contains a matrix product; q', k', v' must "
                             "be row-local (elementwise ops, sums, scales, row norms)")
-    if op in (Op.NORM, Op.SOFTMAX) and not rows:
+    if spec is not None and spec.reduces_rows and not rows:
         raise _NotStreaming(f"{render(g, nid)} reduces over the token axis (a {op.value} of a "
                             "transposed matrix), so {role} is not row-local".replace("{role}", role))
-    if op in GroupOp.Elementwise or is_fn(op) or op in (Op.TRANSPOSE, Op.SCALE, Op.NORM, Op.SOFTMAX):
+    if op in GroupOp.Elementwise or is_fn(op) or spec is not None:
         for o in node.operands:
             _row_local(g, o, role)
         return
     raise _NotStreaming(f"unsupported operation {op.value} in the {role}")  # pragma: no cover
+
+
+def _keys_reduced(g: nx.DiGraph, nid: int) -> None:
+    """Raise when `nid` reduces the rows of an n x n matrix (a norm over the keys)."""
+    spec = structural.get(node_of(g, nid).op)
+    if spec is not None and spec.reduces_rows and node_of(g, nid).shape == ("n", 1) \
+            and node_of(g, node_of(g, nid).operands[0]).shape == ("n", "n"):
+        raise _NotStreaming(f"{render(g, nid)} is a {spec.name} over the keys of an n x n matrix: it "
+                            "needs the whole row before the score can be used")
 
 
 def _scalar(g: nx.DiGraph, nid: int) -> None:
@@ -162,9 +172,7 @@ def _pair(g: nx.DiGraph, nid: int, pairs: list, seen: set) -> None:
         _scalar(g, nid)
         return
     if shape == ("n", 1):
-        if op is Op.NORM and node_of(g, node.operands[0]).shape == ("n", "n"):
-            raise _NotStreaming(f"{render(g, nid)} is a norm over the keys of an n x n matrix: it "
-                                "needs the whole row before the score can be used")
+        _keys_reduced(g, nid)
         _row_local(g, nid, "query row feature")
         return
     if shape == (1, "n"):
@@ -172,31 +180,24 @@ def _pair(g: nx.DiGraph, nid: int, pairs: list, seen: set) -> None:
         return
     if shape != ("n", "n"):
         raise _NotStreaming(f"{render(g, nid)} ({shape_str(shape)}) cannot be part of an n x n score")
-    if op is Op.MATMUL:
+    spec = structural.get(op)
+    if spec is not None and spec.pairwise:      # matmul, cos, dist: a score leaf
         a, b = node.operands
         inner = node_of(g, a).shape[1]
         if inner == "n":
             raise _NotStreaming(f"the score contains {render(g, nid)}, a product of n x n matrices "
                                 "(inner dimension n): it needs whole rows and columns of attention")
         _row_local(g, a, "query operand q'")
-        _row_local(g, b, "key operand k'^T")
-        pairs.append(("dot" if inner == "d" else "outer", a, b))
+        _row_local(g, b, "key operand k'^T" if spec.right_transposed else "key operand k'")
+        pairs.append((spec.pair_kind(inner), a, b))
         return
-    if op in (Op.COS, Op.DIST):
-        a, b = node.operands
-        _row_local(g, a, "query operand q'")
-        _row_local(g, b, "key operand k'")
-        pairs.append((op.value, a, b))
-        return
-    if op is Op.SOFTMAX:
-        raise _NotStreaming(f"the score contains a softmax ({render(g, nid)}): a softmax of an "
+    if spec is not None and spec.reduces_rows:
+        raise _NotStreaming(f"the score contains a {spec.name} ({render(g, nid)}): a {spec.name} of an "
                             "attention matrix needs the whole normalised row before the outer one")
-    if op is Op.TRANSPOSE:
+    if spec is not None and spec.reorients:
         raise _NotStreaming(f"the score contains a transposed n x n matrix ({render(g, nid)}), "
                             "indexed (j, i): not computable from one query block")
-    if op is Op.NORM:  # pragma: no cover - norm of (n, n) is (n, 1), handled above
-        raise _NotStreaming(f"{render(g, nid)} reduces over keys")
-    if op in GroupOp.Elementwise or is_fn(op) or op is Op.SCALE:
+    if op in GroupOp.Elementwise or is_fn(op) or spec is not None:   # where, scale, elementwise
         for o in node.operands:
             _pair(g, o, pairs, seen)
         return
@@ -204,11 +205,6 @@ def _pair(g: nx.DiGraph, nid: int, pairs: list, seen: set) -> None:
 
 
 # ---- rendering -------------------------------------------------------------------------------
-
-_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "^", Op.MATMUL: "@",
-          Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
-          Op.AND: "&", Op.OR: "|"}
-
 
 def render(g: nx.DiGraph, nid: int, limit: int = 160) -> str:
     """A short DSL-like text of the sub-expression rooted at `nid` (for messages)."""
@@ -224,14 +220,14 @@ def _render(g: nx.DiGraph, nid: int) -> str:
     if op in (Op.INPUT, Op.SYMBOL, Op.INDEX):
         return node.name
     args = [_render(g, o) for o in node.operands]
-    if op in _INFIX:
-        return f"({args[0]} {_INFIX[op]} {args[1]})"
-    if op is Op.NEG:
-        return f"-{args[0]}"
-    if op is Op.NOT:
-        return f"!{args[0]}"
-    if op is Op.TRANSPOSE:
-        return f"{args[0]}^T"
+    spec = structural.get(op)
+    infix = spec.symbol if spec is not None else ARITH_TEXT.get(op)
+    if infix and len(args) == 2:
+        return f"({args[0]} {infix} {args[1]})"
+    if infix and op in GroupOp.Unary | GroupOp.Logic:      # -x, !x
+        return f"{infix}{args[0]}"
+    if infix:                                              # x^T
+        return f"{args[0]}{infix}"
     return f"{op.value}({', '.join(args)})"
 
 
@@ -243,11 +239,10 @@ def explain_plan(g: nx.DiGraph, c: Classification) -> str:
     p = c.plan
     lines = ["class: streaming (one fused Triton kernel: O(n d) memory, one pass over key blocks)"]
     for kind, a, b in p.pairwise:
-        what = {"dot": "dot product q'_i . k'_j", "outer": "outer product of row features",
-                "cos": "cosine similarity", "dist": "euclidean distance"}[kind]
-        lines.append(f"score leaf: {what}")
+        spec = structural.PAIR_KINDS[kind]
+        lines.append(f"score leaf: {spec.describe_pair(kind)}")
         lines.append(f"  q' = {render(g, a)}")
-        lines.append(f"  k' = {render(g, b) if kind not in ('dot', 'outer') else render(g, b) + '  (transposed)'}")
+        lines.append(f"  k' = {render(g, b) + '  (transposed)' if spec.right_transposed else render(g, b)}")
     if not p.pairwise:
         lines.append("score leaf: none (the score uses only positions / row features)")
     lines.append(f"score z = {render(g, p.score)}")

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 import networkx as nx
-from attnc.compiler import elementwise
+from attnc.compiler import elementwise, structural
 from attnc.compiler import torch_ops as ops
 from attnc.compiler.ir import Op, is_fn, node_of
 
@@ -389,17 +389,11 @@ def _interval(g, nid, memo, index_max=math.inf):
         vals = scalar_values(g, nid)
         if vals and not any(math.isnan(v) for v in vals):
             res = (min(vals), max(vals))
-    elif op is Op.SOFTMAX:
-        res = (0.0, 1.0)
-    elif op is Op.COS:
-        res = (-1.0, 1.0)
     elif op is Op.INDEX:
         res = (0.0, index_max)
-    elif op in (Op.DIST, Op.NORM):
-        res = (0.0, math.inf)
-    elif op is Op.WHERE:
-        a, b = (_interval(g, o, memo, index_max) for o in node.operands[1:])
-        res = (min(a[0], b[0]), max(a[1], b[1]))
+    elif structural.get(op) is not None:    # softmax in [0, 1], cos in [-1, 1], ...: its entry
+        args = [_interval(g, o, memo, index_max) for o in node.operands]
+        res = structural.get(op).interval(args) or _ANY
     elif op in (Op.ADD, Op.SUB, Op.NEG, Op.MUL, Op.DIV, Op.MAX, Op.MIN) or is_fn(op):
         args = [_interval(g, o, memo, index_max) for o in node.operands]
         res = _interval_op(op, args)

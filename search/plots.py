@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from attnc.compiler.errors import ConfigError
+from attnc.compiler.structural import MATRIX_OPS
 
 from .space import Architecture
 
@@ -243,7 +244,7 @@ def draw_priorities(ax, study: StudyData, fig=None) -> None:
 
 
 _COLOURS = {"input": "#cfe2ff", "leaf": "#eeeeee", "matrix": "#ffe5b4", "other": "#e2f0d9"}
-_MATRIX = {"matmul", "transpose", "scale", "softmax", "norm", "cos", "dist"}
+_MATRIX = {op.value for op in MATRIX_OPS}     # the compiler's matrix operations (as in `attnc graph`)
 
 
 def _layer_title(d: LayerDrawing, index: int) -> str:

@@ -58,3 +58,27 @@ def test_every_snapshot_file_is_checked():
     """No stale snapshot files (a renamed formula leaves its old file behind)."""
     expected = {f"{n}.{b}.txt" for n in FORMULAS for b in ("triton", "torch")}
     assert {p.name for p in SNAPSHOTS.glob("*.txt")} == expected
+
+
+_SOURCE_IN_SUBPROCESS = """
+import hashlib, attnc
+from attnc.kernels import triton_source
+for f in ("dist(K, Q) @ P", "-dist(log(-V), V) @ Q", "softmax(cos(Q, K) - dist(Q, K)) @ V"):
+    text = triton_source(attnc.analyze(f), dtype="float16", head_dim=16)
+    print(hashlib.sha256(text.encode()).hexdigest())
+"""
+
+
+def test_generated_source_is_the_same_in_every_process():
+    """Triton caches compiled kernels by source: a source that depended on Python's per-process
+    string hashing (set order) would recompile in every new process. Two gradients accumulated
+    in one loop (dist's |k|^2 and k . q) were once emitted in set order."""
+    import subprocess
+    import sys
+    digests = set()
+    for seed in ("0", "1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", _SOURCE_IN_SUBPROCESS], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        digests.add(out)
+    assert len(digests) == 1, f"{len(digests)} different sources for 4 hash seeds"

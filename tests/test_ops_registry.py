@@ -364,7 +364,7 @@ def test_readme_adding_an_operation_example_runs(tmp_path):
     from readme_text import code_blocks, section
 
     text = section("## Adding an operation")
-    module, usage, builtin = code_blocks(text, "python")
+    module, usage, builtin, _structural = code_blocks(text, "python")
     name = re.match(r"# (\w+)\.py\n", module).group(1)
     (tmp_path / f"{name}.py").write_text(module)
     (tmp_path / "use_it.py").write_text(usage)
@@ -391,6 +391,27 @@ def test_readme_adding_an_operation_example_runs(tmp_path):
     # the built-in line calls _builtins()'s helper b(name, definition, doc)
     call = re.fullmatch(r'\s*b\("(\w+)", (.+), "([^"]*)"\)\s*', builtin)
     assert call is not None and call.group(1) == "sqrelu", builtin
+
+
+def test_readme_structural_example_is_the_real_entry():
+    """The section's structural-operation block is quoted from compiler/structural.py: every line
+    but the closing comment is a line of the real class, in order, and the entry it shows is the
+    one the compiler uses for norm."""
+    import inspect
+
+    from readme_text import code_blocks, section
+
+    from attnc.compiler import structural
+    from attnc.compiler.ir import Op
+
+    block = code_blocks(section("## Adding an operation"), "python")[3]
+    lines = [ln for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    source = inspect.getsource(type(structural.get(Op.NORM))).splitlines()
+    at = 0
+    for ln in lines:
+        assert ln in source[at:], f"README line not in the real class (in order): {ln!r}"
+        at = source.index(ln, at) + 1
+    assert lines[0] == f"class {type(structural.NORM).__name__}({type(structural.NORM).__base__.__name__}):"
 
 
 def test_a_builtin_is_one_line_of_the_table():
