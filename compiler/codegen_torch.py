@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import networkx as nx
 
-from . import structural
 from .ir import (INPUT_NAMES, GroupOp, Node, Op, format_number, inputs_used, is_fn, output_of, shape_str,
                  topo)
 
@@ -85,6 +84,7 @@ def _leaf(node: Node, ref: str) -> str:
 def _op(node: Node, args: list[str], shapes: list, ref: str) -> str:
     op = node.op
     scalar = [s == () for s in shapes]
+    from . import structural   # SymPy: imported when a formula is generated, not by `attnc --help`
     spec = structural.get(op)
     if spec is not None:
         return spec.torch(args, shapes, ref)

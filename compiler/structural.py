@@ -36,7 +36,7 @@ from sympy import MatMul, MatrixExpr, Transpose
 
 from .errors import ShapeError, Span
 from .ir import ARITH_TEXT, Op, Shape, shape_str
-from .matexpr import ONE, EwN, bcast_to, coeff_and_mat, d, n, row_constant
+from .matexpr import ONE, EwN, bcast_to, coeff_and_mat, d, is_mat, n, row_constant
 
 COS_EPS = 1e-8   # row norms are clamped to this in cos (torch and Triton alike)
 # Matrix-chain order is chosen for these sizes (n long, d small), e.g. Q @ (K^T @ V).
@@ -137,8 +137,9 @@ def _numel(shape, sizes):
     return out
 
 
-def _mask_cols(x, keep, fill: float = 0.0):
-    return x if keep is None else x.masked_fill(~keep, fill)
+def _mask_cols(x, keep):
+    """x with its padded token columns (last axis) set to 0."""
+    return x if keep is None else x.masked_fill(~keep, 0.0)
 
 
 def _safe_sqrt(x):
@@ -594,8 +595,7 @@ class _Where(Structural):
     def sympy(self, args, shape):
         if shape == ():
             return sp.Piecewise((args[1], args[0]), (args[2], True))
-        return EwN("where", *shape, *[a if not isinstance(a, MatrixExpr) else bcast_to(a, shape)
-                                      for a in args])
+        return EwN("where", *shape, *[bcast_to(a, shape) if is_mat(a) else a for a in args])
 
     def torch(self, args, shapes, ref):
         if shapes[0] == ():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from . import structural
 from .scalars import s_div, s_pow  # noqa: F401 - the generated code calls ops.s_div / ops.s_pow
 
 # ---- tensors -----------------------------------------------------------------------------------
@@ -34,6 +33,7 @@ def col_index(n: int, like: torch.Tensor) -> torch.Tensor:
 def __getattr__(name: str):
     """`ops.softmax`, `ops.cos`, ...: a structural operation's function, which lives with the rest
     of the operation's definition (its `run`, compiler/structural.py)."""
+    from . import structural
     spec = structural.BY_NAME.get(name)
     if spec is None or not hasattr(spec, "run"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-from attnc.compiler import structural
 from attnc.compiler.ir import (ARITH_TEXT, GroupOp, Node, Op, format_number, is_fn, node_of, output_of,
                                shape_str, topo)
 
@@ -54,6 +53,17 @@ class Classification:
 
 class _NotStreaming(Exception):
     pass
+
+
+def _structural():
+    """compiler/structural.py, imported on first use (it loads SymPy; `attnc bench --help` and
+    `import attnc.kernels` need not)."""
+    from attnc.compiler import structural
+    return structural
+
+
+def _spec(op):
+    return _structural().get(op)
 
 
 def classify(g: nx.DiGraph) -> Classification:
@@ -105,7 +115,7 @@ def _epilogue(g: nx.DiGraph, nid: int, m: int) -> None:
     node = node_of(g, nid)
     if node.shape == ():
         return
-    spec = structural.get(node.op)
+    spec = _spec(node.op)
     if (spec is not None and (spec.pairwise or spec.reorients)) or node.shape[0] != "n" \
             or node.shape[1] == "n":
         raise _NotStreaming(f"{render(g, nid)} is applied to the attention output but is not a "
@@ -130,7 +140,7 @@ def _row_local(g: nx.DiGraph, nid: int, role: str) -> None:
         raise _NotStreaming(f"the {role} {render(g, nid)} ({shape_str(shape)}) reduces over all tokens")
     rows = shape[0] == "n"
     op = node.op
-    spec = structural.get(op)
+    spec = _spec(op)
     _keys_reduced(g, nid)
     if op in (Op.INPUT, Op.INDEX):
         return
@@ -149,7 +159,7 @@ def _row_local(g: nx.DiGraph, nid: int, role: str) -> None:
 
 def _keys_reduced(g: nx.DiGraph, nid: int) -> None:
     """Raise when `nid` reduces the rows of an n x n matrix (a norm over the keys)."""
-    spec = structural.get(node_of(g, nid).op)
+    spec = _spec(node_of(g, nid).op)
     if spec is not None and spec.reduces_rows and node_of(g, nid).shape == ("n", 1) \
             and node_of(g, node_of(g, nid).operands[0]).shape == ("n", "n"):
         raise _NotStreaming(f"{render(g, nid)} is a {spec.name} over the keys of an n x n matrix: it "
@@ -180,11 +190,11 @@ def _pair(g: nx.DiGraph, nid: int, pairs: list, seen: set) -> None:
         return
     if shape != ("n", "n"):
         raise _NotStreaming(f"{render(g, nid)} ({shape_str(shape)}) cannot be part of an n x n score")
-    spec = structural.get(op)
+    spec = _spec(op)
     if spec is not None and spec.pairwise:      # matmul, cos, dist: a score leaf
         a, b = node.operands
         inner = node_of(g, a).shape[1]
-        if inner == "n":
+        if inner == "n" and spec is _structural().MATMUL:   # cos / dist of n-long rows: q' says why
             raise _NotStreaming(f"the score contains {render(g, nid)}, a product of n x n matrices "
                                 "(inner dimension n): it needs whole rows and columns of attention")
         _row_local(g, a, "query operand q'")
@@ -220,7 +230,7 @@ def _render(g: nx.DiGraph, nid: int) -> str:
     if op in (Op.INPUT, Op.SYMBOL, Op.INDEX):
         return node.name
     args = [_render(g, o) for o in node.operands]
-    spec = structural.get(op)
+    spec = _spec(op)
     infix = spec.symbol if spec is not None else ARITH_TEXT.get(op)
     if infix and len(args) == 2:
         return f"({args[0]} {infix} {args[1]})"
@@ -239,7 +249,7 @@ def explain_plan(g: nx.DiGraph, c: Classification) -> str:
     p = c.plan
     lines = ["class: streaming (one fused Triton kernel: O(n d) memory, one pass over key blocks)"]
     for kind, a, b in p.pairwise:
-        spec = structural.PAIR_KINDS[kind]
+        spec = _structural().PAIR_KINDS[kind]
         lines.append(f"score leaf: {spec.describe_pair(kind)}")
         lines.append(f"  q' = {render(g, a)}")
         lines.append(f"  k' = {render(g, b) + '  (transposed)' if spec.right_transposed else render(g, b)}")

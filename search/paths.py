@@ -40,26 +40,37 @@ class Path:
 
 
 def walk(path: Path):
-    """Yield (op, operand text, shape after) along the path; the single source of shape rules."""
-    rows, cols = "n", "d"
+    """Yield (op, operand text, shape after) along the path; shape after is None at the first op
+    that does not fit. The shapes come from the compiler's rules (compiler/structural.py, and
+    broadcasting for add); a binary op takes its input as X or, when only that fits, as X^T."""
+    from attnc.compiler import structural
+    from attnc.compiler.errors import ShapeError
+    from attnc.compiler.ir import Op, function
+
+    shape = ("n", "d")
     for op, x in path.ops:
         operand = None
-        if op == "transpose":
-            rows, cols = cols, rows
-        elif op == "add":
-            if rows == cols:
-                yield op, None, None
-                return
-            operand = x if (rows, cols) == ("n", "d") else f"{x}^T"
-        elif op == "matmul":
-            # X is n x d: x @ X needs x to have n columns, x @ X^T needs d columns
-            operand = x if cols == "n" else f"{x}^T"
-            cols = "d" if cols == "n" else "n"
-        elif op in ("cos", "dist"):
-            # pairwise over rows: both operands need the same number of columns
-            operand = x if cols == "d" else f"{x}^T"
-            cols = "n" if cols == "d" else "d"
-        yield op, operand, (rows, cols)
+        found = function(op)
+        spec = structural.get(found[0]) if found else None
+        try:
+            if x is None:      # unary: transpose swaps, the rest keep the shape
+                shape = spec.shape([shape], None) if spec is not None else shape
+            else:              # binary: X (n x d) or X^T (d x n), whichever fits
+                rule = spec.shape if spec is not None else \
+                    (lambda shapes, span: structural.broadcast(Op.ADD, shapes, span))
+                fits = []
+                for text, xs in ((x, ("n", "d")), (f"{x}^T", ("d", "n"))):
+                    try:
+                        fits.append((text, rule([shape, xs], None)))
+                    except ShapeError:
+                        pass
+                if not fits:           # e.g. add to a square matrix
+                    raise ShapeError(f"{op} does not fit")
+                operand, shape = fits[0]
+        except ShapeError:
+            yield op, None, None
+            return
+        yield op, operand, shape
 
 
 def check_shapes(path: Path) -> bool:

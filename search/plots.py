@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Sequence
 
 from attnc.compiler.errors import ConfigError
-from attnc.compiler.structural import MATRIX_OPS
 
 from .space import Architecture
 
@@ -244,7 +243,12 @@ def draw_priorities(ax, study: StudyData, fig=None) -> None:
 
 
 _COLOURS = {"input": "#cfe2ff", "leaf": "#eeeeee", "matrix": "#ffe5b4", "other": "#e2f0d9"}
-_MATRIX = {op.value for op in MATRIX_OPS}     # the compiler's matrix operations (as in `attnc graph`)
+
+
+def _matrix_names() -> set[str]:
+    """The compiler's matrix operations (coloured as in `attnc compile --graph`)."""
+    from attnc.compiler.structural import MATRIX_OPS
+    return {op.value for op in MATRIX_OPS}
 
 
 def _layer_title(d: LayerDrawing, index: int) -> str:
@@ -274,13 +278,14 @@ def draw_layer(ax, d: LayerDrawing, index: int) -> None:
         ax.annotate("", xy=d.positions[v], xytext=d.positions[u],
                     arrowprops=dict(arrowstyle="-|>", color="#555555", lw=0.8, shrinkA=7, shrinkB=7,
                                     connectionstyle=f"arc3,rad={rad}"))
+    matrix = _matrix_names()
     for nid, lab in d.nodes:
         if lab in ("Q", "K", "V", "P"):
             colour = _COLOURS["input"]
         elif nid not in has_operands:
             colour = _COLOURS["leaf"]
         else:
-            colour = _COLOURS["matrix"] if lab in _MATRIX else _COLOURS["other"]
+            colour = _COLOURS["matrix"] if lab in matrix else _COLOURS["other"]
         out = nid == d.output
         x, y = d.positions[nid]
         ax.text(x, y, lab, ha="center", va="center", fontsize=7, zorder=3,

@@ -8,6 +8,7 @@ name every entry of the table, so a new structural operation cannot land without
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.compiler import structural
+from attnc.compiler import api, structural
 from attnc.compiler.errors import ShapeError
 from attnc.compiler.report import report
 
@@ -94,11 +95,22 @@ REFERENCE = {
               None),   # FLOPs: the comparison and its broadcast index nodes; see below
 }
 
-# a call with a wrong shape, per entry
+# a call with a wrong shape, per entry: (formula, the message's start, the hint)
 BAD_SHAPE = {
-    "matmul": "Q @ K @ V", "transpose": "transpose(2) * Q", "scale": "scale(2) * Q",
-    "softmax": "softmax(2) * Q", "norm": "norm(3) * Q", "cos": "cos(Q, K^T) @ V",
-    "dist": "dist(Q, Q @ K^T) @ V", "where": "where(j <= i, Q, K @ Q^T) @ V",
+    "matmul": ("Q @ K @ V", "'@' inner dimensions differ (d vs n); operand shapes: (n, d), (n, d)",
+               "transpose the right operand, e.g. Q @ K^T"),
+    "transpose": ("transpose(2) * Q", "'^T' needs matrices, not scalars", "a scalar needs no transpose"),
+    "scale": ("scale(2) * Q", "scale() needs matrices, not scalars", "scale() works on the rows of a matrix"),
+    "softmax": ("softmax(2) * Q", "softmax() needs matrices, not scalars",
+                "softmax() works on the rows of a matrix"),
+    "norm": ("norm(3) * Q", "norm() needs matrices, not scalars", "norm() works on the rows of a matrix"),
+    "cos": ("cos(Q, K^T) @ V", "cos() compares rows of different lengths (d vs n); operand shapes: (n, d), (d, n)",
+            "cos(x, y) needs rows of equal length, e.g. cos(Q, K)"),
+    "dist": ("dist(Q, Q @ K^T) @ V", "dist() compares rows of different lengths (d vs n)",
+             "dist(x, y) needs rows of equal length, e.g. dist(Q, K)"),
+    "where": ("where(j <= i, Q, K @ Q^T) @ V", "where() needs shapes that match or broadcast (dim 1: n vs d)",
+              "elementwise operations take equal shapes, scalars, or (x, 1)/(1, x) rows and columns; "
+              "a '@' or '^T' may be missing"),
 }
 
 
@@ -106,25 +118,57 @@ def test_every_entry_has_a_reference():
     assert set(REFERENCE) == set(structural.BY_NAME) == set(BAD_SHAPE)
 
 
+def test_flops_of_scale_as_written():
+    from attnc.compiler.report import flops_at
+    g = _as_written(REFERENCE["scale"][0]).simplified
+    assert flops_at(g, N, D) == 2 * N * N * D + N * N + 5 * N * N + 2 * N * N * D
+
+
+@pytest.mark.parametrize("formula", ["softmax(cos(Q @ K^T, Q @ K^T)) @ V", "dist(Q @ K^T, K @ Q^T) @ V"])
+def test_pairwise_of_attention_rows_falls_back_for_its_operand(formula):
+    """cos / dist of n-long rows: the plan names the operand that needs an n x n matrix (the
+    'product of n x n matrices' reason is matmul's)."""
+    from attnc.kernels import explain
+    reason = [ln for ln in explain(attnc.analyze(formula)).splitlines() if ln.startswith("reason:")]
+    assert reason == ["reason: the query operand q' (Q @ K^T) depends on an n x n matrix"]
+
+
 def _inputs(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(2, 2, N, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
 
 
+def _as_written(formula):
+    """The formula compiled from its checked graph as written, without the SymPy rules (the
+    graph the backends get when a simplified form has no IR): scale(x), for one, survives only
+    here, since the rules turn it into a coefficient."""
+    a = attnc.analyze(formula)
+    return dataclasses.replace(a, simplified=a.graph)
+
+
+def _build(analysis, backend):
+    return api._compile_analysis(analysis, backend, None, {})
+
+
+@pytest.mark.parametrize("as_written", [False, True], ids=["simplified", "as_written"])
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_torch_backend_matches_numpy(name):
+def test_torch_backend_matches_numpy(name, as_written):
     formula, np_ref, _, _ = REFERENCE[name]
-    assert name in {spec.name for spec in _ops_used(formula)}, "the formula must use the entry"
+    a = _as_written(formula) if as_written else attnc.analyze(formula)
+    if as_written or name != "scale":
+        assert name in _ops_used(a.simplified), "the compiled graph must use the entry"
     q, k, v = _inputs(torch.float64)
-    out = attnc.compile(formula, backend="torch")(q=q, k=k, v=v)
+    out = _build(a, "torch")(q=q, k=k, v=v)
     want = np_ref(q.numpy(), k.numpy(), v.numpy())
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_fused_kernel_matches_numpy_and_torch_gradients(name):
+@pytest.mark.parametrize("as_written", [False, True], ids=["simplified", "as_written"])
+def test_fused_kernel_matches_numpy_and_torch_gradients(name, as_written):
     formula, np_ref, t_ref, _ = REFERENCE[name]
-    fn = attnc.compile(formula, backend="triton")
+    a = _as_written(formula) if as_written else attnc.analyze(formula)
+    fn = _build(a, "triton")
     assert fn.plan == "streaming", f"{formula} must run in the fused kernel"
     ins = _inputs(torch.float32, seed=1)
     q, k, v = (t.clone().requires_grad_() for t in ins)
@@ -153,11 +197,11 @@ def test_where_flops_count_by_hand():
 
 @pytest.mark.parametrize("name", sorted(BAD_SHAPE))
 def test_shape_rule_rejects_a_wrong_shape(name):
+    formula, message, hint = BAD_SHAPE[name]
     with pytest.raises(ShapeError) as e:
-        attnc.analyze(BAD_SHAPE[name])
-    spec = structural.BY_NAME[name]
-    spelled = f"'{spec.symbol}'" if spec.symbol else f"{name}()"
-    assert str(e.value.args[0]).startswith(spelled) or spelled in str(e.value)
+        attnc.analyze(formula)
+    assert e.value.args[0].startswith(message)
+    assert e.value.hint == hint
 
 
 def test_structural_ops_are_named_in_one_place():
@@ -185,9 +229,16 @@ def test_structural_ops_are_named_in_one_place():
                 if re.search(rf"\bOp\.{op}\b", path.read_text()):
                     found.add(rel)
         assert found <= ok, f"Op.{op} is also named in {sorted(found - ok)}"
+    # nor are their SymPy classes used (constructed or tested with isinstance) anywhere else
+    classes = "|".join(spec.expr_cls.__name__ for spec in structural.BY_EXPR.values())
+    used = re.compile(rf"\b({classes})\(|isinstance\([^)]*\b({classes})\b")
+    for folder in ("grammar", "compiler", "kernels", "runtime", "search", "attnc"):
+        for path in (root / folder).rglob("*.py"):
+            rel = path.relative_to(root).as_posix()
+            if rel != "compiler/structural.py":
+                assert not used.search(path.read_text()), f"{rel} uses a structural op's SymPy class"
 
 
-def _ops_used(formula):
+def _ops_used(g):
     from attnc.compiler.ir import topo
-    g = attnc.analyze(formula).graph
-    return [structural.get(node.op) for _, node in topo(g) if structural.get(node.op) is not None]
+    return {structural.get(node.op).name for _, node in topo(g) if structural.get(node.op) is not None}
