@@ -20,20 +20,13 @@ from .symbolic import n as N_SYM, d as D_SYM
 _SIZE = {"n": N_SYM, "d": D_SYM, 1: sp.Integer(1)}
 
 
-def _numel(shape) -> sp.Expr:
-    out = sp.Integer(1)
-    for s in shape:
-        out *= _SIZE[s]
-    return out
-
-
 def flops_expr(g: nx.DiGraph) -> sp.Expr:
     """FLOPs per (batch, head) as a polynomial in n and d."""
     total = sp.Integer(0)
     for _, node in topo(g):
         if node.op in GroupOp.Leaf or node.shape == ():
             continue
-        out = _numel(node.shape)
+        out = structural.numel(node.shape, _SIZE)
         spec = structural.get(node.op)
         if spec is not None:
             total += spec.flops([g.nodes[o]["node"].shape for o in node.operands], node.shape, _SIZE)

@@ -126,11 +126,8 @@ def _keep(axis) -> str:
     return "keep" if axis == "n" else "None"
 
 
-def _size(dim, sizes):
-    return sizes[dim]
-
-
-def _numel(shape, sizes):
+def numel(shape, sizes) -> sp.Expr:
+    """Entries of a symbolic shape, with `sizes` mapping "n", "d", 1 to SymPy sizes."""
     out = sp.Integer(1)
     for s in shape:
         out *= sizes[s]
@@ -204,7 +201,7 @@ class Structural:
 
     # -- FLOPs per (batch, head); `sizes` maps "n", "d", 1 to SymPy sizes
     def flops(self, ins: list[Shape], out: Shape, sizes) -> sp.Expr:
-        return _numel(out, sizes)
+        return numel(out, sizes)
 
     # -- range of values (kernels' fp16 analysis); None: unbounded / unknown
     def interval(self, args: list[tuple[float, float]]):
@@ -252,7 +249,7 @@ class _MatMul(Structural):
         return a @ b
 
     def flops(self, ins, out, sizes):
-        return 2 * _numel(out, sizes) * _size(ins[0][1], sizes)
+        return 2 * numel(out, sizes) * sizes[ins[0][1]]
 
     @staticmethod
     def chain(ids: list, mats: list, product):
@@ -385,7 +382,7 @@ class _Softmax(_RowWise):
         return e / torch.where(s > 0, s, torch.ones_like(s))
 
     def flops(self, ins, out, sizes):
-        return 5 * _numel(out, sizes)    # max, subtract, exp, sum, divide
+        return 5 * numel(out, sizes)    # max, subtract, exp, sum, divide
 
     def interval(self, args):
         return (0.0, 1.0)
@@ -421,7 +418,7 @@ class _Norm(_RowWise):
         return _safe_sqrt((x * x).sum(dim=-1, keepdim=True))
 
     def flops(self, ins, out, sizes):
-        return 2 * _numel(ins[0], sizes) + _numel(out, sizes)
+        return 2 * numel(ins[0], sizes) + numel(out, sizes)
 
     def interval(self, args):
         return (0.0, math.inf)
@@ -502,8 +499,8 @@ class _Cos(_Pairwise):
         return an @ bn.transpose(-1, -2)
 
     def flops(self, ins, out, sizes):
-        m, o = _size(ins[0][1], sizes), _numel(out, sizes)
-        return 2 * o * m + 3 * (_numel(ins[0], sizes) + _numel(ins[1], sizes)) + o
+        m, o = sizes[ins[0][1]], numel(out, sizes)
+        return 2 * o * m + 3 * (numel(ins[0], sizes) + numel(ins[1], sizes)) + o
 
     def interval(self, args):
         return (-1.0, 1.0)
@@ -544,8 +541,8 @@ class _Dist(_Pairwise):
         return _safe_sqrt(sq)
 
     def flops(self, ins, out, sizes):
-        m, o = _size(ins[0][1], sizes), _numel(out, sizes)
-        return 2 * o * m + 2 * (_numel(ins[0], sizes) + _numel(ins[1], sizes)) + 4 * o
+        m, o = sizes[ins[0][1]], numel(out, sizes)
+        return 2 * o * m + 2 * (numel(ins[0], sizes) + numel(ins[1], sizes)) + 4 * o
 
     def interval(self, args):
         return (0.0, math.inf)
@@ -648,5 +645,5 @@ def rules() -> list:
 
 __all__ = ["TABLE", "BY_NAME", "BY_EXPR", "CALLS", "PAIR_KINDS", "MATRIX_OPS", "Structural", "Softmax",
            "RowNorm", "CosSim", "Dist", "COS_EPS", "CHAIN_COST_SIZES", "get", "call_hint", "rules",
-           "op_text", "shape_error", "broadcast",
+           "op_text", "shape_error", "broadcast", "numel",
            "MATMUL", "TRANSPOSE", "SCALE", "SOFTMAX", "NORM", "COS", "DIST", "WHERE"]

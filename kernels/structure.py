@@ -50,7 +50,7 @@ def _apply(op, args: list[float]) -> float | None:
             return float(entry.scalar_fn()(*args))
         fn = _FLOAT_OPS.get(op)
         return None if fn is None else float(fn(*args))
-    except (ArithmeticError, ValueError, TypeError, KeyError):
+    except (ArithmeticError, ValueError):   # overflow, a math domain error: not evaluable here
         return None
 
 

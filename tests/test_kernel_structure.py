@@ -123,24 +123,23 @@ def test_block_ranges_cover_the_band_and_skip_only_empty_blocks(seed):
             lo, hi = hi, lo
         band = None if lo is None and hi is None else Band(lo, hi)
         inside = {(i, j) for i in range(n) for j in range(n) if band is None or band.contains(j - i)}
-        fwd = set()
-        for sm in range(0, n, bm):
-            a, b = key_block_range(band, sm, bm, bn, n)
-            assert a % bn == 0
-            for sn in range(a, b, bn):
-                block = {(i, j) for i in range(sm, min(sm + bm, n)) for j in range(sn, min(sn + bn, n))}
-                assert block & inside, (band, n, bm, bn, sm, sn)
-                fwd |= block
-        assert inside <= fwd
-        bwd = set()
-        for sn in range(0, n, bn):
-            a, b = query_block_range(band, sn, bn, bm, n)
-            assert a % bm == 0
-            for sm in range(a, b, bm):
-                block = {(i, j) for i in range(sm, min(sm + bm, n)) for j in range(sn, min(sn + bn, n))}
-                assert block & inside, (band, n, bm, bn, sn, sm)
-                bwd |= block
-        assert inside <= bwd
+        # forward: key blocks per query block; backward: query blocks per key block
+        assert inside <= _visited(key_block_range, band, inside, n, bm, bn, queries_outer=True)
+        assert inside <= _visited(query_block_range, band, inside, n, bn, bm, queries_outer=False)
+
+
+def _visited(block_range, band, inside, n, outer, inner, queries_outer):
+    """The (i, j) pairs of the blocks `block_range` visits, each checked to hold a pair of the band."""
+    seen = set()
+    for s_out in range(0, n, outer):
+        a, b = block_range(band, s_out, outer, inner, n)
+        assert a % inner == 0
+        for s_in in range(a, b, inner):
+            (sm, bm), (sn, bn) = ((s_out, outer), (s_in, inner)) if queries_outer else ((s_in, inner), (s_out, outer))
+            block = {(i, j) for i in range(sm, min(sm + bm, n)) for j in range(sn, min(sn + bn, n))}
+            assert block & inside, (band, n, bm, bn, sm, sn)
+            seen |= block
+    return seen
 
 
 def test_bench_flops_count_computed_blocks():

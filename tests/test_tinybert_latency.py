@@ -212,13 +212,15 @@ def test_bert_base_latency_is_measured_once_per_target(tmp_path, monkeypatch):
 def test_cli_collects_fits_and_saves(tmp_path, capsys):
     import argparse
 
+    from attnc.search.tinybert.cli import add_latency_arguments, cli_latency
+
     p = argparse.ArgumentParser()
-    lat.add_latency_arguments(p)
+    add_latency_arguments(p)
     out = tmp_path / "run"
     argv = ["--samples", "20", "--max-layers", "2", "--max-hidden", "64", "--max-ffn", "96", "--max-heads", "2",
             "--head-dim", "16", "--vocab-size", "64", "--seq", "32", "--warmup", "1", "--repeats", "3",
             "--epochs", "200", "--no-progress", "--json", "--out", str(out)]
-    assert lat.cli_latency(p.parse_args(argv)) == 0
+    assert cli_latency(p.parse_args(argv)) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["samples"] == 20 and res["measured_now"] == 20
     pred = LatencyPredictor.load(out)
@@ -226,10 +228,10 @@ def test_cli_collects_fits_and_saves(tmp_path, capsys):
     recs = lat.load_records(out)
     assert math.isfinite(pred.predict(recs[3]["arch"]))
     # rerun: nothing new to measure; other settings -> the project's error
-    assert lat.cli_latency(p.parse_args(argv)) == 0
+    assert cli_latency(p.parse_args(argv)) == 0
     assert json.loads(capsys.readouterr().out)["measured_now"] == 0
     with pytest.raises(ConfigError):
-        lat.cli_latency(p.parse_args(argv[:-2] + ["--seq", "16", "--out", str(out)]))
+        cli_latency(p.parse_args(argv[:-2] + ["--seq", "16", "--out", str(out)]))
 
 
 def test_measure_archs_times_round_robin_and_reports_the_statistics_of_each_arch(monkeypatch):

@@ -353,12 +353,14 @@ def test_bad_settings_raise_config_errors():
 
 
 def test_cli_train_writes_a_loadable_superplm(tmp_path, capsys):
+    from attnc.search.tinybert.cli import add_train_arguments, cli_train
+
     p = argparse.ArgumentParser()
-    TT.add_train_arguments(p)
+    add_train_arguments(p)
     args = p.parse_args(["--out", str(tmp_path), "--max-layers", "2", "--max-hidden", "32", "--max-ffn", "64",
                          "--max-heads", "2", "--head-dim", "8", "--seq-len", "32", "--steps", "3",
                          "--batch-size", "4", "--sub-batches", "2", "--device", "cpu", "--no-progress", "--json"])
-    assert TT.cli_train(args) == 0
+    assert cli_train(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["sub_batches"] == 2
     net = TT.load_superplm(tmp_path)

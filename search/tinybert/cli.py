@@ -28,7 +28,7 @@ def register(sub) -> None:
     ssub.required = True
 
     # train.py imports torch at its top, and every `attnc` command builds this parser: the train
-    # options are parsed by _train itself (with train.add_train_arguments), so this subparser takes
+    # options are parsed by _train itself (with add_train_arguments), so this subparser takes
     # everything after `train` as it is ('+' as its only prefix makes argparse leave "--x" alone).
     p = ssub.add_parser("train", help="batch-wise SuperPLM training (Algorithm 1); --help for its options",
                         add_help=False, prefix_chars="+")
@@ -94,9 +94,8 @@ def register(sub) -> None:
     p = sub.add_parser("latency", help="measure architectures' latencies and fit the latency predictor",
                        description="Collect (resumable) measured latencies of random architectures of a "
                                    "space on this machine and fit an MLP latency predictor.")
-    from .latency import add_latency_arguments   # plain argparse code: no torch at import
     add_latency_arguments(p)
-    p.set_defaults(func=_latency)
+    p.set_defaults(func=cli_latency)
 
 
 def _data_arguments(p) -> None:
@@ -111,8 +110,6 @@ def _data_arguments(p) -> None:
 def _train(args) -> int:
     import argparse
 
-    from .train import add_train_arguments, cli_train
-
     p = argparse.ArgumentParser(prog="attnc search superplm train",
                                 description="Train a SuperPLM with batch-wise sub-model sampling (Algorithm 1; "
                                             "one process or torchrun); writes OUT/supernet.")
@@ -120,9 +117,199 @@ def _train(args) -> int:
     return cli_train(p.parse_args(args.train_args))
 
 
-def _latency(args) -> int:
-    from .latency import cli_latency
-    return cli_latency(args)
+# --- train and latency: their options and commands ----------------------------------------------------
+
+def add_train_arguments(p) -> None:
+    """Arguments of `attnc search superplm train` (imports the trainer, hence torch)."""
+    from attnc.runtime import trainer as T
+
+    from .train import OBJECTIVES
+
+    p.add_argument("--out", required=True, help="output folder: OUT/supernet (weights + space), checkpoints, metrics")
+    g = p.add_argument_group("search space (the SuperPLM is its largest architecture)")
+    g.add_argument("--max-layers", type=int, default=4)
+    g.add_argument("--max-hidden", type=int, default=256)
+    g.add_argument("--max-ffn", type=int, default=1024)
+    g.add_argument("--max-heads", type=int, default=4, help="kd mode: ignored, the teacher's head count")
+    g.add_argument("--min-layers", type=int, default=1)
+    g.add_argument("--min-hidden", type=int, default=32, help="smallest hidden size sampled (a multiple of 4)")
+    g.add_argument("--min-ffn", type=int, default=32, help="smallest FFN size sampled (a multiple of 4)")
+    g.add_argument("--head-dim", type=int, default=None,
+                   help="per-head width (default 64; kd mode: max qkv / heads, default the teacher's)")
+    g.add_argument("--mode", choices=OBJECTIVES, default="mlm",
+                   help="mlm: MLM pre-training (MHA strategy 1); kd: distillation from --teacher (strategy 2)")
+    g.add_argument("--teacher", default="minilm-l6", help="kd teacher: minilm-l6 or a BERT folder")
+    g.add_argument("--formula", default=None, help="one attention formula for every layer (default standard)")
+    d = p.add_argument_group("data and training")
+    d.add_argument("--corpus", default="wiki-sample", help="wiki-sample | bbc-news | a local text path")
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--batch-size", type=int, default=32, help="global batch (all sub-batches, all processes)")
+    d.add_argument("--sub-batches", type=int, default=4, help="N of Algorithm 1 (1: one sub-model per batch)")
+    d.add_argument("--samples", type=int, default=1, help="M: sub-models per sub-batch")
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--eval-every", type=int, default=None)
+    d.add_argument("--checkpoint-every", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--precision", choices=tuple(T.PRECISIONS), default="fp32")
+    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--json", action="store_true", help="print the metrics summary as JSON")
+
+
+def _space_from_args(args, teacher):
+    from .space import Space
+
+    kw = dict(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
+              min_layers=args.min_layers, min_hidden=args.min_hidden, min_ffn=args.min_ffn,
+              mode=args.mode, formula=args.formula)
+    if args.mode == "kd":
+        tc = teacher.config
+        kw["max_heads"] = tc.num_attention_heads
+        kw["head_dim"] = args.head_dim or tc.hidden_size // tc.num_attention_heads
+        kw["vocab_size"] = tc.vocab_size
+    else:
+        kw["max_heads"] = args.max_heads
+        if args.head_dim is not None:
+            kw["head_dim"] = args.head_dim
+    return Space(**kw)
+
+
+def cli_train(args) -> int:
+    """`attnc search superplm train`: returns the exit status; prints the summary (rank 0)."""
+    import torch
+
+    from attnc.compiler.errors import ConfigError
+    from attnc.runtime import data as D
+    from attnc.runtime import trainer as T
+    from attnc.runtime.train import load_teacher
+
+    from .supernet import SuperPLM
+    from .train import (SUPERNET_DIR, SuperTrainConfig, _dist_env, _mean, new_fit_layer, save_superplm,
+                        train_superplm)
+
+    rank, world = _dist_env()
+    out = Path(args.out)
+    teacher = load_teacher(args.teacher) if args.mode == "kd" else None
+    space = _space_from_args(args, teacher)
+    tok = D.load_tokenizer()
+    if args.mode == "mlm" and len(tok) > space.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tok)} tokens, the space's vocabulary {space.vocab_size}")
+    blocks = D.cached_blocks(args.corpus, tok, args.seq_len, progress=not args.no_progress and rank == 0)
+    data = T.MLMData(blocks, tok)
+    cfg = SuperTrainConfig(steps=args.steps, batch_size=args.batch_size, sub_batches=args.sub_batches,
+                           samples=args.samples, lr=args.lr, seed=args.seed, objective=args.mode,
+                           eval_every=args.eval_every, checkpoint_dir=str(out / "checkpoints"),
+                           checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+                           precision=args.precision)
+    torch.manual_seed(args.seed)   # the SuperPLM's init (identical on every rank)
+    supernet = SuperPLM(space)
+    fit = new_fit_layer(space, teacher, args.seed) if teacher is not None else None
+    metrics = train_superplm(supernet, data, cfg, teacher=teacher, fit=fit, progress=not args.no_progress)
+    recipe = {"objective": cfg.objective, "corpus": args.corpus, "seq_len": args.seq_len, "seed": args.seed,
+              "eval_blocks": len(data.eval_idx), "teacher": args.teacher if teacher is not None else None}
+    summary = {"out": str(out / SUPERNET_DIR), "space": space.to_json(), "steps": metrics["steps"],
+               "world_size": metrics["world_size"], "sub_batches": cfg.sub_batches, "samples": cfg.samples,
+               "objective": cfg.objective, "seconds": round(metrics["seconds"], 2),
+               "loss_first10": _mean(metrics["losses"][:10]), "loss_last10": _mean(metrics["losses"][-10:]),
+               "final_eval": metrics["final_eval"], "resumed_from": metrics["resumed_from"], "recipe": recipe}
+    if rank == 0:
+        save_superplm(supernet, out, metrics=metrics, recipe=recipe, fit=fit)
+        (out / "superplm_train.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            kind = "distillation" if cfg.objective == "kd" else "MLM"
+            print(f"trained SuperPLM {space.max_arch} ({cfg.objective}, N={cfg.sub_batches}, M={cfg.samples}, "
+                  f"{world} process(es)): {metrics['steps']} steps in {summary['seconds']} s, "
+                  f"loss {summary['loss_first10']:.3f} -> {summary['loss_last10']:.3f}, held-out {kind} loss "
+                  f"of {space.max_arch}: {metrics['final_eval']['loss']:.3f}")
+            print(f"saved to {out / SUPERNET_DIR} (load with attnc.search.tinybert.train.load_superplm)")
+    return 0
+
+
+def add_latency_arguments(p) -> None:
+    """The options of `attnc search latency` (plain argparse: no torch at import)."""
+    from .latency import TARGETS
+    from .space import Space
+
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="dataset + predictor folder (an existing one resumes / extends its dataset)")
+    p.add_argument("--samples", type=int, default=300, help="architectures to measure (default 300)")
+    d = Space()
+    p.add_argument("--max-layers", type=int, default=d.max_layers)
+    p.add_argument("--max-hidden", type=int, default=d.max_hidden)
+    p.add_argument("--max-ffn", type=int, default=d.max_ffn)
+    p.add_argument("--max-heads", type=int, default=d.max_heads)
+    p.add_argument("--min-layers", type=int, default=d.min_layers)
+    p.add_argument("--min-hidden", type=int, default=d.min_hidden)
+    p.add_argument("--min-ffn", type=int, default=d.min_ffn)
+    p.add_argument("--mode", choices=("mlm", "kd"), default=d.mode)
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--formula", default=None, help="one attention formula for every layer (default: standard)")
+    p.add_argument("--device", default="cpu", help="cpu (default, the paper's target), cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per arch (the median is kept)")
+    p.add_argument("--interleave", type=int, default=16,
+                   help="archs timed together, round-robin, with a reference arch, so that machine drift "
+                        "hits them alike (default 16; they are all in memory at once)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2000, help="predictor training epochs (full batch)")
+    p.add_argument("--target", choices=TARGETS, default="log", help="fit log(ms) (default) or ms")
+    p.add_argument("--bert-base", action="store_true",
+                   help="also measure (and cache) BERT-base on the same target, for --speedup")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def cli_latency(args) -> int:
+    """`attnc search latency`: collect (resuming), fit, save, print held-out errors."""
+    from .latency import (BERT_BASE, META, PREDICTOR, LatencyPredictor, bert_base_latency_ms, collect,
+                          load_records)
+    from .space import Space
+
+    space = Space(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
+                  max_heads=args.max_heads, min_layers=args.min_layers, min_hidden=args.min_hidden,
+                  min_ffn=args.min_ffn, mode=args.mode, head_dim=args.head_dim,
+                  vocab_size=args.vocab_size, formula=args.formula)
+    before = len(load_records(args.out)) if (Path(args.out) / META).exists() else 0
+    records = collect(space, args.samples, args.out, device=args.device, threads=args.threads,
+                      batch=args.batch, seq=args.seq, warmup=args.warmup, repeats=args.repeats,
+                      seed=args.seed, interleave=args.interleave, progress=not args.no_progress)
+    pred, m = LatencyPredictor.fit(space, records, epochs=args.epochs, seed=args.seed, target=args.target,
+                                   seq=args.seq, settings={"device": args.device, "threads": args.threads,
+                                                           "batch": args.batch, "seq": args.seq,
+                                                           "warmup": args.warmup, "repeats": args.repeats})
+    pred.save(args.out)
+    out = {"out": str(args.out), "samples": len(records), "measured_now": max(len(records) - before, 0),
+           **{k: m[k] for k in ("n_train", "n_heldout", "rmse_ms", "mape_pct", "target", "drift_corrected")},
+           "mean_predictor": m["mean_predictor"], "linear": m["linear"], "raw": m["raw"]}
+    if args.bert_base:
+        out["bert_base_ms"] = bert_base_latency_ms(args.device, args.threads, args.batch, args.seq,
+                                                   warmup=args.warmup, repeats=args.repeats, folder=args.out)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{len(records)} architectures in {args.out} ({out['measured_now']} measured now; "
+          f"{args.device}, {args.threads} thread(s), batch {args.batch}, seq {args.seq})")
+    if m["rmse_ms"] is None:
+        print("no held-out split (all archs trained)")
+    else:
+        mp = m["mean_predictor"]
+        print(f"held-out ({m['n_heldout']} archs): RMSE {m['rmse_ms']:.3f} ms, MAPE {m['mape_pct']:.2f}%   "
+              f"| mean predictor: RMSE {mp['rmse_ms']:.3f} ms, MAPE {mp['mape_pct']:.2f}%")
+        if m["drift_corrected"]:
+            print(f"(latencies rescaled by the reference arch timed in each group; against the "
+                  f"unscaled measurements: MAPE {m['raw']['mape_pct']:.2f}%)")
+    if "bert_base_ms" in out:
+        print(f"BERT-base ({BERT_BASE}): {out['bert_base_ms']:.2f} ms")
+    print(f"predictor saved to {args.out}/{PREDICTOR}")
+    return 0
 
 
 # --- search ------------------------------------------------------------------------------------------
