@@ -2,7 +2,8 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench lock fresh-check
+# Installs the exact versions of requirements/lock-cpu.txt; ATTNC_DEPS=latest for the newest releases.
 setup:
 	bash scripts/setup.sh
 
@@ -17,3 +18,11 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/compile_latency.py
+
+# Recompile requirements/lock-cpu.txt from pyproject.toml and requirements/cpu.in (uv pip compile).
+lock:
+	bash scripts/lock.sh
+
+# Before resolving an issue: clone HEAD, new virtualenv, the README's quick start as written.
+fresh-check:
+	bash scripts/fresh_check.sh

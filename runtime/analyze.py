@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from attnc.compiler.errors import DataError
-from tqdm.auto import tqdm
+from attnc._progress import progress_bar
 
 from . import data as D
 
@@ -56,7 +56,7 @@ def token_uniformity(model_dir: str | os.PathLike, *, corpus: str = "wiki-sample
     ids_all = torch.tensor([blocks[i]["input_ids"] for i in pick])     # (N, n), no padding
     sums: list[dict[str, float]] | None = None
     with torch.no_grad():
-        for i in tqdm(range(0, len(ids_all), batch_size), desc="analyze", disable=not progress):
+        for i in progress_bar(range(0, len(ids_all), batch_size), desc="analyze", disable=not progress):
             ids = ids_all[i:i + batch_size]
             hidden = model(ids, output_hidden_states=True).hidden_states   # L+1 x (B, n, dm)
             if sums is None:

@@ -69,7 +69,7 @@ class TrainConfig:
     checkpoint_every_minutes: float | None = 10.0  # and every N minutes (needs checkpoint_dir)
     keep_checkpoints: int = 2               # how many of the latest checkpoints to keep
     resume: bool = False                    # continue from the latest checkpoint in checkpoint_dir, if any
-    progress: bool = False                  # show a tqdm bar
+    progress: bool = False                  # show a progress bar (attnc._progress: whole lines when not on a terminal)
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -653,8 +653,8 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
     model.train()
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {data.kind}", unit="step")
+        from attnc._progress import progress_bar
+        bar = progress_bar(total=cfg.steps, initial=start, desc=f"train {data.kind}", unit="step")
     step = start
     while stop is None and step < cfg.steps:
         total, dtotal = 0.0, 0.0

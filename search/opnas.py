@@ -341,9 +341,9 @@ def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm
         loop.in_flight = ray_in_flight
         started_ray = _start_ray(ray, ray_address)
         if progress:
-            from tqdm.auto import tqdm
+            from attnc._progress import progress_bar
             c = counts(st)   # a resumed search starts its bar (and its ETA) at what is already done
-            bar = tqdm(total=budget, initial=min(budget, c["evaluated"] + c["failed"]),
+            bar = progress_bar(total=budget, initial=min(budget, c["evaluated"] + c["failed"]),
                        desc=f"search {algorithm}", unit="eval")
             loop.bar = bar
         loop.run(use_ray=started_ray is not None)

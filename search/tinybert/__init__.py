@@ -12,7 +12,7 @@ Names load lazily: `attnc --help` must not import torch/transformers through thi
 """
 from __future__ import annotations
 
-import importlib
+from attnc._lazy import lazy_getattr
 
 _LAZY = {   # public name -> submodule defining it
     "Arch": "space", "Space": "space",
@@ -29,10 +29,4 @@ _LAZY = {   # public name -> submodule defining it
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)

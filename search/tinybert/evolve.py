@@ -138,8 +138,8 @@ def search(space, fitness: Callable, latency: Callable, cfg: EvolutionConfig, *,
         loop = _Loop(space, fitness, latency, cfg, st)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-            bar = loop.bar = tqdm(total=cfg.generations + 1, desc="evolution", unit="gen")
+            from attnc._progress import progress_bar
+            bar = loop.bar = progress_bar(total=cfg.generations + 1, desc="evolution", unit="gen")
         try:
             loop.run()
         finally:
@@ -185,8 +185,8 @@ def fast_search(space, fitness: Callable, latency: Callable, cfg: EvolutionConfi
         loop = _Loop(space, fitness, latency, cfg, st)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-            bar = loop.bar = tqdm(total=1, desc="AutoTinyBERT-Fast", unit="gen")
+            from attnc._progress import progress_bar
+            bar = loop.bar = progress_bar(total=1, desc="AutoTinyBERT-Fast", unit="gen")
         try:
             loop.score_pending()
         finally:

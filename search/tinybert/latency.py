@@ -342,8 +342,8 @@ def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cp
         return records[:samples]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=samples, initial=len(records), desc=f"latency {device}", unit="arch")
+        from attnc._progress import progress_bar
+        bar = progress_bar(total=samples, initial=len(records), desc=f"latency {device}", unit="arch")
     try:
         with open(folder / RECORDS, "a") as f:
             for start in range(0, len(todo), interleave):

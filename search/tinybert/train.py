@@ -470,8 +470,8 @@ def _train(supernet, data, cfg, teacher, distill, fit, progress, callbacks, rank
 
     bar = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"superplm {cfg.objective} N={N} M={M}", unit="step")
+        from attnc._progress import progress_bar
+        bar = progress_bar(total=cfg.steps, initial=start, desc=f"superplm {cfg.objective} N={N} M={M}", unit="step")
     t0 = time.perf_counter()
     step, stop = start, None
     supernet.train()

@@ -15,9 +15,13 @@ TRITON_INTERPRET=1 for the CPU interpreter) only when a streaming formula is bui
 """
 from __future__ import annotations
 
-from attnc.compiler.backends import Backend, register_backend
+from attnc._layout import make_stage_package
 
-from .plan import Classification, StreamingPlan, classify
+make_stage_package(globals())   # its modules are the files of kernels/ (attnc/_layout.py)
+
+from attnc.compiler.backends import Backend, register_backend  # noqa: E402
+
+from .plan import Classification, StreamingPlan, classify  # noqa: E402
 
 
 def build_triton(analysis, cache_dir=None, **options):

@@ -11,6 +11,12 @@ as transformers loads them (attnc/_hf.py), without importing transformers up fro
 """
 import importlib
 
+from attnc._lazy import lazy_getattr
+
+from attnc._layout import make_stage_package
+
+make_stage_package(globals())   # its modules are the files of runtime/ (attnc/_layout.py)
+
 # Names load on first use (module __getattr__): `attnc.runtime.cli` is imported by every `attnc`
 # command to build the parser, and importing transformers/torch up front costs seconds and
 # hundreds of MB (`attnc check` must stay fast).
@@ -24,13 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)
 
 
 def register_auto_classes() -> None:
