@@ -46,7 +46,7 @@ for i in "${!commands[@]}"; do
     rc=$?
     secs=$(( $(date +%s) - start ))
     line=$(printf '%-12s exit %d  %dm%02ds' "$cmd" "$rc" $((secs / 60)) $((secs % 60)))
-    tests=$(grep -E '^[=]*.*[0-9]+ (passed|failed)' "$log" | tail -n 1)
+    tests=$(grep -E '[0-9]+ (passed|failed).* in [0-9.]+s' "$log" | tail -n 1)
     [ -n "$tests" ] && line="$line  $tests"
     summary+=("$line")
     echo "fresh-check: $line"

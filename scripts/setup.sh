@@ -41,10 +41,11 @@ if [ "$DEPS" = lock ]; then
     fi
     echo "setup: installing the locked dependencies ($LOCK)" >&2
     pip_install -r "$reqs"
-    # attnc itself, editable, unless this checkout is the one installed already
+    # attnc itself, editable, unless this checkout is the one installed already (asked from another
+    # folder: from here `import attnc` would find the checkout whether it is installed or not)
     here='import pathlib, sys, attnc
-sys.exit(pathlib.Path(attnc.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())'
-    "$PY" -c "$here" >/dev/null 2>&1 || pip_install --no-deps -e .
+sys.exit(pathlib.Path(attnc.__file__).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())'
+    (root=$PWD; cd / && "$PY" -c "$here" "$root") >/dev/null 2>&1 || pip_install --no-deps -e .
 else
     echo "setup: ATTNC_DEPS=latest: installing the newest releases pyproject.toml allows" >&2
     keep=$(mktemp)
