@@ -21,7 +21,7 @@ def progress_bar(iterable=None, *, file=None, interval: float = LOG_INTERVAL_S, 
 
     Takes tqdm's arguments (`total`, `initial`, `desc`, `unit`, `disable`, ...)."""
     stream = sys.stderr if file is None else file
-    if _is_terminal(stream) or _in_notebook():
+    if is_terminal(stream) or _in_notebook():
         return _auto_tqdm(iterable, file=file, **kwargs)
     return LogBar(iterable, file=stream, interval=interval, **kwargs)
 
@@ -74,7 +74,7 @@ class _Discard:
         pass
 
 
-def _is_terminal(stream) -> bool:
+def is_terminal(stream) -> bool:
     isatty = getattr(stream, "isatty", None)
     try:
         return bool(isatty and isatty())

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnc.compiler.errors import AttncError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    _quiet_foreign_bars()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
@@ -76,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _quiet_foreign_bars() -> None:
+    """Off a terminal (CI logs, Ray workers, `> log 2>&1`) attnc's own bars write a line every 30 s
+    (attnc/_progress.py); Hugging Face's (saving shards, mapping datasets) would redraw with carriage
+    returns, so they are switched off there, for this process and the ones it starts, unless the
+    user set these variables."""
+    from attnc._progress import is_terminal
+    if not is_terminal(sys.stderr):
+        import os
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")       # transformers and the hub
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets
 
 
 def _version() -> str:

@@ -108,3 +108,31 @@ def test_redirected_training_writes_lines(tmp_path):
     bar_lines = [line for line in text.splitlines() if line.startswith("train mlm")]
     assert len(bar_lines) == 2, text          # the start and the end: the run takes under 30 s
     assert "12/12" in bar_lines[-1] and "0/12" in bar_lines[0]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_cli_switches_off_hugging_face_bars_only_off_a_terminal(tmp_path, terminal):
+    """transformers' own bars (saving shards) redraw with carriage returns: off a terminal the CLI
+    turns them off, for itself and the processes it starts; on a terminal they stay."""
+    import pty
+    code = ("import os, sys\n"
+            "from attnc.cli import _quiet_foreign_bars\n"
+            "_quiet_foreign_bars()\n"
+            "from transformers.utils import logging\n"
+            "import datasets\n"
+            "print(logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled(),\n"
+            "      os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
+    if terminal:
+        master, slave = pty.openpty()
+        try:
+            r = subprocess.run([sys.executable, "-c", code], stderr=slave, stdout=subprocess.PIPE,
+                               text=True, timeout=120, env=env)
+        finally:
+            os.close(slave)
+            os.close(master)
+    else:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == (["True", "True", "None"] if terminal else ["False", "False", "1"])
