@@ -30,8 +30,9 @@ import networkx as nx
 import sympy as sp
 from attnc.compiler import elementwise, structural
 from attnc.compiler import torch_ops as ops
+from attnc.compiler.codegen_torch import op_expr
 from attnc.compiler.elementwise import LogSigmoid, Relu, Sigmoid, Softplus, Step  # noqa: F401
-from attnc.compiler.ir import GroupOp, Op, is_fn, node_of
+from attnc.compiler.ir import GroupOp, Op, fn_op, is_fn, node_of
 
 
 # ---- SymPy definitions of the elementwise ops ----------------------------------------------
@@ -253,21 +254,26 @@ def tile_mask(kind: str) -> str:
 
 
 class ScalarTable:
-    """Scalar sub-expressions: folded to literals, or computed on the host from n and d."""
+    """Scalar sub-expressions: folded to literals, or computed on the host (Python text written by
+    the PyTorch backend's printer, compiler/codegen_torch.op_expr). Those of constants and the head
+    dim d are Python floats passed to every kernel (`args`, `host_lines`); those that depend on n,
+    each sequence's own length, are (B,) float64 tensors over n = torch_ops.seq_lengths (`seq_args`,
+    `seq_lines`), which the kernels read at their batch row."""
 
     def __init__(self, g: nx.DiGraph):
         self.g = g
         self.values: dict = {}       # key -> Val
         self.host_lines: list[str] = []
         self.args: list[str] = []    # runtime scalar names passed to kernels
+        self.seq_lines: list[str] = []
+        self.seq_args: list[str] = []   # per-sequence scalars, read from one (B, k) tensor
         self._tmp: dict = {}
+        self._count = 0
 
     def get(self, nid: int) -> Val:
         key = ("node", nid)
-        if key in self.values:
-            return self.values[key]
-        text, value = self._host(nid)
-        self.values[key] = self._val(text, value)
+        if key not in self.values:
+            self.values[key] = self._val(*self._host(nid))
         return self.values[key]
 
     def rsqrt(self, dim) -> Val:
@@ -276,7 +282,9 @@ class ScalarTable:
             if dim == 1:
                 self.values[key] = Val(literal(1.0), "S", value=1.0)
             else:
-                self.values[key] = self._val(f"1.0 / math.sqrt({dim})", None)
+                seq = dim == "n"
+                sqrt = _expr(fn_op("sqrt"), [(dim, seq)], seq)
+                self.values[key] = self._val(_expr(Op.DIV, [("1.0", False), (sqrt, seq)], seq), None, seq)
         return self.values[key]
 
     def literal(self, value: float) -> Val:
@@ -287,52 +295,67 @@ class ScalarTable:
         or ("lit", value): one literal, or one runtime scalar computed on the host."""
         key = ("combine", factors)
         if key not in self.values:
-            text, value = "1.0", 1.0
+            text, value, seq = None, 1.0, False
             for op, item in factors:
-                t, v = self._item(item)
-                fn, fmt = _SCALAR_OPS[op]
-                text = t if text == "1.0" and op is Op.MUL else fmt.format(text, f"({t})")
-                value = fn(value, v) if value is not None and v is not None else None
-            self.values[key] = self._val(text, value)
+                t, v, sq = self._item(item)
+                if text is None and op is Op.MUL:
+                    text = t
+                else:
+                    text = _expr(op, [(text or "1.0", seq), (t, sq)], seq or sq)
+                seq = seq or sq
+                value = _fold(op, [value, v]) if value is not None and v is not None else None
+            self.values[key] = self._val(text, value, seq)
         return self.values[key]
 
     def _item(self, item):
         kind, x = item
         if kind == "node":
             return self._host(x)
-        return _py_float(x), float(x)
+        return _py_float(x), float(x), False
 
-    def _val(self, text: str, value):
+    def _val(self, text: str, value, seq: bool = False) -> Val:
         if value is not None:
             return Val(literal(value), "S", value=float(value))
-        name = f"s{len(self.args)}"
-        self.host_lines.append(f"    {name} = {text}")
-        self.args.append(name)
+        name = f"s{self._count}"
+        self._count += 1
+        (self.seq_lines if seq else self.host_lines).append(f"    {name} = {text}")
+        (self.seq_args if seq else self.args).append(name)
         return Val(name, "S")
 
     def _host(self, nid: int):
-        """(python text over n, d and host temporaries, folded value or None)."""
+        """(python text over n, d and host temporaries, folded value or None, depends on n)."""
         if nid in self._tmp:
             return self._tmp[nid]
         node = node_of(self.g, nid)
         op = node.op
         if op is Op.CONST:
-            res = (_py_float(node.value), float(node.value))
+            res = (_py_float(node.value), float(node.value), False)
         elif op is Op.SYMBOL:
-            res = (node.name, None)
+            res = (node.name, None, node.name == "n")
         else:
             args = [self._host(o) for o in node.operands]
-            if is_fn(op):   # the table's float form, on the host
-                fn, fmt = elementwise.get(op.value).scalar_fn(), f"ops.sfn.{op.value}({{0}})"
+            if all(v is not None for _, v, _ in args):
+                value = _fold(op, [v for _, v, _ in args])
+                res = (_py_float(value), value, False)
             else:
-                fn, fmt = _SCALAR_OPS[op]
-            if all(v is not None for _, v in args):
-                value = fn(*[v for _, v in args])
-                res = (_py_float(value), value)
-            else:
-                res = (fmt.format(*[f"({t})" for t, _ in args]), None)
+                seq = any(sq for _, _, sq in args)
+                res = (_expr(op, [(t, sq) for t, _, sq in args], seq), None, seq)
         self._tmp[nid] = res
         return res
+
+
+def _expr(op, args: list[tuple[str, bool]], seq: bool) -> str:
+    """Host text of `op` on (text, per-sequence) operands: the PyTorch backend's scalar forms, or
+    its tensor forms on the per-sequence (B,) tensors of n."""
+    shapes = [(1, 1) if sq else () for _, sq in args]
+    return op_expr(op, [t for t, _ in args], shapes, "n")
+
+
+def _fold(op, values: list):
+    """`op` on Python floats (a scalar both of whose operands are known)."""
+    if is_fn(op):
+        return elementwise.get(op.value).scalar_fn()(*values)
+    return _FOLD[op](*values)
 
 
 def _py_float(value: float) -> str:
@@ -343,17 +366,13 @@ def _py_float(value: float) -> str:
     return f'float("{value}")' if value == value else 'float("nan")'
 
 
-_SCALAR_OPS = {
-    Op.NEG: (lambda a: -a, "-{0}"), Op.ADD: (lambda a, b: a + b, "{0} + {1}"),
-    Op.SUB: (lambda a, b: a - b, "{0} - {1}"), Op.MUL: (lambda a, b: a * b, "{0} * {1}"),
-    Op.DIV: (ops.s_div, "ops.s_div({0}, {1})"), Op.POW: (ops.s_pow, "ops.s_pow({0}, {1})"),
-    Op.MAX: (max, "max({0}, {1})"), Op.MIN: (min, "min({0}, {1})"),
-    Op.LT: (lambda a, b: a < b, "{0} < {1}"), Op.LE: (lambda a, b: a <= b, "{0} <= {1}"),
-    Op.GT: (lambda a, b: a > b, "{0} > {1}"), Op.GE: (lambda a, b: a >= b, "{0} >= {1}"),
-    Op.EQ: (lambda a, b: a == b, "{0} == {1}"), Op.NE: (lambda a, b: a != b, "{0} != {1}"),
-    Op.AND: (lambda a, b: a and b, "{0} and {1}"), Op.OR: (lambda a, b: a or b, "{0} or {1}"),
-    Op.NOT: (lambda a: not a, "not {0}"),
-    Op.WHERE: (lambda c, a, b: a if c else b, "{1} if {0} else {2}"),
+_FOLD = {
+    Op.NEG: lambda a: -a, Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
+    Op.MUL: lambda a, b: a * b, Op.DIV: ops.s_div, Op.POW: ops.s_pow, Op.MAX: max, Op.MIN: min,
+    Op.LT: lambda a, b: a < b, Op.LE: lambda a, b: a <= b, Op.GT: lambda a, b: a > b,
+    Op.GE: lambda a, b: a >= b, Op.EQ: lambda a, b: a == b, Op.NE: lambda a, b: a != b,
+    Op.AND: lambda a, b: a and b, Op.OR: lambda a, b: a or b, Op.NOT: lambda a: not a,
+    Op.WHERE: lambda c, a, b: a if c else b,
 }
 
 

@@ -181,7 +181,7 @@ def test_scale_and_log2e_are_folded_into_q():
     assert "s0" not in loop and "LOG2E" not in loop and " / " not in loop.split("l_safe")[0]
     assert "p = tl.exp2(z - m_use[:, None])" in loop
     # s0 = log2(e) / sqrt(d), computed on the host
-    assert "s0 = ops.s_div(1.0, (ops.sfn.sqrt((d)))) * (1.4426950408889634)" in src
+    assert "s0 = (ops.s_div(1.0, ops.sfn.sqrt(d))) * 1.4426950408889634" in src
     # the backward recomputes p in log2 units and scales the score adjoint by ln 2
     assert "p = tl.exp2(z - lse[:, None])" in src and "* LN2" in src
 
