@@ -31,13 +31,13 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from attnc.compiler.errors import ConfigError
 
 from .bench import STANDARD, parse_names
-from .tune import KINDS, SHARED_LIMIT, Config, configs, interpreting
+from .tune import KINDS, SHARED_LIMIT, Config, configs, interpreting, pick_default
 
 # name -> (compute capability, config family of kernels/tune.py)
 TARGETS = {"sm_80": (80, "sm80"), "sm_86": (86, "sm86"), "sm_89": (89, "sm86"), "sm_90a": (90, "sm90")}
@@ -273,7 +273,9 @@ def report(job: Job, launch: Launch, config: Config, target: str, default: bool)
 
 
 def run_job(job: Job) -> list[KernelReport]:
-    """Compile every kernel of one module for the job's targets and configs."""
+    """Compile every kernel of one module for the job's targets and configs. The default config
+    is the tuner's rule on the compiled kernels (tune.pick_default: the first preferred config
+    that fits and spills nothing); "default" compiles the candidates up to it, "all" every one."""
     _require_compiler()
     tag = re.sub(r"[^0-9a-zA-Z]+", "_", f"{job.formula}_{job.dtype}_{job.head_dim}")[:80]
     mod = load_module(module_source(job.formula, job.dtype, job.head_dim), f"k_{abs(hash(tag))}_{tag}")
@@ -281,10 +283,24 @@ def run_job(job: Job) -> list[KernelReport]:
     for launch in launches(mod, dtype=job.dtype, head_dim=job.head_dim, has_mask=job.has_mask, n=job.n):
         kind = KINDS[launch.name]
         for target in job.targets:
-            space = configs(kind, head_dim=job.head_dim, dtype=job.dtype, n=job.n, target=TARGETS[target][1])
-            chosen = job.overrides.get(kind) or (space if job.which == "all" else space[:1])
-            for c in chosen:
-                out.append(report(job, launch, c, target, default=c == space[0]))
+            family = TARGETS[target][1]
+            space = job.overrides.get(kind) or configs(kind, head_dim=job.head_dim, dtype=job.dtype, n=job.n,
+                                                       target=family)
+            done: dict[Config, KernelReport] = {}
+
+            def compiled_of(c, launch=launch, target=target, done=done):
+                if c not in done:
+                    done[c] = report(job, launch, c, target, default=False)
+                r = done[c]
+                return (r.shared if not r.error else 1 << 40), r.spills
+
+            try:
+                default, _ = pick_default(space, compiled_of, SHARED_LIMIT[family])
+            except ConfigError:        # nothing fits (or compiles): every row says why
+                default = None
+            for c in (space if job.which == "all" else list(done)):
+                compiled_of(c)
+                out.append(replace(done[c], default=c == default))
     return out
 
 

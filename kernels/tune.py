@@ -48,19 +48,32 @@ _DQ = [(128, 32, 4, 5), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 6
 SPACE = {"fwd": _FWD, "pre": _PRE, "dkv": _DKV, "dq": _DQ}
 KINDS = {"_attn_fwd": "fwd", "_attn_bwd_pre": "pre", "_attn_bwd_dkv": "dkv", "_attn_bwd_dq": "dq"}
 
-# The default config (tried first; the only one without autotuning) per family, kind and head
-# dim class ("d64": BLOCK_D <= 64, "d128": larger), chosen from `attnc bench --aot` over every
-# config above (benchmarks/results/aot_configs.json): no spills, fits the family's shared memory,
-# 64-row-or-larger products (wgmma on sm_90a), the largest such block.
-DEFAULTS = {
-    family: {
-        "fwd": {"d64": (128, 64, 4, 3), "d128": (128, 64, 8, 3)},
-        "pre": {"d64": (64, 16, 4, 1), "d128": (64, 16, 4, 1)},
-        "dkv": {"d64": (32, 128, 4, 3), "d128": (64, 64, 8, 3)},
-        "dq": {"d64": (128, 32, 4, 3), "d128": (64, 64, 8, 3)},
-    }
-    for family in SHARED_LIMIT
+# The default config is the first of PREFERRED[family][kind][head dim class] ("d64": BLOCK_D <= 64,
+# "d128": larger; then the rest of SPACE) whose compiled kernel fits the GPU's shared memory and
+# spills no register (`pick_default`: on a GPU from the compiled kernel, in `attnc bench --aot`
+# from ptxas). The lists come from `attnc bench --aot --configs all` over six formulas
+# (benchmarks/results/aot_configs.json): each starts with the largest 0-spill shape on this family
+# for the standard formula and ends with one that spills for none of the six. sm_80 holds the MMA
+# accumulators in registers (mma.sync) and spills at 128-row blocks where sm_90a's wgmma does not.
+_SM80 = {
+    "fwd": {"d64": [(128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
+            "d128": [(128, 64, 8, 3), (128, 32, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2)]},
+    "pre": {"d64": [(64, 16, 4, 1)], "d128": [(64, 16, 4, 1)]},
+    "dkv": {"d64": [(32, 128, 8, 3), (32, 64, 4, 3), (32, 32, 4, 3)],
+            "d128": [(64, 64, 8, 3), (32, 64, 4, 3), (32, 32, 4, 3)]},
+    "dq": {"d64": [(128, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 3)],
+           "d128": [(64, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 3)]},
 }
+_SM90 = {
+    "fwd": {"d64": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+            "d128": [(128, 64, 8, 3), (64, 32, 4, 3), (16, 16, 4, 1)]},
+    "pre": {"d64": [(64, 16, 4, 1)], "d128": [(64, 16, 4, 1)]},
+    "dkv": {"d64": [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+            "d128": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 32, 4, 3)]},
+    "dq": {"d64": [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+           "d128": [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (16, 16, 4, 1)]},
+}
+PREFERRED = {"sm80": _SM80, "sm86": _SM80, "sm90": _SM90}
 
 
 def interpreting() -> bool:
@@ -141,15 +154,31 @@ def d_class(head_dim: int) -> str:
 
 def configs(kind: str, *, head_dim: int, dtype: str, n: int, target: str | None = None) -> list[Config]:
     """The configs the tuner may try for a kernel kind on a target family (the current GPU's by
-    default), the family's default for this head dim first: blocks no larger than the n bucket.
+    default), the family's preferred ones for this head dim first: blocks no larger than the n bucket.
     What fits the GPU's shared memory is decided from the compiled kernel (`fitting`), not
     estimated here."""
     target = target or target_family()
     limit = n_bucket(n)
-    default = DEFAULTS[target][kind][d_class(head_dim)]
-    order = [default] + [c for c in SPACE[kind] if c != default]
+    preferred = PREFERRED[target][kind][d_class(head_dim)]
+    order = preferred + [c for c in SPACE[kind] if c not in preferred]
     out = [Config(bm, bn, w, s) for bm, bn, w, s in order if bm <= limit and bn <= limit]
     return out or [Config(16, 16, 4, 1)]
+
+
+def pick_default(candidates: list[Config], compiled_of, limit: int) -> tuple[Config, bool]:
+    """(the default config, whether it is clean): the first candidate whose compiled kernel fits
+    `limit` bytes of shared memory and spills nothing (`compiled_of(config) -> (shared bytes,
+    spill bytes)`); when every fitting one spills, the first fitting one and False."""
+    first = None
+    for c in candidates:
+        shared, spills = compiled_of(c)
+        if shared <= limit:
+            if not spills:
+                return c, True
+            first = first or c
+    if first is None:
+        fitting(candidates, lambda c: compiled_of(c)[0], limit)      # raises: names the need
+    return first, False
 
 
 def fitting(candidates: list[Config], shared_of, limit: int) -> list[Config]:
@@ -303,11 +332,10 @@ class Tuner:
         self.cache = TuneCache(path.parent / "tune" / f"{self.tag}.json")
 
     def config(self, kernel_name: str, run, *, dtype: str, head_dim: int, has_mask: bool, n: int,
-               precision: str, shared_of=None, shared_limit: int | None = None) -> Config:
-        """The config to launch with. On a GPU, `shared_of(config)` gives the shared memory of the
-        compiled kernel and `shared_limit` the device's: only configs that fit are tried, and
-        without autotuning the default is the first that fits (with a warning if that is not
-        the family's default)."""
+               precision: str, compiled_of=None, shared_limit: int | None = None) -> Config:
+        """The config to launch with. On a GPU, `compiled_of(config)` gives the compiled kernel's
+        (shared memory, spill bytes) and `shared_limit` the device's shared memory: only configs
+        that fit are tried, and without autotuning the default is `pick_default`'s."""
         forced = forced_blocks()
         if forced is not None:
             return Config(*forced, 4, 1)
@@ -316,22 +344,19 @@ class Tuner:
         kind = KINDS[kernel_name]
         candidates = configs(kind, head_dim=head_dim, dtype=dtype, n=n)
         if os.environ.get("ATTNC_TRITON_AUTOTUNE", "1") == "0":
-            if shared_of is None:
+            if compiled_of is None:
                 return candidates[0]
-            for c in candidates:
-                if shared_of(c) <= shared_limit:
-                    if c != candidates[0]:
-                        warnings.warn(f"{kernel_name}: the default config {candidates[0]} needs more than this "
-                                      f"GPU's {shared_limit} B of shared memory; launching {c}",
-                                      RuntimeWarning, stacklevel=3)
-                    return c
-            return fitting(candidates, shared_of, shared_limit)[0]      # raises: names the need
+            c, clean = pick_default(candidates, compiled_of, shared_limit)
+            if not clean:
+                warnings.warn(f"{kernel_name}: every config that fits this GPU spills registers; "
+                              f"launching {c}", RuntimeWarning, stacklevel=3)
+            return c
         key = f"{kernel_name}|" + tune_key(kind, dtype=dtype, head_dim=head_dim, has_mask=has_mask,
                                            n=n, precision=precision)
         if cache_hit := self.cache.get(key):
             return cache_hit
-        if shared_of is not None:
-            candidates = fitting(candidates, shared_of, shared_limit)
+        if compiled_of is not None:
+            candidates = fitting(candidates, lambda c: compiled_of(c)[0], shared_limit)
         return choose(self.cache, key, candidates, lambda c: _bench(lambda: run(c)))
 
     def launch(self, kernel, args: tuple, consts: dict, *, n: int, batch_heads: int, rows: str,
@@ -343,14 +368,16 @@ class Tuner:
         def run(c: Config):
             kernel[grid(c)](*args, **consts, **c.launch_kwargs(n))
 
-        def shared_of(c: Config) -> int:  # pragma: no cover - needs a GPU
-            return int(kernel.warmup(*args, grid=grid(c), **consts, **c.launch_kwargs(n)).metadata.shared)
+        def compiled_of(c: Config) -> tuple[int, int]:  # pragma: no cover - needs a GPU
+            k = kernel.warmup(*args, grid=grid(c), **consts, **c.launch_kwargs(n))
+            k._init_handles()         # loads the cubin: n_spills is the driver's count
+            return int(k.metadata.shared), int(k.n_spills)
 
         name = getattr(kernel, "__name__", None) or kernel.fn.__name__
         gpu = not interpreting() and forced_blocks() is None
         c = self.config(name, run, dtype=dtype, head_dim=consts["HEAD_DIM"],
                         has_mask=bool(consts.get("HAS_MASK", False)), n=n,
-                        precision=consts.get("DOT_PREC", "ieee"), shared_of=shared_of if gpu else None,
+                        precision=consts.get("DOT_PREC", "ieee"), compiled_of=compiled_of if gpu else None,
                         shared_limit=device_shared_limit() if gpu else None)
         run(c)
         return c
@@ -368,6 +395,6 @@ def _bench(fn) -> float:  # pragma: no cover - needs a GPU
     return do_bench(fn, warmup=10, rep=40)
 
 
-__all__ = ["Config", "DEFAULTS", "INTERPRETER_BLOCKS", "KINDS", "SHARED_LIMIT", "SPACE", "TuneCache", "Tuner",
+__all__ = ["Config", "PREFERRED", "INTERPRETER_BLOCKS", "KINDS", "SHARED_LIMIT", "SPACE", "TuneCache", "Tuner",
            "block_d", "choose", "configs", "d_class", "device_shared_limit", "dot_types", "family", "fitting",
-           "forced_blocks", "interpreting", "n_bucket", "target_family", "tune_key"]
+           "forced_blocks", "interpreting", "n_bucket", "pick_default", "target_family", "tune_key"]

@@ -33,7 +33,8 @@ def test_configs_start_with_the_default_and_respect_the_n_bucket():
         for kind in tune.SPACE:
             for hd in (64, 128):
                 full = configs(kind, head_dim=hd, dtype="float16", n=4096, target=family)
-                assert full[0] == Config(*tune.DEFAULTS[family][kind][tune.d_class(hd)])
+                preferred = [Config(*c) for c in tune.PREFERRED[family][kind][tune.d_class(hd)]]
+                assert full[:len(preferred)] == preferred
                 assert sorted(full, key=str) == sorted({Config(*c) for c in tune.SPACE[kind]}, key=str)
     short = configs("fwd", head_dim=64, dtype="float16", n=20, target="sm90")     # blocks of at most 32
     assert short and all(c.block_m <= 32 and c.block_n <= 32 for c in short)
@@ -63,8 +64,9 @@ def test_fitting_keeps_the_configs_whose_compiled_kernel_fits():
 
 
 def test_tuner_on_a_gpu_tries_only_configs_that_fit(tmp_path, monkeypatch):
-    """The shared memory of each candidate comes from its compiled kernel (faked here); a default
-    that does not fit is replaced by the next that does, with a warning."""
+    """The shared memory and spills of each candidate come from its compiled kernel (faked here):
+    autotuning benchmarks only the configs that fit; without autotuning the default is the first
+    preferred config that fits and spills nothing, or (with a warning) the first that fits."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("ATTNC_TRITON_BLOCKS", raising=False)
     monkeypatch.delenv("ATTNC_TRITON_AUTOTUNE", raising=False)
@@ -73,22 +75,42 @@ def test_tuner_on_a_gpu_tries_only_configs_that_fit(tmp_path, monkeypatch):
     cands = configs("fwd", head_dim=128, dtype="float16", n=4096, target="sm86")
     big = {c for c in cands if c.block_n == 128 or c.num_stages == 4}
     shared = {c: (150_000 if c in big else 40_000) for c in cands}
+    spills = {c: 0 for c in cands}
     benched = []
 
     def fake_bench(fn):
         fn()
         return 1.0
 
+    def compiled_of(c):
+        return shared[c], spills[c]
+
     monkeypatch.setattr(tune, "_bench", fake_bench)
-    Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, shared_of=shared.get,
+    Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, compiled_of=compiled_of,
                                     shared_limit=99 * 1024)
     assert benched == [c for c in cands if c not in big] and len(benched) < len(cands)
     monkeypatch.setenv("ATTNC_TRITON_AUTOTUNE", "0")
-    shared[cands[0]] = 150_000
-    with pytest.warns(RuntimeWarning, match="default config"):
-        got = Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, shared_of=shared.get,
+    fits = [c for c in cands if c not in big]
+    spills[fits[0]] = 64
+    got = Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, compiled_of=compiled_of,
+                                          shared_limit=99 * 1024)
+    assert got == fits[1]
+    for c in cands:
+        spills[c] = 8
+    with pytest.warns(RuntimeWarning, match="spills"):
+        got = Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, compiled_of=compiled_of,
                                               shared_limit=99 * 1024)
-    assert got == next(c for c in cands if shared[c] <= 99 * 1024)
+    assert got == fits[0]
+
+
+def test_pick_default():
+    a, b, c = Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)
+    compiled = {a: (200_000, 0), b: (90_000, 16), c: (30_000, 0)}
+    assert tune.pick_default([a, b, c], compiled.get, 227 * 1024) == (a, True)
+    assert tune.pick_default([a, b, c], compiled.get, 99 * 1024) == (c, True)
+    assert tune.pick_default([a, b], compiled.get, 99 * 1024) == (b, False)
+    with pytest.raises(attnc.ConfigError, match="no kernel config fits"):
+        tune.pick_default([a, b], compiled.get, 50_000)
 
 
 def test_cache_round_trip_and_merge(tmp_path):
