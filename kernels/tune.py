@@ -52,9 +52,10 @@ KINDS = {"_attn_fwd": "fwd", "_attn_bwd_pre": "pre", "_attn_bwd_dkv": "dkv", "_a
 # "d128": larger; then the rest of SPACE) whose compiled kernel fits the GPU's shared memory and
 # spills no register (`pick_default`: on a GPU from the compiled kernel, in `attnc bench --aot`
 # from ptxas). The lists come from `attnc bench --aot --configs all` over six formulas
-# (benchmarks/results/aot_configs.json): each starts with the largest 0-spill shape on this family
-# for the standard formula and ends with one that spills for none of the six. sm_80 holds the MMA
-# accumulators in registers (mma.sync) and spills at 128-row blocks where sm_90a's wgmma does not.
+# (benchmarks/results/aot_configs.json): each starts with FlashAttention-2's shapes (the standard
+# formula compiles there without spills) and ends with one that none of the six spills at. sm_80
+# holds the MMA accumulators in registers (mma.sync) and spills at 128-row blocks for most
+# formulas, where sm_90a's wgmma does not.
 _SM80 = {
     "fwd": {"d64": [(128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
             "d128": [(128, 64, 8, 3), (128, 32, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2)]},
