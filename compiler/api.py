@@ -27,7 +27,8 @@ from . import backends
 from .backends import CompiledAttention
 from .check import DEFAULT_CHECKS, CheckOptions, check
 from .errors import AttncError, BackendError, CheckError
-from .ir import INPUT_NAMES, inputs_used, node_of, op_counts, output_of, path_length, to_dot
+from .ir import INPUT_NAMES, inputs_used, node_of, op_counts, output_of, path_length
+from .picture import to_dot
 from .symbolic import print_canonical, simplify, to_ir, to_sympy
 
 BACKENDS = ("torch", "triton", "auto")   # triton: registered by attnc.kernels (compiler/backends.py)

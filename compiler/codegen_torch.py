@@ -1,8 +1,11 @@
 """IR graph -> a readable PyTorch function, batched over (batch, heads).
 
 The generated module defines `forward(q, k, v, p, key_padding_mask)`; every line is one IR op
-with its symbolic shape in a comment. Scalar sub-expressions (sqrt(d), constants) are plain
-Python floats; tensors are (B, H, rows, cols). See torch_ops for the padding semantics.
+with its symbolic shape in a comment. Scalar sub-expressions of constants and the head dim d are
+plain Python floats; tensors are (B, H, rows, cols). `n` is each sequence's own length (its real
+tokens, torch_ops.seq_lengths): a (B, 1, 1, 1) float64 tensor, so scalars that depend on it are
+per-sequence tensors, computed in float64 and cast to the inputs' dtype where they meet a tensor.
+See torch_ops for the padding semantics.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import networkx as nx
 from .ir import (INPUT_NAMES, GroupOp, Node, Op, format_number, inputs_used, is_fn, output_of, shape_str,
                  topo)
 
-CODEGEN_VERSION = "torch-4"
+CODEGEN_VERSION = "torch-5"
 
 # Elementwise functions (exp, softplus, registered ones) call their table entry's forms:
 # ops.fn.NAME(tensor), ops.sfn.NAME(float) (compiler/elementwise.py); structural operations
@@ -24,19 +27,37 @@ _T_LOGIC = {Op.AND: "&", Op.OR: "|"}
 _S_LOGIC = {Op.AND: "and", Op.OR: "or"}
 
 
+def per_sequence(g: nx.DiGraph) -> set[int]:
+    """The scalar nodes whose value depends on n, the sequence length (one value per sequence)."""
+    seq: set[int] = set()
+    for nid, node in topo(g):
+        if node.shape == () and ((node.op is Op.SYMBOL and node.name == "n")
+                                 or any(o in seq for o in node.operands)):
+            seq.add(nid)
+    return seq
+
+
 def generate(g: nx.DiGraph, *, formula: str, canonical: str, digest: str) -> str:
     used = inputs_used(g)
     ref = used[0].lower()
+    seq = per_sequence(g)
     names: dict[int, str] = {}
     body: list[str] = []
     for nid, node in topo(g):
-        expr = _leaf(node, ref) if node.op in GroupOp.Leaf else _op(
-            node, [names[o] for o in node.operands], [_shape(g, o) for o in node.operands], ref)
+        if node.op in GroupOp.Leaf:
+            expr = _leaf(node, ref)
+        else:
+            # a per-sequence scalar is a (B, 1, 1, 1) tensor: its ops take their tensor forms
+            # (float64, like n); where it meets a tensor it takes the inputs' dtype
+            shapes = [(1, 1) if o in seq else _shape(g, o) for o in node.operands]
+            args = [names[o] if o not in seq or nid in seq else f"{names[o]}.to({ref}.dtype)"
+                    for o in node.operands]
+            expr = op_expr(node.op, args, shapes, "n" if nid in seq else ref)
         if node.op in GroupOp.Leaf:
             names[nid] = expr
             continue
         var = f"t{len(body)}"
-        body.append(f"    {var} = {expr}  # {shape_str(node.shape)}")
+        body.append(f"    {var} = {expr}  # {'per sequence' if nid in seq else shape_str(node.shape)}")
         names[nid] = var
     out = names[output_of(g)]
     doc_formula = formula.strip().replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
@@ -55,8 +76,10 @@ def generate(g: nx.DiGraph, *, formula: str, canonical: str, digest: str) -> str
         "",
         "def forward(q, k, v, p, key_padding_mask=None):",
         f'    """{doc_formula}"""',
-        f"    n, d = {ref}.shape[-2], {ref}.shape[-1]",
+        f"    n_ctx, d = {ref}.shape[-2], {ref}.shape[-1]",
         "    keep = ops.key_keep(key_padding_mask)  # (B, 1, 1, n) or None",
+        *([f"    n = ops.seq_lengths(key_padding_mask, {ref}).view(-1, 1, 1, 1)  # each sequence's real tokens"]
+          if seq else []),
         *body,
         f"    return {out}",
         "",
@@ -74,15 +97,17 @@ def _leaf(node: Node, ref: str) -> str:
     if node.op is Op.SYMBOL:
         return node.name
     if node.op is Op.INDEX:
-        return f"ops.row_index(n, {ref})" if node.name == "i" else f"ops.col_index(n, {ref})"
+        return f"ops.row_index(n_ctx, {ref})" if node.name == "i" else f"ops.col_index(n_ctx, {ref})"
     v = node.value
     if v != v or v in (float("inf"), float("-inf")):
         return {"inf": "math.inf", "-inf": "-math.inf"}.get(format_number(v), "math.nan")
     return repr(float(v))
 
 
-def _op(node: Node, args: list[str], shapes: list, ref: str) -> str:
-    op = node.op
+def op_expr(op, args: list[str], shapes: list, ref: str) -> str:
+    """The PyTorch expression of one op on operand texts `args` of symbolic `shapes`: Python
+    float forms where every operand is a scalar (shape ()), tensor forms otherwise; `ref` names a
+    tensor whose dtype and device scalar branches of a where take."""
     scalar = [s == () for s in shapes]
     from . import structural   # SymPy: imported when a formula is generated, not by `attnc --help`
     spec = structural.get(op)
@@ -122,4 +147,4 @@ def _paren(s: str) -> str:
     return s if simple else f"({s})"
 
 
-__all__ = ["generate", "CODEGEN_VERSION", "INPUT_NAMES"]
+__all__ = ["generate", "op_expr", "per_sequence", "CODEGEN_VERSION", "INPUT_NAMES"]

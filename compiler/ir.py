@@ -120,7 +120,7 @@ class GroupOp:
 # Arithmetic, comparisons and logic: how they are written (messages) and their DSL function
 # names. The structural operations (matmul, transpose, scale, softmax, norm, cos, dist, where /
 # mask) carry their own names, docs and rules in compiler/structural.py; elementwise functions
-# in compiler/elementwise.py. `function` looks a name up in all three.
+# in compiler/elementwise.py. `compiler/names.py` looks a name up in all three.
 ARITH_TEXT = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "^",
               Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
               Op.AND: "&", Op.OR: "|", Op.NOT: "!", Op.NEG: "-"}
@@ -135,25 +135,6 @@ OP_DOC: dict[Op, str] = {
     Op.DIV: "x / y elementwise", Op.POW: "x ^ c, elementwise power", Op.MAX: "max(x, y) elementwise",
     Op.MIN: "min(x, y) elementwise",
 }
-
-
-def function(name: str) -> tuple["Op | Fn", int] | None:
-    """(op, arity) of a DSL function name, or None when no such function exists."""
-    if name in FUNCTIONS:
-        return FUNCTIONS[name]
-    from .structural import CALLS
-    if name in CALLS:
-        spec, arity = CALLS[name]
-        return spec.op, arity
-    from .elementwise import lookup
-    entry = lookup(name)
-    return (entry.op, entry.arity) if entry is not None else None
-
-
-def function_names() -> tuple[str, ...]:
-    from .elementwise import names
-    from .structural import CALLS
-    return tuple(FUNCTIONS) + tuple(CALLS) + names()
 
 
 @dataclass(frozen=True)
@@ -269,32 +250,3 @@ def shape_str(shape: Shape) -> str:
     if shape == ():
         return "scalar"
     return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
-def to_dot(g: nx.DiGraph, title: str | None = None) -> str:
-    """A graphviz picture of the graph: one box per op with its shape, edges labelled by position."""
-    from .structural import MATRIX_OPS
-    out = output_of(g)
-    lines = ["digraph attnc {", '  rankdir="BT";', '  node [fontname="Helvetica", fontsize=11];']
-    if title or g.graph.get("source"):
-        text = (title or g.graph["source"]).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\l")
-        lines.append(f'  labelloc="t"; label="{text}";')
-    for nid, node in topo(g):
-        if node.op is Op.INPUT:
-            style = 'shape=ellipse, style=filled, fillcolor="#cfe2ff"'
-        elif node.op in GroupOp.Leaf:
-            style = 'shape=ellipse, style=filled, fillcolor="#eeeeee"'
-        elif node.op in MATRIX_OPS:
-            style = 'shape=box, style="rounded,filled", fillcolor="#ffe5b4"'
-        else:
-            style = 'shape=box, style="rounded,filled", fillcolor="#e2f0d9"'
-        if nid == out:
-            style += ", penwidth=2.5"
-        lab = label(node) + ("" if node.shape == () else f"\\n{shape_str(node.shape)}")
-        lines.append(f'  n{nid} [label="{lab}", {style}];')
-    for nid, node in topo(g):
-        for idx, src in enumerate(node.operands):
-            extra = f' [label="{idx}", fontsize=9]' if len(node.operands) > 1 else ""
-            lines.append(f"  n{src} -> n{nid}{extra};")
-    lines.append("}")
-    return "\n".join(lines) + "\n"

@@ -331,17 +331,23 @@ class _RowWise(Structural):
 class _Scale(_RowWise):
     op = Op.SCALE
     calls = {"scale": (1, None)}
-    doc = "x / sqrt(last dim of x)"
+    doc = "x / sqrt(last dim of x); of n columns, each sequence's own n"
 
     def sympy(self, args, shape):
         return MatMul(1 / sp.sqrt(args[0].shape[1]), args[0])   # a plain coefficient afterwards
 
     def torch(self, args, shapes, ref):
+        if shapes[0][1] == "n":      # n is each sequence's real tokens, as in / sqrt(n)
+            return f"ops.scale({args[0]}, ops.seq_lengths(key_padding_mask, {args[0]}))"
         return f"ops.scale({args[0]})"
 
     @staticmethod
-    def run(x):
-        return x / math.sqrt(x.shape[-1])
+    def run(x, lengths=None):
+        """x / sqrt(its last dim); x of n columns: / sqrt of each sequence's real tokens, the (B,)
+        `lengths` (torch_ops.seq_lengths)."""
+        if lengths is None:
+            return x / math.sqrt(x.shape[-1])
+        return x / lengths.view(-1, *([1] * (x.dim() - 1))).sqrt().to(x.dtype)
 
     def triton(self, low, node, side, args, note):
         cols = node.shape[1]

@@ -1,7 +1,7 @@
 """Runtime helpers the generated PyTorch code calls (the reference / CPU path).
 
 Tensors are (B, H, rows, cols); a key-padding `keep` mask is (B, 1, 1, n) bool, True = real
-token, or None. Padding semantics, the same in every backend: every reduction over the token
+token, or None. The formula's `n` is each sequence's number of real tokens (`seq_lengths`). Padding semantics, the same in every backend: every reduction over the token
 axis n (softmax over an n-long row, a matmul whose inner dim is n, norm/cos/dist over n-long
 rows) ignores padded tokens, so padded keys contribute nothing to any output row. Rows whose
 every entry is masked give 0 from softmax, never NaN.
@@ -20,6 +20,16 @@ def key_keep(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None:
         return None
     return mask[:, None, None, :]
+
+
+def seq_lengths(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """`n` of a formula: each sequence's own length, its real tokens (True entries of the (B, n)
+    key padding mask; the padded length without a mask), as a (B,) float64 tensor on like's device.
+    A sequence without any real token counts 1: its rows mean nothing, and a scale such as 1 / n
+    stays finite there, so no NaN reaches the gradients of the others."""
+    if mask is None:
+        return torch.full((like.shape[0],), float(like.shape[-2]), dtype=torch.float64, device=like.device)
+    return mask.sum(-1).clamp_min(1).to(device=like.device, dtype=torch.float64)
 
 
 def row_index(n: int, like: torch.Tensor) -> torch.Tensor:

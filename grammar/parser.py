@@ -14,8 +14,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from attnc.compiler import shapes, structural
 from attnc.compiler.errors import AttncError, CheckError, ParseError, Span
-from attnc.compiler.ir import (INDEX_NAMES, INPUT_NAMES, SYMBOL_NAMES, GraphBuilder, Node, Op, function,
-                               function_names)
+from attnc.compiler.ir import INDEX_NAMES, INPUT_NAMES, SYMBOL_NAMES, GraphBuilder, Node, Op
+from attnc.compiler.names import function, function_names
 
 _BINOPS = {"add": Op.ADD, "sub": Op.SUB, "mul": Op.MUL, "div": Op.DIV, "matmul": Op.MATMUL,
            "pow": Op.POW, "and_": Op.AND, "or_": Op.OR}

@@ -23,13 +23,18 @@ STANDARD = "softmax(Q @ K^T / sqrt(d)) @ V"
 CAUSAL = "softmax(mask(Q @ K^T / sqrt(d), j <= i)) @ V"
 
 
-def parse_backends(text: str) -> tuple[str, ...]:
+def parse_names(text: str, allowed, what: str, example: str = "") -> tuple[str, ...]:
+    """A comma-separated list of names out of `allowed` (a ConfigError naming the bad ones)."""
     names = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [x for x in names if x not in BACKENDS]
+    bad = [x for x in names if x not in allowed]
     if bad or not names:
-        raise ConfigError(f"unknown backend(s) {', '.join(bad) or '(none)'}",
-                          hint=f"choose from {','.join(BACKENDS)}")
+        raise ConfigError(f"unknown {what} {', '.join(bad) or '(none)'}",
+                          hint=f"choose from {','.join(allowed)}{example}")
     return names
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    return parse_names(text, BACKENDS, "backend(s)")
 
 
 def torch_dtype(name: str):

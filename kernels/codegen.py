@@ -27,12 +27,13 @@ from __future__ import annotations
 import networkx as nx
 from attnc.compiler.ir import Op, output_of
 
-from .lower import TileLowering, Stmt, dot_operand, forward_expr, literal, reverse_lines
+from .lower import (TileLowering, Stmt, dot_operand, forward_expr, literal, reverse_lines, tile_bcast,
+                    tile_shape)
 from .plan import StreamingPlan, render
 from .structure import mask_band, position_conditions, weights_fit_fp16
 from .tune import block_d
 
-GEN_VERSION = "triton-4"
+GEN_VERSION = "triton-5"
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -130,10 +131,15 @@ def _row_softmax(x, cols_ok):
 '''
 
 class _Gen:
-    def __init__(self, g: nx.DiGraph, plan: StreamingPlan):
+    """The kernels of one plan. fold / t: the resident side that takes the scalar factors of the
+    score and the layout of the score tiles ("q", queries x keys: forward, pre, dQ; "k" with
+    transposed tiles, keys x queries: dK/dV, FlashAttention-2's S^T = K Q^T)."""
+
+    def __init__(self, g: nx.DiGraph, plan: StreamingPlan, fold: str = "q", scalars=None):
         self.g = g
         self.plan = plan
-        low = self.low = TileLowering(g, plan)
+        self.t = fold == "k"
+        low = self.low = TileLowering(g, plan, fold=fold, scalars=scalars)
         self.out = low.val(output_of(g), "q")
         self.softmax = plan.normalization == "softmax"
         if self.softmax:   # the score in log2 units: exp2 needs no multiply per score
@@ -184,13 +190,11 @@ class _Gen:
     def _order(self, var: str) -> int:
         return next(i for i, s in enumerate(self.low.stmts) if s.var == var)
 
-    @staticmethod
-    def _as_tile(v) -> str:
-        if v.kind == "Q1":
-            return f"tl.broadcast_to({v.text}[:, None], (BLOCK_M, BLOCK_N))"
-        if v.kind == "K1":
-            return f"tl.broadcast_to({v.text}[None, :], (BLOCK_M, BLOCK_N))"
-        return f"tl.full((BLOCK_M, BLOCK_N), {v.text}, tl.float32)"
+    def _as_tile(self, v) -> str:
+        shape = tile_shape("P", self.t)
+        if v.kind in ("Q1", "K1"):
+            return f"tl.broadcast_to({tile_bcast(v, 'P', self.t)}, {shape})"
+        return f"tl.full({shape}, {v.text}, tl.float32)"
 
     # -- pieces ---------------------------------------------------------------------------------
     @staticmethod
@@ -224,7 +228,7 @@ class _Gen:
                     out += [indent + t for t in text]
                     continue
             else:
-                text = forward_expr(st)
+                text = forward_expr(st, self.t)
             note = f"  # {st.note}" if st.note else ""
             out.append(f"{indent}{st.var} = {text}{note}")
         return out
@@ -241,6 +245,9 @@ class _Gen:
             host.append(host_name(t))
         params.append("Mask_ptr")
         host.append("mask_arg")
+        if self.low.scalars.seq_args:
+            params.append("Seq_ptr")
+            host.append("seq")
         for r in rowvecs:
             params.append(f"{r}_ptr")
             host.append(r.lower())
@@ -276,17 +283,22 @@ class _Gen:
                 f"{indent}# padded key rows load as 0 (never their stored values) and get no gradient",
                 f"{indent}k_tile_mask = key_ok[:, None] & d_mask[None, :]"]
 
-    @staticmethod
-    def head(tensors: list[str], rowvecs: list[str], pid_rows: str) -> list[str]:
+    def head(self, tensors: list[str], rowvecs: list[str], pid_rows: str) -> list[str]:
         L = ["    pid = tl.program_id(0)",
              "    off_hz = tl.program_id(1)",
              "    off_b = (off_hz // H).to(tl.int64)",
-             "    off_h = (off_hz % H).to(tl.int64)",
-             "    # this (batch, head) of every tensor, each through its own strides"]
+             "    off_h = (off_hz % H).to(tl.int64)"]
+        if tensors:
+            L.append("    # this (batch, head) of every tensor, each through its own strides")
         for t in tensors:
             x = _STRIDE[t]
             L.append(f"    {t}_ptr += off_b * stride_{x}b + off_h * stride_{x}h")
         L.append("    Mask_ptr += off_b * stride_maskb")
+        seq = self.low.scalars.seq_args
+        if seq:
+            L.append("    # scalars of this sequence's length n (its real tokens)")
+            L.append(f"    Seq_ptr += off_b * {len(seq)}")
+            L += [f"    {name} = tl.load(Seq_ptr + {i})" for i, name in enumerate(seq)]
         for r in rowvecs:
             L.append(f"    {r}_ptr += off_hz.to(tl.int64) * n_ctx")
         L += ["    offs_d = tl.arange(0, BLOCK_D)",
@@ -331,7 +343,7 @@ class _Gen:
     # -- kernels --------------------------------------------------------------------------------
     def fwd(self) -> list[str]:
         low = self.low
-        tensors, rowvecs = list(self.inputs) + ["Out", "Acc"], ["Lse"]
+        tensors, rowvecs = self.io("_attn_fwd")
         L = ["@triton.jit"] + self.signature("_attn_fwd", tensors, rowvecs)
         L.append('    """One query block: stream over key blocks, O(BLOCK_M x BLOCK_D) state."""')
         L += self.head(tensors, rowvecs, "start_m = pid * BLOCK_M")
@@ -387,10 +399,47 @@ class _Gen:
     def dout_load(self) -> str:
         return f"tl.load({self.tile('DOut', 'offs_m')}, mask=q_tile_mask, other=0.0).to(tl.float32)"
 
+    @property
+    def has_pre(self) -> bool:
+        """Whether the backward needs the pre-pass: dM through an epilogue, or the softmax's delta."""
+        return self.plan.epilogue or self.softmax
+
+    def dm_tensor(self) -> str:
+        """Where the kernels read dM, the adjoint of M = W @ v': dOut itself, in its own dtype, when
+        out = M; with an epilogue, the fp32 dM the pre-pass computes."""
+        return "DAcc" if self.plan.epilogue else "DOut"
+
+    def io(self, kernel: str) -> tuple[list[str], list[str]]:
+        """(tensors, row vectors) a kernel takes, in parameter order."""
+        if kernel == "_attn_fwd":
+            return list(self.inputs) + ["Out", "Acc"], ["Lse"]
+        if kernel == "_attn_bwd_pre":
+            if self.plan.epilogue:
+                return list(self.inputs) + ["Acc", "DOut", "DAcc"], (["Delta"] if self.softmax else [])
+            return ["Acc", "DOut"], ["Delta"]
+        if kernel == "_attn_bwd_dkv":
+            return list(self.inputs) + [self.dm_tensor()] + [f"D{x}" for x in self.k_side], ["Delta", "Lse"]
+        dm = ["Acc", "DOut", "DAcc"] if self.plan.epilogue else ["DOut"]
+        return list(self.inputs) + dm + [f"D{x}" for x in self.q_side], ["Delta", "Lse"]
+
     def bwd_pre(self) -> list[str]:
+        if not self.has_pre:
+            return []
         low = self.low
-        tensors, rowvecs = list(self.inputs) + ["Acc", "DOut", "DAcc"], ["Delta"]
+        tensors, rowvecs = self.io("_attn_bwd_pre")
         L = ["@triton.jit"] + self.signature("_attn_bwd_pre", tensors, rowvecs)
+        if not self.plan.epilogue:
+            L.append('    """delta = rowsum(dOut * Out) (out = M: dM is dOut, read in its own dtype later)."""')
+            L += self.head([], [], "start_m = pid * BLOCK_M")
+            L += self.q_block("    ", "start_m")
+            # each base pointer next to its load (set up first, they cost ptxas registers here)
+            L.append("    o = tl.load(Acc_ptr + off_b * stride_accb + off_h * stride_acch"
+                     f" + {self.tile('Acc', 'offs_m').split(' + ', 1)[1]}, mask=q_tile_mask, other=0.0)")
+            L.append("    do = tl.load(DOut_ptr + off_b * stride_dob + off_h * stride_doh"
+                     f" + {self.tile('DOut', 'offs_m').split(' + ', 1)[1]}, mask=q_tile_mask, other=0.0)")
+            L.append("    delta = tl.sum(tl.where(q_tile_mask, o.to(tl.float32) * do.to(tl.float32), 0.0), 1)")
+            L.append("    tl.store(Delta_ptr + off_hz.to(tl.int64) * n_ctx + offs_m, delta, mask=m_mask)")
+            return L
         L.append('    """dM = dOut pulled back through the epilogue; delta = rowsum(dM * M)."""')
         L += self.head(tensors, rowvecs, "start_m = pid * BLOCK_M")
         L += self.q_block("    ", "start_m")
@@ -408,17 +457,23 @@ class _Gen:
         return L
 
     def _score_seed(self, indent: str) -> list[str]:
+        """p and its score's adjoint g_z in this kernel's layout (transposed in dK/dV)."""
+        row = "[None, :]" if self.t else "[:, None]"      # a per-query vector along the tile
         L = []
         if self.softmax:
             L += [f"{indent}z = tl.where(valid, {self.zt}, -float(\"inf\"))",
-                  f"{indent}p = tl.exp2(z - lse[:, None])"]
+                  f"{indent}p = tl.exp2(z - lse{row})"]
         else:
             L.append(f"{indent}p = tl.where(valid, {self.zt}, 0.0)")
-        L.append(f"{indent}dp = tl.dot(d_acc.to(DOT_DTYPE), tl.trans({self.v_operand('DOT_DTYPE')}), "
-                 "input_precision=DOT_PREC)")
+        if self.t:     # dP^T = v' dM^T
+            L.append(f"{indent}dp = tl.dot({self.v_operand('DOT_DTYPE')}, tl.trans(d_acc.to(DOT_DTYPE)), "
+                     "input_precision=DOT_PREC)")
+        else:
+            L.append(f"{indent}dp = tl.dot(d_acc.to(DOT_DTYPE), tl.trans({self.v_operand('DOT_DTYPE')}), "
+                     "input_precision=DOT_PREC)")
         if self.softmax:
             # d/dz2 of softmax over z2 * ln 2 (the score z2 is in log2 units)
-            L.append(f"{indent}g_z = tl.where(valid, p * (dp - delta[:, None]), 0.0) * LN2")
+            L.append(f"{indent}g_z = tl.where(valid, p * (dp - delta{row}), 0.0) * LN2")
         else:
             L.append(f"{indent}g_z = tl.where(valid, dp, 0.0)")
         return L
@@ -429,21 +484,21 @@ class _Gen:
         return f"tl.zeros({shape}, tl.float32)"
 
     def _row_stats(self, indent: str) -> list[str]:
-        L = [f"{indent}d_acc = tl.load({self.tile('DAcc', 'offs_m')}, mask=q_tile_mask, other=0.0)"]
+        src = self.dm_tensor()
+        note = "  # dM = dOut, in its own dtype" if src == "DOut" else "  # dM (fp32, through the epilogue)"
+        L = [f"{indent}d_acc = tl.load({self.tile(src, 'offs_m')}, mask=q_tile_mask, other=0.0){note}"]
         if self.softmax:
             L += [f"{indent}delta = tl.load(Delta_ptr + offs_m, mask=m_mask, other=0.0)",
                   f"{indent}lse = tl.load(Lse_ptr + offs_m, mask=m_mask, other=float(\"inf\"))"]
         return L
 
     def _seed_for_z(self, g_z: str):
-        """Seed on the score var: from the (BLOCK_M, BLOCK_N) adjoint g_z, reduced to z's kind."""
+        """Seed on the score var: from the score tile's adjoint g_z, reduced to z's kind."""
         kind = self.z.kind
         if kind == "P":
             return g_z
-        if kind == "Q1":
-            return f"tl.sum({g_z}, 1)"
-        if kind == "K1":
-            return f"tl.sum({g_z}, 0)"
+        if kind in ("Q1", "K1"):
+            return f"tl.sum({g_z}, {1 if (kind == 'Q1') != self.t else 0})"
         return None
 
     def _store_grad(self, x: str, parts, rows: str) -> str:
@@ -457,11 +512,12 @@ class _Gen:
 
     def bwd_dkv(self) -> list[str]:
         low = self.low
-        tensors = list(self.inputs) + ["DAcc"] + [f"D{x}" for x in self.k_side]
-        rowvecs = ["Delta", "Lse"]
+        tensors, rowvecs = self.io("_attn_bwd_dkv")
         L = ["@triton.jit"] + self.signature("_attn_bwd_dkv", tensors, rowvecs)
-        L.append('    """One key block: accumulate dv\' and the key-side feature adjoints over all '
-                 'query blocks."""')
+        L.append('    """One key block, resident: accumulate dv\' and the key-side feature adjoints over all '
+                 'query blocks.')
+        L.append("    Score tiles are transposed, (BLOCK_N, BLOCK_M) = keys x queries: S^T = k' q'^T, so the")
+        L.append('    products with the resident key-side tiles need no transposes."""')
         L += self.head(tensors, rowvecs, "start_n = pid * BLOCK_N")
         L += self.k_block("    ", "start_n")
         p_need = low.closure([a.text for s in self.pstmts for a in s.args] + self.p_qvars + self.p_kvars)
@@ -475,19 +531,19 @@ class _Gen:
             L.append(f"    ga_{v} = {self._zeros(low.by_var[v].kind)}")
         L += self.query_loop("    ")
         L += self.q_block("        ", "start_m")
-        L.append("        valid = m_mask[:, None] & key_ok[None, :]")
+        L.append("        valid = key_ok[:, None] & m_mask[None, :]   # keys x queries")
         L += self.lines([s for s in p_need if s.kind[0] == "Q"], "        ")
         L += self._row_stats("        ")
         L += self.lines(self.pstmts, "        ")
         L += self._score_seed("        ")
         if self.v.text in accs:
             v = self.v.text
-            L.append(f"        ga_{v} = tl.dot(tl.trans(p).to(W_DTYPE), d_acc.to(W_DTYPE), ga_{v}, "
+            L.append(f"        ga_{v} = tl.dot(p.to(W_DTYPE), d_acc.to(W_DTYPE), ga_{v}, "
                      "input_precision=W_PREC)")
         kaccs = [v for v in accs if v in self.p_kvars]
         seed = self._seed_for_z("g_z")
         if kaccs and seed is not None:
-            rev = reverse_lines(low, {self.z.text: [seed]}, set(kaccs), "        ", tag="s")
+            rev = reverse_lines(low, {self.z.text: [seed]}, set(kaccs), "        ", tag="s", t=True)
             L += rev.lines
             for v, parts in rev.grads.items():
                 for p in parts:
@@ -502,8 +558,7 @@ class _Gen:
 
     def bwd_dq(self) -> list[str]:
         low = self.low
-        tensors = list(self.inputs) + ["Acc", "DOut", "DAcc"] + [f"D{x}" for x in self.q_side]
-        rowvecs = ["Delta", "Lse"]
+        tensors, rowvecs = self.io("_attn_bwd_dq")
         L = ["@triton.jit"] + self.signature("_attn_bwd_dq", tensors, rowvecs)
         L.append('    """One query block: accumulate the query-side feature adjoints over all key blocks."""')
         L += self.head(tensors, rowvecs, "start_m = pid * BLOCK_M")
@@ -549,7 +604,8 @@ class _Gen:
         return L
 
     # -- module ---------------------------------------------------------------------------------
-    def launch(self, indent: str, kernel: str, tensors: list[str], rowvecs: list[str], rows: str) -> list[str]:
+    def launch(self, indent: str, kernel: str, rows: str) -> list[str]:
+        tensors, rowvecs = self.io(kernel)
         _, host = self.params(tensors, rowvecs, "dk_side" if rows == "n" else "dq_side")
         L = _wrap(host, indent + "        ", ")", first=f"{indent}args = (")
         L.append(f"{indent}_TUNER.launch({kernel}, args, consts, n=n_ctx, batch_heads=B * H, "
@@ -558,6 +614,9 @@ class _Gen:
 
     def host(self) -> list[str]:
         unpack = (", ".join(self.low.scalars.args) + ", = ") if self.low.scalars.args else ""
+        scalars = [f"    {unpack}scalar_args(HEAD_DIM)"] if unpack else []
+        if self.low.scalars.seq_args:
+            scalars.append("    seq = sequence_scalars(ops.seq_lengths(mask, ref), HEAD_DIM)  # (B, k)")
         both = [x for x in self.inputs if x in self.q_side and x in self.k_side]
         L = [
             "def _setup(inputs, mask, allow_tf32):",
@@ -579,12 +638,12 @@ class _Gen:
             "    Returns (out, acc, lse): out in the layout of the first input; acc = W @ v' (fp32, only",
             "    with an epilogue, else out); lse: log2-sum-exp2 of the log2-unit score rows (softmax).\"\"\"",
             "    ref, B, H, n_ctx, mask_arg, consts = _setup(inputs, mask, allow_tf32)",
-            f"    {unpack}scalar_args(n_ctx, HEAD_DIM)",
+            *scalars,
             "    out = torch.empty_like(ref)",
             "    acc = torch.empty(ref.shape, device=ref.device, dtype=torch.float32) if EPILOGUE else out",
             "    lse = torch.empty((B * H, n_ctx), device=ref.device, dtype=torch.float32)",
         ]
-        L += self.launch("    ", "_attn_fwd", list(self.inputs) + ["Out", "Acc"], ["Lse"], "m")
+        L += self.launch("    ", "_attn_fwd", "m")
         L += [
             "    return out, acc, lse",
             "",
@@ -598,20 +657,20 @@ class _Gen:
             '    """Gradients {name: tensor like the input} of sum(out * dout) w.r.t. the inputs;',
             "    dout may have any strides.\"\"\"",
             "    ref, B, H, n_ctx, mask_arg, consts = _setup(inputs, mask, allow_tf32)",
-            f"    {unpack}scalar_args(n_ctx, HEAD_DIM)",
-            "    d_acc = torch.empty(ref.shape, device=ref.device, dtype=torch.float32)",
+            *scalars,
+            *(["    d_acc = torch.empty(ref.shape, device=ref.device, dtype=torch.float32)  # dM"]
+              if self.plan.epilogue else []),
             "    delta = torch.empty((B * H, n_ctx), device=ref.device, dtype=torch.float32)",
         ]
-        L += self.launch("    ", "_attn_bwd_pre", list(self.inputs) + ["Acc", "DOut", "DAcc"], ["Delta"], "m")
+        if self.has_pre:
+            L += self.launch("    ", "_attn_bwd_pre", "m")
         fp32 = f"x in {tuple(both)!r}" if both else "False"
         L += [f"    dq_side = {{x: _grad_buffer(inputs[x], {fp32}) for x in Q_SIDE}}",
               f"    dk_side = {{x: _grad_buffer(inputs[x], {fp32}) for x in K_SIDE}}"]
         if self.k_side:
-            L += self.launch("    ", "_attn_bwd_dkv", list(self.inputs) + ["DAcc"]
-                             + [f"D{x}" for x in self.k_side], ["Delta", "Lse"], "n")
+            L += self.launch("    ", "_attn_bwd_dkv", "n")
         if self.q_side:
-            L += self.launch("    ", "_attn_bwd_dq", list(self.inputs) + ["Acc", "DOut", "DAcc"]
-                             + [f"D{x}" for x in self.q_side], ["Delta", "Lse"], "m")
+            L += self.launch("    ", "_attn_bwd_dq", "m")
         L.append("    grads = {**dk_side, **dq_side}")
         if both:
             L += [f"    for x in {tuple(both)!r}:   # read at query and at key rows: two fp32 parts",
@@ -619,11 +678,18 @@ class _Gen:
         L.append("    return grads")
         return L
 
+    @property
+    def dkv_gen(self) -> "_Gen":
+        """The dK/dV kernel's generator: keys resident, scalars folded into k', score tiles
+        transposed; it shares this one's scalars (one host computation for all kernels)."""
+        if not hasattr(self, "_dkv"):
+            self._dkv = _Gen(self.g, self.plan, fold="k", scalars=self.low.scalars)
+        return self._dkv
+
     def module(self, *, formula: str, canonical: str, digest: str, dtype: str, head_dim: int) -> str:
         g, plan = self.g, self.plan
         low = self.low
-        scal_lines = low.scalars.host_lines or []
-        scal_ret = ", ".join(low.scalars.args)
+        self.dkv_gen   # lowered before any kernel is printed: every scalar exists when signatures are
         header = [
             f"# Generated by attnc ({GEN_VERSION}) -- do not edit; regenerated from the formula.",
             f"# formula:   {' '.join(formula.split())}",
@@ -665,17 +731,14 @@ class _Gen:
             "_TUNER = tune.Tuner(__file__)   # block configs: autotuned on a GPU, cached on disk",
             "",
             "",
-            "def scalar_args(n, d):",
-            '    """Scalars of the formula that depend on the sizes n and d (kernel arguments)."""',
-            *scal_lines,
-            f"    return ({scal_ret}{',' if len(low.scalars.args) == 1 else ''})",
-            "",
-            *_HELPERS.rstrip("\n").split("\n"),
+            *_scalar_functions(low.scalars),
+            *_HELPERS.strip("\n").split("\n"),
             "",
             "",
         ]
-        for kernel in (self.fwd(), self.bwd_pre(), self.bwd_dkv(), self.bwd_dq()):
-            L += kernel + ["", ""]
+        for kernel in (self.fwd(), self.bwd_pre(), self.dkv_gen.bwd_dkv(), self.bwd_dq()):
+            if kernel:
+                L += kernel + ["", ""]
         L += self.host()
         return "\n".join(L) + "\n"
 
@@ -687,6 +750,27 @@ _HOST = {"Q": 'inputs["Q"]', "K": 'inputs["K"]', "V": 'inputs["V"]', "P": 'input
 _GRADS = ("DQ", "DK", "DV", "DP")
 _CONSTEXPRS = ("HAS_MASK", "HEAD_DIM", "BLOCK_D", "DOT_DTYPE", "DOT_PREC", "W_DTYPE", "W_PREC",
                "EVEN_M", "EVEN_N", "BLOCK_M", "BLOCK_N")
+
+
+def _scalar_functions(scalars) -> list[str]:
+    """The host functions computing the kernels' runtime scalars (none when there are none)."""
+    L = []
+    if scalars.args:
+        L += ["def scalar_args(d):",
+              '    """Scalars of the formula that depend on the head dim d (kernel arguments)."""',
+              *scalars.host_lines,
+              f"    return ({', '.join(scalars.args)}{',' if len(scalars.args) == 1 else ''})",
+              "", ""]
+    if scalars.seq_args:
+        L += ["def sequence_scalars(n, d):",
+              '    """Scalars of the formula that depend on n, each sequence\'s own length (its real tokens):',
+              "    n is a (B,) float64 tensor; returns (B, k) float32, read by the kernels at their batch",
+              '    row (Seq_ptr)."""',
+              *scalars.seq_lines,
+              f"    return torch.stack(({', '.join(scalars.seq_args)}{',' if len(scalars.seq_args) == 1 else ''}), 1)"
+              ".to(torch.float32)",
+              "", ""]
+    return L
 
 
 def _plus(x: str, c: int) -> str:

@@ -13,13 +13,15 @@ import os
 import threading
 from pathlib import Path
 
+import networkx as nx
 from attnc.compiler import cache as _cache
-from attnc.compiler import elementwise
+from attnc.compiler import elementwise, structural
 from attnc.compiler.ir import is_fn, topo
 from attnc.compiler.errors import BackendError
 
-from .codegen import DTYPES, GEN_VERSION, MAX_HEAD_DIM, generate, plan_inputs
-from .plan import Classification, classify, explain_plan
+from .codegen import DTYPES, GEN_VERSION, MAX_HEAD_DIM, describe_band, describe_fit, generate, plan_inputs
+from .plan import Classification, classify, render
+from .structure import weights_fit_fp16
 
 OPTIONS = ("fallback", "allow_tf32")
 
@@ -47,6 +49,34 @@ def _require_device() -> None:
 
 def classification(analysis) -> Classification:
     return classify(analysis.simplified)
+
+
+def explain_plan(g: nx.DiGraph, c: Classification) -> str:
+    if not c.streaming:
+        return ("class: fallback (not streaming)\n"
+                f"reason: {c.reason}\n"
+                "plan: the PyTorch backend's generated function (run on the tensors' device)")
+    p = c.plan
+    lines = ["class: streaming (one fused Triton kernel: O(n d) memory, one pass over key blocks)"]
+    for kind, a, b in p.pairwise:
+        spec = structural.PAIR_KINDS[kind]
+        lines.append(f"score leaf: {spec.describe_pair(kind)}")
+        lines.append(f"  q' = {render(g, a)}")
+        lines.append(f"  k' = {render(g, b) + '  (transposed)' if spec.right_transposed else render(g, b)}")
+    if not p.pairwise:
+        lines.append("score leaf: none (the score uses only positions / row features)")
+    lines.append(f"score z = {render(g, p.score)}")
+    if p.normalization == "softmax":
+        lines.append("weights: softmax over j (online, log-sum-exp saved for the backward)")
+    else:
+        lines.append("weights: w = z, no row normalisation (accumulated directly)")
+    lines.append(f"v' = {render(g, p.value)}")
+    lines.append(f"epilogue: {render(g, p.output) if p.epilogue else 'none (out = W @ v_)'}".replace(
+        "v_", "v'"))
+    lines.append(f"key blocks: {describe_band(g, p)}")
+    lines.append(f"weights in fp16 products: {describe_fit(weights_fit_fp16(g, p))}")
+    return "\n".join(lines)
+
 
 
 def explain(analysis) -> str:

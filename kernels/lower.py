@@ -11,7 +11,7 @@ Every value inside the fused kernel has a *kind*, the shape of the tile that hol
 elementwise ops directly, structural operations through their entry's `triton` lowering
 (compiler/structural.py), which composes the tile vocabulary here (dot, rowsum, rowsoftmax,
 safesqrt, where, elementwise ops);
-`forward_lines` prints them as Triton; `reverse_lines` prints the adjoint code. Local
+`forward_expr` prints them as Triton; `reverse_lines` prints the adjoint code. Local
 derivatives of the elementwise ops come from SymPy (`sympy.diff` of the op's definition,
 printed as Triton by `TritonPrinter`); row reductions (row sum, row softmax over the head
 dim) and the pairwise dot product have their vector-Jacobian products written out here.
@@ -30,8 +30,9 @@ import networkx as nx
 import sympy as sp
 from attnc.compiler import elementwise, structural
 from attnc.compiler import torch_ops as ops
+from attnc.compiler.codegen_torch import op_expr
 from attnc.compiler.elementwise import LogSigmoid, Relu, Sigmoid, Softplus, Step  # noqa: F401
-from attnc.compiler.ir import GroupOp, Op, is_fn, node_of
+from attnc.compiler.ir import GroupOp, Op, fn_op, is_fn, node_of
 
 
 # ---- SymPy definitions of the elementwise ops ----------------------------------------------
@@ -208,16 +209,25 @@ def join_kinds(kinds) -> str:
     return side + ("D" if ks & {"QD", "KD"} else "1")
 
 
-def tile_bcast(v: Val, to: str) -> str:
-    """Text of `v` broadcast to a tile of kind `to`."""
+# A score tile (kind P) is (BLOCK_M, BLOCK_N), queries x keys, or transposed, (BLOCK_N, BLOCK_M):
+# the dK/dV kernel computes S^T = K' Q'^T, so that its products with the resident key-side
+# tiles need no transposes (FlashAttention-2's backward). `t` below is that layout.
+
+def tile_shape(kind: str, t: bool = False) -> str:
+    if kind == "P":
+        return "(BLOCK_N, BLOCK_M)" if t else "(BLOCK_M, BLOCK_N)"
+    return {"QD": "(BLOCK_M, BLOCK_D)", "KD": "(BLOCK_N, BLOCK_D)", "Q1": "(BLOCK_M,)",
+            "K1": "(BLOCK_N,)"}[kind]
+
+
+def tile_bcast(v: Val, to: str, t: bool = False) -> str:
+    """Text of `v` broadcast to a tile of kind `to` (a score tile transposed when `t`)."""
     if v.kind == to or v.scalar:
         return v.text
     if v.kind in ("Q1", "K1") and to in ("QD", "KD"):
         return f"{v.text}[:, None]"
-    if v.kind == "Q1" and to == "P":
-        return f"{v.text}[:, None]"
-    if v.kind == "K1" and to == "P":
-        return f"{v.text}[None, :]"
+    if v.kind in ("Q1", "K1") and to == "P":
+        return f"{v.text}[:, None]" if (v.kind == "Q1") != t else f"{v.text}[None, :]"
     raise ValueError(f"cannot broadcast {v.kind} to {to}")  # pragma: no cover
 
 
@@ -225,24 +235,21 @@ BLOCK_OF = {"Q": "BLOCK_M", "K": "BLOCK_N"}
 ROWS_OF = {"Q": "offs_m", "K": "offs_n"}
 
 
-def reduce_to(expr: str, frm: str, to: str) -> str:
+def reduce_to(expr: str, frm: str, to: str, t: bool = False) -> str:
     """Sum a contribution of kind `frm` down to kind `to` (the adjoint of a broadcast)."""
     if frm == to:
         return expr
     if frm in ("QD", "KD") and to == frm[0] + "1":
         return f"tl.sum(tl.where(d_mask[None, :], {expr}, 0.0), 1)"
-    if frm == "P" and to == "Q1":
-        return f"tl.sum(tl.where(valid, {expr}, 0.0), 1)"
-    if frm == "P" and to == "K1":
-        return f"tl.sum(tl.where(valid, {expr}, 0.0), 0)"
+    if frm == "P" and to in ("Q1", "K1"):
+        axis = 1 if (to == "Q1") != t else 0
+        return f"tl.sum(tl.where(valid, {expr}, 0.0), {axis})"
     raise ValueError(f"cannot reduce {frm} to {to}")  # pragma: no cover
 
 
-def full(expr: str, kind: str) -> str:
+def full(expr: str, kind: str, t: bool = False) -> str:
     """`expr` (maybe smaller) as a full tile of `kind` (adjoint invariant: full shapes)."""
-    shape = {"QD": "(BLOCK_M, BLOCK_D)", "KD": "(BLOCK_N, BLOCK_D)", "Q1": "(BLOCK_M,)",
-             "K1": "(BLOCK_N,)", "P": "(BLOCK_M, BLOCK_N)"}[kind]
-    return f"tl.broadcast_to({expr}, {shape})"
+    return f"tl.broadcast_to({expr}, {tile_shape(kind, t)})"
 
 
 def tile_mask(kind: str) -> str:
@@ -253,21 +260,26 @@ def tile_mask(kind: str) -> str:
 
 
 class ScalarTable:
-    """Scalar sub-expressions: folded to literals, or computed on the host from n and d."""
+    """Scalar sub-expressions: folded to literals, or computed on the host (Python text written by
+    the PyTorch backend's printer, compiler/codegen_torch.op_expr). Those of constants and the head
+    dim d are Python floats passed to every kernel (`args`, `host_lines`); those that depend on n,
+    each sequence's own length, are (B,) float64 tensors over n = torch_ops.seq_lengths (`seq_args`,
+    `seq_lines`), which the kernels read at their batch row."""
 
     def __init__(self, g: nx.DiGraph):
         self.g = g
         self.values: dict = {}       # key -> Val
         self.host_lines: list[str] = []
         self.args: list[str] = []    # runtime scalar names passed to kernels
+        self.seq_lines: list[str] = []
+        self.seq_args: list[str] = []   # per-sequence scalars, read from one (B, k) tensor
         self._tmp: dict = {}
+        self._count = 0
 
     def get(self, nid: int) -> Val:
         key = ("node", nid)
-        if key in self.values:
-            return self.values[key]
-        text, value = self._host(nid)
-        self.values[key] = self._val(text, value)
+        if key not in self.values:
+            self.values[key] = self._val(*self._host(nid))
         return self.values[key]
 
     def rsqrt(self, dim) -> Val:
@@ -276,7 +288,9 @@ class ScalarTable:
             if dim == 1:
                 self.values[key] = Val(literal(1.0), "S", value=1.0)
             else:
-                self.values[key] = self._val(f"1.0 / math.sqrt({dim})", None)
+                seq = dim == "n"
+                sqrt = _expr(fn_op("sqrt"), [(dim, seq)], seq)
+                self.values[key] = self._val(_expr(Op.DIV, [("1.0", False), (sqrt, seq)], seq), None, seq)
         return self.values[key]
 
     def literal(self, value: float) -> Val:
@@ -287,52 +301,67 @@ class ScalarTable:
         or ("lit", value): one literal, or one runtime scalar computed on the host."""
         key = ("combine", factors)
         if key not in self.values:
-            text, value = "1.0", 1.0
+            text, value, seq = None, 1.0, False
             for op, item in factors:
-                t, v = self._item(item)
-                fn, fmt = _SCALAR_OPS[op]
-                text = t if text == "1.0" and op is Op.MUL else fmt.format(text, f"({t})")
-                value = fn(value, v) if value is not None and v is not None else None
-            self.values[key] = self._val(text, value)
+                t, v, sq = self._item(item)
+                if text is None and op is Op.MUL:
+                    text = t
+                else:
+                    text = _expr(op, [(text or "1.0", seq), (t, sq)], seq or sq)
+                seq = seq or sq
+                value = _fold(op, [value, v]) if value is not None and v is not None else None
+            self.values[key] = self._val(text, value, seq)
         return self.values[key]
 
     def _item(self, item):
         kind, x = item
         if kind == "node":
             return self._host(x)
-        return _py_float(x), float(x)
+        return _py_float(x), float(x), False
 
-    def _val(self, text: str, value):
+    def _val(self, text: str, value, seq: bool = False) -> Val:
         if value is not None:
             return Val(literal(value), "S", value=float(value))
-        name = f"s{len(self.args)}"
-        self.host_lines.append(f"    {name} = {text}")
-        self.args.append(name)
+        name = f"s{self._count}"
+        self._count += 1
+        (self.seq_lines if seq else self.host_lines).append(f"    {name} = {text}")
+        (self.seq_args if seq else self.args).append(name)
         return Val(name, "S")
 
     def _host(self, nid: int):
-        """(python text over n, d and host temporaries, folded value or None)."""
+        """(python text over n, d and host temporaries, folded value or None, depends on n)."""
         if nid in self._tmp:
             return self._tmp[nid]
         node = node_of(self.g, nid)
         op = node.op
         if op is Op.CONST:
-            res = (_py_float(node.value), float(node.value))
+            res = (_py_float(node.value), float(node.value), False)
         elif op is Op.SYMBOL:
-            res = (node.name, None)
+            res = (node.name, None, node.name == "n")
         else:
             args = [self._host(o) for o in node.operands]
-            if is_fn(op):   # the table's float form, on the host
-                fn, fmt = elementwise.get(op.value).scalar_fn(), f"ops.sfn.{op.value}({{0}})"
+            if all(v is not None for _, v, _ in args):
+                value = _fold(op, [v for _, v, _ in args])
+                res = (_py_float(value), value, False)
             else:
-                fn, fmt = _SCALAR_OPS[op]
-            if all(v is not None for _, v in args):
-                value = fn(*[v for _, v in args])
-                res = (_py_float(value), value)
-            else:
-                res = (fmt.format(*[f"({t})" for t, _ in args]), None)
+                seq = any(sq for _, _, sq in args)
+                res = (_expr(op, [(t, sq) for t, _, sq in args], seq), None, seq)
         self._tmp[nid] = res
         return res
+
+
+def _expr(op, args: list[tuple[str, bool]], seq: bool) -> str:
+    """Host text of `op` on (text, per-sequence) operands: the PyTorch backend's scalar forms, or
+    its tensor forms on the per-sequence (B,) tensors of n."""
+    shapes = [(1, 1) if sq else () for _, sq in args]
+    return op_expr(op, [t for t, _ in args], shapes, "n")
+
+
+def _fold(op, values: list):
+    """`op` on Python floats (a scalar both of whose operands are known)."""
+    if is_fn(op):
+        return elementwise.get(op.value).scalar_fn()(*values)
+    return _FOLD[op](*values)
 
 
 def _py_float(value: float) -> str:
@@ -343,30 +372,30 @@ def _py_float(value: float) -> str:
     return f'float("{value}")' if value == value else 'float("nan")'
 
 
-_SCALAR_OPS = {
-    Op.NEG: (lambda a: -a, "-{0}"), Op.ADD: (lambda a, b: a + b, "{0} + {1}"),
-    Op.SUB: (lambda a, b: a - b, "{0} - {1}"), Op.MUL: (lambda a, b: a * b, "{0} * {1}"),
-    Op.DIV: (ops.s_div, "ops.s_div({0}, {1})"), Op.POW: (ops.s_pow, "ops.s_pow({0}, {1})"),
-    Op.MAX: (max, "max({0}, {1})"), Op.MIN: (min, "min({0}, {1})"),
-    Op.LT: (lambda a, b: a < b, "{0} < {1}"), Op.LE: (lambda a, b: a <= b, "{0} <= {1}"),
-    Op.GT: (lambda a, b: a > b, "{0} > {1}"), Op.GE: (lambda a, b: a >= b, "{0} >= {1}"),
-    Op.EQ: (lambda a, b: a == b, "{0} == {1}"), Op.NE: (lambda a, b: a != b, "{0} != {1}"),
-    Op.AND: (lambda a, b: a and b, "{0} and {1}"), Op.OR: (lambda a, b: a or b, "{0} or {1}"),
-    Op.NOT: (lambda a: not a, "not {0}"),
-    Op.WHERE: (lambda c, a, b: a if c else b, "{1} if {0} else {2}"),
+_FOLD = {
+    Op.NEG: lambda a: -a, Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b,
+    Op.MUL: lambda a, b: a * b, Op.DIV: ops.s_div, Op.POW: ops.s_pow, Op.MAX: max, Op.MIN: min,
+    Op.LT: lambda a, b: a < b, Op.LE: lambda a, b: a <= b, Op.GT: lambda a, b: a > b,
+    Op.GE: lambda a, b: a >= b, Op.EQ: lambda a, b: a == b, Op.NE: lambda a, b: a != b,
+    Op.AND: lambda a, b: a and b, Op.OR: lambda a, b: a or b, Op.NOT: lambda a: not a,
+    Op.WHERE: lambda c, a, b: a if c else b,
 }
 
 
 class TileLowering:
     """IR nodes of a streaming plan -> tile statements, per side (q rows, k rows, score tile)."""
 
-    def __init__(self, g: nx.DiGraph, plan):
+    def __init__(self, g: nx.DiGraph, plan, fold: str = "q", scalars: ScalarTable | None = None):
+        """fold: the side ("q" or "k") that scalar factors of a product are folded into, the side
+        whose tiles a kernel holds for its whole loop (queries in the forward and dQ kernels, keys
+        in dK/dV). `scalars` may be shared between the lowerings of one module."""
         self.g = g
         self.plan = plan
+        self.fold = fold
         self.stmts: list[Stmt] = []
         self.by_var: dict[str, Stmt] = {}
         self.memo: dict = {}
-        self.scalars = ScalarTable(g)
+        self.scalars = scalars if scalars is not None else ScalarTable(g)
         self._n = 0
 
     # -- building ------------------------------------------------------------------------------
@@ -484,8 +513,18 @@ class TileLowering:
             res = self.scaled(node.operands[0], side, ((Op.MUL, ("lit", -1.0)),) + factors, spread)
         elif self._single_use_product(nid):
             a, b = self.val(node.operands[0], "q"), self.val(node.operands[1], "k")
-            qs = self.ew(Op.MUL, [a, self.scalars.combine(factors)], "q' scaled once per tile")
-            res = self.pdot(qs, b, f"{op.value} {node.shape}")
+            s = self.scalars.combine(factors)
+            if self.fold == "k":
+                res = self.pdot(a, self.ew(Op.MUL, [b, s], "k' scaled once per key block"),
+                                f"{op.value} {node.shape}")
+            elif a.raw and a.kind == "QD":
+                # q' as loaded goes to the product straight from memory (a Hopper wgmma reads it
+                # from shared memory, not registers): the scale multiplies the score instead
+                res = self.ew(Op.MUL, [self.pdot(a, b, f"{op.value} {node.shape}"), s],
+                              "scaled score (q' as loaded)")
+            else:
+                res = self.pdot(self.ew(Op.MUL, [a, s], "q' scaled once per tile"), b,
+                                f"{op.value} {node.shape}")
         elif spread and op in (Op.ADD, Op.SUB):
             xs = [self.scaled(o, side, factors, spread) for o in node.operands]
             res = self.ew(op, xs, f"{op.value} {node.shape}")
@@ -546,7 +585,8 @@ def dot_operand(x: Val, kind: str, dtype: str = "DOT_DTYPE") -> str:
     return f"tl.where({tile_mask(kind)}, {x.text}, 0.0).to({dtype})"
 
 
-def forward_expr(st: Stmt) -> str:
+def forward_expr(st: Stmt, t: bool = False) -> str:
+    """The Triton expression of one statement (score tiles transposed when `t`)."""
     op, args, kind = st.op, st.args, st.kind
     if op == "rowsum":
         return f"tl.sum(tl.where(d_mask[None, :], {args[0].text}, 0.0), 1)"
@@ -554,15 +594,18 @@ def forward_expr(st: Stmt) -> str:
         return f"_row_softmax({args[0].text}, d_mask[None, :])"
     if op == "dot":
         a, b = args
+        if t:     # S^T = k' q'^T
+            return (f"tl.dot({dot_operand(b, 'KD')}, tl.trans({dot_operand(a, 'QD')}), "
+                    "input_precision=DOT_PREC)")
         return (f"tl.dot({dot_operand(a, 'QD')}, tl.trans({dot_operand(b, 'KD')}), "
                 "input_precision=DOT_PREC)")
     if op == "round":
         return f"{args[0].text}.to(DOT_DTYPE).to(tl.float32)"
     if op == "where":
-        c, a, b = (tile_bcast(x, kind) for x in args)
+        c, a, b = (tile_bcast(x, kind, t) for x in args)
         return f"tl.where({c}, {a}, {b})"
     if isinstance(op, Op) and op in GroupOp.Boolean:
-        xs = [tile_bcast(x, kind) for x in args]
+        xs = [tile_bcast(x, kind, t) for x in args]
         if op is Op.NOT:
             return f"~({xs[0]})"
         sym = {Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
@@ -571,29 +614,12 @@ def forward_expr(st: Stmt) -> str:
     # elementwise, through SymPy
     keys = tuple(_arg_key(a) for a in args)
     syms = [sp.Symbol(k, real=True) if isinstance(k, str) else sym_const(k) for k in keys]
-    names = {a.text: tile_bcast(a, kind) for a in args if not a.scalar}
+    names = {a.text: tile_bcast(a, kind, t) for a in args if not a.scalar}
     expr = sym_op(op, syms)
     if not (expr.free_symbols & {s for s, a in zip(syms, args) if not a.scalar}):
         # the op cancelled its tile operands (x - x): still a full tile
-        shape = {"QD": "(BLOCK_M, BLOCK_D)", "KD": "(BLOCK_N, BLOCK_D)", "Q1": "(BLOCK_M,)",
-                 "K1": "(BLOCK_N,)", "P": "(BLOCK_M, BLOCK_N)"}[kind]
-        return f"tl.full({shape}, {to_triton(expr, names)}, tl.float32)"
+        return f"tl.full({tile_shape(kind, t)}, {to_triton(expr, names)}, tl.float32)"
     return to_triton(expr, names)
-
-
-def forward_lines(stmts: list[Stmt], indent: str, leaf_text) -> list[str]:
-    """Triton lines computing `stmts`; `leaf_text(stmt)` gives the text of load/index/acc leaves."""
-    out = []
-    for st in stmts:
-        if st.op in ("load", "index", "acc"):
-            text = leaf_text(st)
-            if text is None:
-                continue
-        else:
-            text = forward_expr(st)
-        note = f"  # {st.note}" if st.note else ""
-        out.append(f"{indent}{st.var} = {text}{note}")
-    return out
 
 
 @dataclass
@@ -603,7 +629,7 @@ class Reverse:
 
 
 def reverse_lines(low: TileLowering, seeds: dict[str, list[str]], wrt: set[str], indent: str,
-                  tag: str = "") -> Reverse:
+                  tag: str = "", t: bool = False) -> Reverse:
     """Adjoint code: propagate `seeds` (var -> adjoint expressions) back to the `wrt` vars.
 
     Statements not on a path from a wrt var to a seeded var are skipped. Returns the printed
@@ -636,7 +662,7 @@ def reverse_lines(low: TileLowering, seeds: dict[str, list[str]], wrt: set[str],
         res.lines.append(f"{indent}{g} = {parts[0]}")
         for p in parts[1:]:
             res.lines.append(f"{indent}{g} = {g} + {p}")
-        for a, expr in _vjp(st, g):
+        for a, expr in _vjp(st, g, t):
             if a.text in active:
                 contribs.setdefault(a.text, []).append(expr)
     for st in low.stmts:   # in statement order, not set order: the source is the same in every process
@@ -645,7 +671,7 @@ def reverse_lines(low: TileLowering, seeds: dict[str, list[str]], wrt: set[str],
     return res
 
 
-def _vjp(st: Stmt, g: str):
+def _vjp(st: Stmt, g: str, t: bool = False):
     """(arg, contribution text) for each differentiable argument of `st`, given adjoint `g`."""
     op, args, kind = st.op, st.args, st.kind
     seen: set[str] = set()
@@ -672,17 +698,18 @@ def _vjp(st: Stmt, g: str):
         a, b = args
         gm = f"tl.where(valid, {g}, 0.0).to(W_DTYPE)"
         out = []
+        g_qk, g_kq = (f"tl.trans({gm})", gm) if t else (gm, f"tl.trans({gm})")
         for x in diff_args:
             if x is a or x.text == a.text:
-                out.append((a, (f"tl.dot({gm}, {dot_operand(b, 'KD', 'W_DTYPE')}, "
+                out.append((a, (f"tl.dot({g_qk}, {dot_operand(b, 'KD', 'W_DTYPE')}, "
                                 "input_precision=W_PREC)")))
             if x is b or x.text == b.text:
-                out.append((b, (f"tl.dot(tl.trans({gm}), {dot_operand(a, 'QD', 'W_DTYPE')}, "
+                out.append((b, (f"tl.dot({g_kq}, {dot_operand(a, 'QD', 'W_DTYPE')}, "
                                 "input_precision=W_PREC)")))
         return out
     if op == "where":
         c, a, b = args
-        cond = tile_bcast(c, kind)
+        cond = tile_bcast(c, kind, t)
         out = []
         for x in diff_args:
             terms = []
@@ -690,10 +717,10 @@ def _vjp(st: Stmt, g: str):
                 terms.append(f"tl.where({cond}, {g}, 0.0)")
             if x.text == b.text:
                 terms.append(f"tl.where({cond}, 0.0, {g})")
-            out.append((x, reduce_to(" + ".join(terms), kind, x.kind)))
+            out.append((x, reduce_to(" + ".join(terms), kind, x.kind, t)))
         return out
     keys = tuple(_arg_key(a) for a in args)
-    names = {a.text: tile_bcast(a, kind) for a in args if not a.scalar}
+    names = {a.text: tile_bcast(a, kind, t) for a in args if not a.scalar}
     names["O__"] = st.var
     out = []
     for x in diff_args:
@@ -707,7 +734,7 @@ def _vjp(st: Stmt, g: str):
             expr = f"-{g}"
         else:
             expr = f"{g} * {to_triton(d, names)}"
-        out.append((x, reduce_to(expr, kind, x.kind)))
+        out.append((x, reduce_to(expr, kind, x.kind, t)))
     return out
 
 
@@ -717,7 +744,7 @@ __all__ = [
     "dot_operand",
     "Val",
     "tile_bcast",
-    "forward_lines",
+    "tile_shape",
     "full",
     "join_kinds",
     "literal",

@@ -241,41 +241,11 @@ def _render(g: nx.DiGraph, nid: int) -> str:
     return f"{op.value}({', '.join(args)})"
 
 
-def explain_plan(g: nx.DiGraph, c: Classification) -> str:
-    if not c.streaming:
-        return ("class: fallback (not streaming)\n"
-                f"reason: {c.reason}\n"
-                "plan: the PyTorch backend's generated function (run on the tensors' device)")
-    p = c.plan
-    lines = ["class: streaming (one fused Triton kernel: O(n d) memory, one pass over key blocks)"]
-    for kind, a, b in p.pairwise:
-        spec = _structural().PAIR_KINDS[kind]
-        lines.append(f"score leaf: {spec.describe_pair(kind)}")
-        lines.append(f"  q' = {render(g, a)}")
-        lines.append(f"  k' = {render(g, b) + '  (transposed)' if spec.right_transposed else render(g, b)}")
-    if not p.pairwise:
-        lines.append("score leaf: none (the score uses only positions / row features)")
-    lines.append(f"score z = {render(g, p.score)}")
-    if p.normalization == "softmax":
-        lines.append("weights: softmax over j (online, log-sum-exp saved for the backward)")
-    else:
-        lines.append("weights: w = z, no row normalisation (accumulated directly)")
-    lines.append(f"v' = {render(g, p.value)}")
-    lines.append(f"epilogue: {render(g, p.output) if p.epilogue else 'none (out = W @ v_)'}".replace(
-        "v_", "v'"))
-    from .codegen import describe_band, describe_fit
-    from .structure import weights_fit_fp16
-    lines.append(f"key blocks: {describe_band(g, p)}")
-    lines.append(f"weights in fp16 products: {describe_fit(weights_fit_fp16(g, p))}")
-    return "\n".join(lines)
-
-
 __all__ = [
     "FALLBACK",
     "STREAMING",
     "Classification",
     "StreamingPlan",
     "classify",
-    "explain_plan",
     "render",
 ]

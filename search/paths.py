@@ -45,7 +45,8 @@ def walk(path: Path):
     broadcasting for add); a binary op takes its input as X or, when only that fits, as X^T."""
     from attnc.compiler import structural
     from attnc.compiler.errors import ShapeError
-    from attnc.compiler.ir import Op, function
+    from attnc.compiler.ir import Op
+    from attnc.compiler.names import function
 
     shape = ("n", "d")
     for op, x in path.ops:

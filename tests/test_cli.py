@@ -172,3 +172,17 @@ def test_show_code_is_the_torch_backends_source(capsys):
     text = "softmax(Q @ log(1 + exp(K^T)) / sqrt(d)) @ (K + Q)"
     code, out, _ = run(capsys, "compile", text, "--json", "--show", "code")
     assert code == 0 and json.loads(out)["show"]["code"] == attnc.compile(text).source
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--aot", "sm_70"], "unknown AOT target(s) sm_70"),
+    (["--aot", "sm_80", "--dim", "64,x"], "--dim '64,x': expected numbers"),
+    (["--aot", "sm_80", "--dim", "512"], "head dims are 1..256"),
+    (["--aot", "sm_80", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    ([], "timing takes one formula"),
+])
+def test_bench_aot_bad_options_exit_2(capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = main(["bench", *argv, "softmax(Q @ K^T) @ V", "softmax(Q @ K^T / sqrt(d)) @ V"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

@@ -171,19 +171,37 @@ def _fwd(src: str) -> str:
     return src[src.index("def _attn_fwd("):src.index("def _attn_bwd_pre(")]
 
 
-def test_scale_and_log2e_are_folded_into_q():
+def _dkv(src: str) -> str:
+    return src[src.index("def _attn_bwd_dkv("):src.index("def _attn_bwd_dq(")]
+
+
+def test_scale_and_log2e_are_folded_once_per_resident_tile():
+    """log2(e) / sqrt(d) is one host scalar s0. A loaded Q goes to the product as loaded (a
+    Hopper wgmma then reads it from shared memory) and s0 scales the score; a computed q' takes s0
+    once per query tile, before the key loop; in dK/dV the resident k' takes it once per key block.
+    Nothing divides per score, and no log2(e) is applied in a loop."""
     src = triton_source(attnc.analyze("softmax(Q @ K^T / sqrt(d)) @ V"), dtype="float16")
     fwd = _fwd(src)
-    # one multiply of the query tile, before the key loop; none per score
-    assert re.search(r"q\d+ = \(q\d+ \* s0\)  # q' scaled once per tile\n", fwd)
-    assert fwd.index("scaled once per tile") < fwd.index("for start_n in")
     loop = fwd[fwd.index("for start_n in"):]
-    assert "s0" not in loop and "LOG2E" not in loop and " / " not in loop.split("l_safe")[0]
+    q_load = re.search(r"(q\d+)_in = tl.load\(Q_ptr", fwd).group(1)
+    assert re.search(rf"(p\d+) = tl.dot\({q_load}_in.to\(DOT_DTYPE\), .*\n\s+p\d+ = \(\1 \* s0\)  # scaled score", loop)
+    assert "LOG2E" not in loop and " / " not in loop.split("l_safe")[0]
     assert "p = tl.exp2(z - m_use[:, None])" in loop
     # s0 = log2(e) / sqrt(d), computed on the host
-    assert "s0 = ops.s_div(1.0, (ops.sfn.sqrt((d)))) * (1.4426950408889634)" in src
+    assert "s0 = (ops.s_div(1.0, ops.sfn.sqrt(d))) * 1.4426950408889634" in src
+    # dK/dV: k' scaled once, before the query loop; the score tiles are K' Q^T
+    dkv = _dkv(src)
+    assert re.search(r"k\d+ = \(k\d+ \* s0\)  # k' scaled once per key block\n", dkv)
+    assert dkv.index("scaled once per key block") < dkv.index("for start_m in")
+    assert "s0" not in dkv[dkv.index("for start_m in"):dkv.index("tl.store(")]
     # the backward recomputes p in log2 units and scales the score adjoint by ln 2
-    assert "p = tl.exp2(z - lse[:, None])" in src and "* LN2" in src
+    assert "p = tl.exp2(z - lse[None, :])" in dkv and "p = tl.exp2(z - lse[:, None])" in src
+    assert "* LN2" in dkv
+    # a computed q' takes the scale once per query tile
+    fwd = _fwd(triton_source(attnc.analyze("softmax(softplus(Q) @ K^T / sqrt(d)) @ V"), dtype="float16"))
+    assert re.search(r"q\d+ = \(q\d+ \* s0\)  # q' scaled once per tile\n", fwd)
+    assert fwd.index("scaled once per tile") < fwd.index("for start_n in")
+    assert "s0" not in fwd[fwd.index("for start_n in"):]
 
 
 def test_loaded_inputs_go_to_tl_dot_in_their_dtype():
@@ -195,3 +213,55 @@ def test_loaded_inputs_go_to_tl_dot_in_their_dtype():
     # a computed operand is masked (padded lanes may hold anything), then cast
     fwd = _fwd(triton_source(attnc.analyze("softmax(Q @ softplus(K)^T) @ V")))
     assert "tl.trans(tl.where(key_ok[:, None] & d_mask[None, :], k" in fwd
+
+
+# ---- the backward's shape (FlashAttention-2) -------------------------------------------------------
+
+def _backward_launches(monkeypatch, formula, dtype=torch.float16, b=2, h=2, n=24, d=16):
+    """(kernel name, tensor arguments) of every launch of one backward."""
+    seen = []
+    real = tune.Tuner.launch
+
+    def spy(self, kernel, args, consts, **kw):
+        name = kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
+        seen.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
+        return real(self, kernel, args, consts, **kw)
+
+    fn = attnc.compile(formula, backend="triton")
+    ins = {x.lower(): torch.randn(b, h, n, d, dtype=dtype, device=_device(), requires_grad=True)
+           for x in fn.inputs}
+    out = fn(**ins)
+    monkeypatch.setattr(tune.Tuner, "launch", spy)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    return seen, dout
+
+
+@needs_triton
+def test_backward_reads_dout_in_its_own_dtype_without_an_epilogue(monkeypatch):
+    """Without an epilogue dM is dOut: the kernels read the caller's dOut itself (fp16 here), and no
+    fp32 (B, H, n, d) copy is made; delta comes from O and dOut. With an epilogue, dM is computed
+    (fp32) by the pre-pass."""
+    seen, dout = _backward_launches(monkeypatch, "softmax(Q @ K^T / sqrt(d)) @ V")
+    assert [s[0] for s in seen] == ["_attn_bwd_pre", "_attn_bwd_dkv", "_attn_bwd_dq"]
+    for name, tensors in seen:
+        assert not any(t.dtype == torch.float32 and t.dim() == 4 for t in tensors), name
+        assert any(t.data_ptr() == dout.data_ptr() for t in tensors), name
+    seen, _ = _backward_launches(monkeypatch, "softmax(Q @ K^T / sqrt(d)) @ V + Q")
+    assert any(t.dtype == torch.float32 and t.dim() == 4 for t in seen[1][1])      # dM for dK/dV
+    seen, _ = _backward_launches(monkeypatch, "sigmoid(Q @ K^T) @ V")        # no delta, no dM
+    assert [s[0] for s in seen] == ["_attn_bwd_dkv", "_attn_bwd_dq"]
+
+
+def test_dkv_computes_transposed_score_tiles():
+    """dK/dV holds its key block: S^T = k' q'^T with k' the first operand, and P^T, dS^T enter
+    the dV and dK products untransposed."""
+    dkv = _dkv(triton_source(attnc.analyze("softmax(Q @ K^T / sqrt(d)) @ V"), dtype="float16"))
+    k = re.search(r"(k\d+) = \(k\d+ \* s0\)  # k' scaled", dkv).group(1)
+    q = re.search(r"(q\d+)_in = tl.load\(Q_ptr", dkv).group(1)
+    assert re.search(rf"tl.dot\(tl.where\(key_ok\[:, None\] & d_mask\[None, :\], {k}, 0.0\).to\(DOT_DTYPE\), "
+                     rf"tl.trans\({q}_in.to\(DOT_DTYPE\)\)", dkv)
+    assert "valid = key_ok[:, None] & m_mask[None, :]" in dkv
+    assert re.search(r"ga_k\d+ = tl.dot\(p.to\(W_DTYPE\), d_acc.to\(W_DTYPE\)", dkv)       # dV += P^T dO
+    assert re.search(rf"ga_{k} \+= tl.dot\(tl.where\(valid, gs_p\d+, 0.0\).to\(W_DTYPE\), {q}_in", dkv)
+    assert "tl.trans(p)" not in dkv and "tl.trans(tl.where(valid" not in dkv

@@ -1,5 +1,5 @@
 """Snapshots of generated source: the fused Triton module and the PyTorch backend's function
-for four formulas, stored in tests/snapshots/. Any change to code generation shows as a diff
+for five formulas, stored in tests/snapshots/. Any change to code generation shows as a diff
 here; when the change is intended, rewrite the snapshots and review them in the commit:
 
     ATTNC_UPDATE_SNAPSHOTS=1 python3 -m pytest tests/test_kernel_snapshots.py
@@ -22,6 +22,7 @@ FORMULAS = {
     "autobert_l2": "softmax(Q @ log(1 + exp(K^T)) / sqrt(d)) @ (K + Q)",
     "cosine_softsign": "softsign(cos(Q, K)) @ V",
     "causal_alibi": "softmax(mask(Q @ K^T / sqrt(d) - 0.5 * abs(i - j), j <= i)) @ V",
+    "length_bias": "softmax(Q @ K^T / sqrt(n) - abs(i - j) / n) @ V",   # n: each sequence's length
 }
 
 

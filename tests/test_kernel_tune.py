@@ -28,20 +28,89 @@ def test_tune_key():
     assert tune_key("bwd", **base) != tune_key("fwd", **base)
 
 
-def test_configs_are_pruned():
-    full = configs("fwd", head_dim=64, dtype="float16", n=4096)
-    assert full[0] == Config(128, 64, 4, 3) and len(full) == len(tune.SPACE["fwd"])
-    short = configs("fwd", head_dim=64, dtype="float16", n=20)     # blocks of at most 32
+def test_configs_start_with_the_default_and_respect_the_n_bucket():
+    for family in tune.SHARED_LIMIT:
+        for kind in tune.SPACE:
+            for hd in (64, 128):
+                full = configs(kind, head_dim=hd, dtype="float16", n=4096, target=family)
+                preferred = [Config(*c) for c in tune.PREFERRED[family][kind][tune.d_class(hd)]]
+                assert full[:len(preferred)] == preferred
+                assert sorted(full, key=str) == sorted({Config(*c) for c in tune.SPACE[kind]}, key=str)
+    short = configs("fwd", head_dim=64, dtype="float16", n=20, target="sm90")     # blocks of at most 32
     assert short and all(c.block_m <= 32 and c.block_n <= 32 for c in short)
-    # shared memory: (BLOCK_M + 2 BLOCK_N) * BLOCK_D * bytes * (stages - 1) within the budget
-    for kind in ("fwd", "bwd", "pre"):
-        for hd, dt in ((256, "float32"), (128, "float16"), (64, "bfloat16")):
-            cs = configs(kind, head_dim=hd, dtype=dt, n=8192)
-            size = 4 if dt == "float32" else 2
-            assert cs and all((c.block_m + 2 * c.block_n) * tune.block_d(hd) * size
-                              * max(1, c.num_stages - 1) <= tune.SMEM_BUDGET for c in cs)
-    big = configs("fwd", head_dim=256, dtype="float32", n=8192)
-    assert len(big) < len(full) and Config(128, 128, 8, 3) not in big
+
+
+def test_the_tuner_offers_what_fast_kernels_use():
+    """Issue 21: 128-row forward blocks with 64- and 128-key tiles, 8 warps, 3-4 stages; the
+    Triton tutorial's backward blocks (dK/dV 32 x 128, dQ 128 x 32) and 3-5 stages."""
+    fwd = configs("fwd", head_dim=128, dtype="float16", n=4096, target="sm90")
+    for bn in (64, 128):
+        assert {s for (bm, n, w, s) in map(lambda c: tuple(c.as_dict().values()), fwd)
+                if (bm, n, w) == (128, bn, 8)} >= {3, 4}, bn
+    dkv = configs("dkv", head_dim=64, dtype="float16", n=4096, target="sm90")
+    dq = configs("dq", head_dim=64, dtype="float16", n=4096, target="sm90")
+    assert any((c.block_m, c.block_n) == (32, 128) for c in dkv)
+    assert any((c.block_m, c.block_n) == (128, 32) for c in dq)
+    assert {c.num_stages for c in dkv + dq if c.block_m >= 32} == {3, 5}
+
+
+def test_fitting_keeps_the_configs_whose_compiled_kernel_fits():
+    cands = [Config(128, 128, 8, 4), Config(128, 64, 8, 3), Config(64, 64, 4, 3)]
+    need = {cands[0]: 200_000, cands[1]: 120_000, cands[2]: 60_000}
+    assert tune.fitting(cands, need.get, 163 * 1024) == cands[1:]
+    assert tune.fitting(cands, need.get, 99 * 1024) == cands[2:]
+    with pytest.raises(attnc.ConfigError, match="64x64 w4 s3, needs 60000 B"):
+        tune.fitting(cands, need.get, 50_000)
+
+
+def test_tuner_on_a_gpu_tries_only_configs_that_fit(tmp_path, monkeypatch):
+    """The shared memory and spills of each candidate come from its compiled kernel (faked here):
+    autotuning benchmarks only the configs that fit; without autotuning the default is the first
+    preferred config that fits and spills nothing, or (with a warning) the first that fits."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("ATTNC_TRITON_BLOCKS", raising=False)
+    monkeypatch.delenv("ATTNC_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tune, "target_family", lambda: "sm86")
+    kw = dict(dtype="float16", head_dim=128, has_mask=True, n=4096, precision="tf32")
+    cands = configs("fwd", head_dim=128, dtype="float16", n=4096, target="sm86")
+    big = {c for c in cands if c.block_n == 128 or c.num_stages == 4}
+    shared = {c: (150_000 if c in big else 40_000) for c in cands}
+    spills = {c: 0 for c in cands}
+    benched = []
+
+    def fake_bench(fn):
+        fn()
+        return 1.0
+
+    def compiled_of(c):
+        return shared[c], spills[c]
+
+    monkeypatch.setattr(tune, "_bench", fake_bench)
+    Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, compiled_of=compiled_of,
+                                    shared_limit=99 * 1024)
+    assert benched == [c for c in cands if c not in big] and len(benched) < len(cands)
+    monkeypatch.setenv("ATTNC_TRITON_AUTOTUNE", "0")
+    fits = [c for c in cands if c not in big]
+    spills[fits[0]] = 64
+    got = Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, compiled_of=compiled_of,
+                                          shared_limit=99 * 1024)
+    assert got == fits[1]
+    for c in cands:
+        spills[c] = 8
+    with pytest.warns(RuntimeWarning, match="spills"):
+        got = Tuner(_module(tmp_path)).config("_attn_fwd", benched.append, **kw, compiled_of=compiled_of,
+                                              shared_limit=99 * 1024)
+    assert got == fits[0]
+
+
+def test_pick_default():
+    a, b, c = Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)
+    compiled = {a: (200_000, 0), b: (90_000, 16), c: (30_000, 0)}
+    assert tune.pick_default([a, b, c], compiled.get, 227 * 1024) == (a, True)
+    assert tune.pick_default([a, b, c], compiled.get, 99 * 1024) == (c, True)
+    assert tune.pick_default([a, b], compiled.get, 99 * 1024) == (b, False)
+    with pytest.raises(attnc.ConfigError, match="no kernel config fits"):
+        tune.pick_default([a, b], compiled.get, 50_000)
 
 
 def test_cache_round_trip_and_merge(tmp_path):
@@ -149,11 +218,26 @@ def test_tuner_on_a_gpu_tunes_once_and_caches_on_disk(tmp_path, monkeypatch):
     # ATTNC_TRITON_AUTOTUNE=0: the default config, nothing benchmarked
     monkeypatch.setenv("ATTNC_TRITON_AUTOTUNE", "0")
     assert Tuner(src).config("_attn_bwd_dkv", benched.append, **kw) == configs(
-        "bwd", head_dim=64, dtype="float16", n=1000)[0]
+        "dkv", head_dim=64, dtype="float16", n=1000)[0]
     assert benched == []
 
 
-def test_cache_files_are_per_device():
+def test_cache_files_are_per_device(monkeypatch):
     """Configs tuned on one GPU model may not launch on another: the cache file names the device
-    ("cpu" under the interpreter)."""
+    ("cpu" under the interpreter, the model and compute capability on a GPU)."""
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert tune.device_tag() == "cpu"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert tune.device_tag() == "nvidia-h100-80gb-hbm3-sm90"
+    assert tune.target_family() == "sm90"
+
+
+@pytest.mark.parametrize("cap,family", [((8, 0), "sm80"), ((8, 6), "sm86"), ((8, 9), "sm86"), ((9, 0), "sm90"),
+                                        ((7, 5), "sm86")])
+def test_family(cap, family):
+    assert tune.family(cap) == family

@@ -4,7 +4,8 @@ import math
 import pytest
 
 import attnc
-from attnc.compiler.ir import Op, fn_op, inputs_used, node_of, op_counts, output_of, path_length, to_dot
+from attnc.compiler.ir import Op, fn_op, inputs_used, node_of, op_counts, output_of, path_length
+from attnc.compiler.picture import to_dot
 from attnc.grammar.parser import parse, parse_file
 
 PAPER = [
