@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 from attnc.compiler.errors import AttncError, ConfigError, DataError
 
 from .evaluator import CallableEvaluator, EvalResult, Evaluator
-from .paths import BINARY, INPUTS, TABLE1, UNARY, Path as FPath, check_shapes, to_text
+from .paths import (BINARY, INPUTS, NODE, TABLE1, UNARY, Path as FPath, check_shapes, insert_op, operand_category,
+                    remove_op, to_text)
 from .space import KERNEL_SIZES, Architecture, LayerChoice, elementwise_primitives, unknown_primitives
 from .study import Study
 
@@ -44,8 +45,10 @@ class Space:
     max_inputs: int = 4
     kernel_sizes: tuple[int, ...] = KERNEL_SIZES
     min_path: int = 2
-    max_path: int = 8
+    max_path: int = 10
     conv_prob: float = 0.25       # chance a sampled layer is a convolution (0: attention only)
+    branch_prob: float = 0.2      # chance an op reads an earlier node instead of the previous one (0: a chain)
+    node_operands: bool = True    # a binary op's operand may be an earlier node, not only an input
 
     def __post_init__(self):
         if self.num_layers < 1:
@@ -62,14 +65,20 @@ class Space:
             raise ConfigError(f"kernel sizes must be a non-empty subset of {KERNEL_SIZES}")
         if not 1 <= self.min_path <= self.max_path:
             raise ConfigError(f"need 1 <= min_path <= max_path, got {self.min_path}, {self.max_path}")
-        if not 0.0 <= self.conv_prob <= 1.0:
-            raise ConfigError(f"conv_prob must be in [0, 1], got {self.conv_prob}")
+        for name in ("conv_prob", "branch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         object.__setattr__(self, "primitives", tuple(self.primitives))
         object.__setattr__(self, "kernel_sizes", tuple(self.kernel_sizes))
 
     def checks(self):
         from attnc.compiler.check import CheckOptions
         return CheckOptions(min_inputs=self.min_inputs, max_inputs=self.max_inputs)
+
+    @property
+    def operand_options(self) -> tuple[str, ...]:
+        """What a binary op's operand may be: an input, or (NODE) an earlier node of the path."""
+        return INPUTS + ((NODE,) if self.node_operands else ())
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -92,6 +101,34 @@ class Stats:
         self.illegal = 0
 
 
+@dataclass(frozen=True)
+class Priorities:
+    """What the OP-NAS generator samples from (Equation 3): per path position a distribution over
+    the primitives (`ops`) and over a binary op's operand (`operands`: Q, K, V, P or NODE), one over
+    the start input (`start`), and per layer one over the kernel sizes (`kernels`). Missing entries
+    (positions beyond the longest path evaluated) are uniform."""
+
+    ops: tuple = ()
+    operands: tuple = ()
+    start: dict | None = None
+    kernels: tuple = ()
+
+    @staticmethod
+    def of(value) -> "Priorities":
+        """A Priorities from what callers pass: None, a Priorities, or a list of op distributions."""
+        if value is None:
+            return Priorities()
+        if isinstance(value, Priorities):
+            return value
+        return Priorities(ops=tuple(value))
+
+    def op(self, p: int) -> dict | None:
+        return self.ops[p] if p < len(self.ops) else None
+
+    def operand(self, p: int) -> dict | None:
+        return self.operands[p] if p < len(self.operands) else None
+
+
 def check_path(path: FPath, space: Space) -> LayerChoice | None:
     """The layer a path compiles to, or None when it is illegal (shape pre-check, then compiler)."""
     if not check_shapes(path):
@@ -103,10 +140,13 @@ def check_path(path: FPath, space: Space) -> LayerChoice | None:
         a = analyze(to_text(path), checks=space.checks())
     except AttncError:
         return None
+    if not space.min_inputs <= len(a.inputs) <= space.max_inputs:
+        return None
     return LayerChoice("attention", formula=a.canonical)
 
 
-def _pick(rng: random.Random, dist: dict | None, options: Sequence):
+def _pick(rng: random.Random, dist: dict | None, options: Sequence, exclude=()):
+    options = [o for o in options if o not in exclude]
     if not dist:
         return rng.choice(list(options))
     keys = [o for o in options if o in dist] or list(options)
@@ -116,19 +156,30 @@ def _pick(rng: random.Random, dist: dict | None, options: Sequence):
     return rng.choices(keys, weights=weights)[0]
 
 
-def _random_op(rng, space: Space, dist=None):
-    op = _pick(rng, dist, space.primitives)
-    return (op, rng.choice(INPUTS) if op in BINARY else None)
+def _operand(rng, space: Space, p: int, dist=None, exclude=()):
+    """A binary op's operand at position p: an input, or an earlier node (0 .. p) drawn uniformly."""
+    cat = _pick(rng, dist, space.operand_options, exclude=exclude)
+    return rng.randint(0, p) if cat == NODE else cat
 
 
-def sample_path(rng: random.Random, space: Space, priorities: list | None = None,
+def _random_op(rng, space: Space, p: int, pri: Priorities, branch: bool = True):
+    """An op for position p: the primitive by priority, a binary op's operand by priority, and with
+    probability branch_prob (when `branch`) an earlier node than the previous one as its input."""
+    op = _pick(rng, pri.op(p), space.primitives)
+    out = (op, _operand(rng, space, p, pri.operand(p)) if op in BINARY else None)
+    if branch and p >= 1 and rng.random() < space.branch_prob:
+        out = out + (rng.randrange(p),)
+    return out
+
+
+def sample_path(rng: random.Random, space: Space, priorities: list | Priorities | None = None,
                 stats: Stats | None = None) -> tuple[FPath, LayerChoice]:
-    """A random legal path (ops drawn from the per-position priorities when given)."""
+    """A random legal path (ops, operands and the start input drawn from the priorities when given)."""
+    pri = Priorities.of(priorities)
     for _ in range(MAX_TRIES):
         k = rng.randint(space.min_path, space.max_path)
-        ops = tuple(_random_op(rng, space, priorities[p] if priorities and p < len(priorities) else None)
-                    for p in range(k))
-        path = FPath(rng.choice(INPUTS), ops)
+        ops = tuple(_random_op(rng, space, p, pri) for p in range(k))
+        path = FPath(_pick(rng, pri.start, INPUTS), ops)
         layer = check_path(path, space)
         if layer is not None:
             return path, layer
@@ -138,61 +189,86 @@ def sample_path(rng: random.Random, space: Space, priorities: list | None = None
                       hint="allow more primitives, longer paths or fewer required inputs")
 
 
-def mutate_path(rng: random.Random, path: FPath, space: Space, priorities: list | None = None,
+MUTATIONS = ("replace", "input", "insert", "remove", "rewire")
+
+
+def mutate_path(rng: random.Random, path: FPath, space: Space, priorities: list | Priorities | None = None,
                 stats: Stats | None = None) -> tuple[FPath, LayerChoice]:
-    """One intra-layer mutation: insert, remove or replace an op, or change an input. A parent
-    of length k mutates with the first k position distributions (k + 1 for an insert at the end)."""
+    """One intra-layer mutation: insert, remove or replace an op, change an input (the start input or
+    a binary op's operand, by priority), or rewire an op to read another earlier node. A parent of
+    length k mutates with the first k position distributions (k + 1 for an insert at the end)."""
+    pri = Priorities.of(priorities)
     k = len(path.ops)
     for _ in range(MAX_TRIES):
-        ops = list(path.ops)
-        start = path.start
         kinds = ["replace", "input"] + (["insert"] if k < space.max_path else []) + (
-            ["remove"] if k > space.min_path else [])
+            ["remove"] if k > space.min_path else []) + (["rewire"] if space.branch_prob > 0 and k > 1 else [])
         kind = rng.choice(kinds)
-        if kind == "insert":
-            p = rng.randint(0, k)
-        else:
-            p = rng.randrange(k)
-        dist = priorities[p] if priorities and p < len(priorities) else None
-        if kind == "replace":
-            ops[p] = _random_op(rng, space, dist)
-        elif kind == "insert":
-            ops.insert(p, _random_op(rng, space, dist))
-        elif kind == "remove":
-            del ops[p]
-        else:   # change an input: the start or a binary op's operand
-            slots = [-1] + [i for i, (o, _) in enumerate(ops) if o in BINARY]
-            s = rng.choice(slots)
-            if s < 0:
-                start = rng.choice([x for x in INPUTS if x != start])
-            else:
-                ops[s] = (ops[s][0], rng.choice([x for x in INPUTS if x != ops[s][1]]))
-        child = FPath(start, tuple(ops))
-        layer = check_path(child, space)
+        child = _mutation(rng, path, space, pri, kind)
+        layer = check_path(child, space) if child is not None else None
         if layer is not None and child != path:
             return child, layer
-        if stats and layer is None:
+        if stats and layer is None and child is not None:
             stats.illegal += 1
     raise ConfigError(f"no legal mutation of {to_text(path)} in {MAX_TRIES} tries")
 
 
-def sample_arch(rng: random.Random, space: Space, stats: Stats | None = None) -> Candidate:
+def _mutation(rng, path: FPath, space: Space, pri: Priorities, kind: str) -> FPath | None:
+    k = len(path.ops)
+    ops = list(path.ops)
+    if kind == "insert":
+        p = rng.randint(0, k)
+        return insert_op(path, p, _random_op(rng, space, p, pri, branch=False))
+    if kind == "remove":
+        return remove_op(path, rng.randrange(k))
+    if kind == "replace":
+        p = rng.randrange(k)
+        new = _random_op(rng, space, p, pri, branch=False)
+        ops[p] = new + ops[p][2:]           # keeps the op's input (src)
+        return FPath(path.start, tuple(ops))
+    if kind == "rewire":                    # another input node for op p: the previous one or an earlier one
+        p = rng.randrange(1, k)
+        now = path.src(p)
+        choices = [j for j in range(p + 1) if j != now]
+        j = rng.choice(choices)
+        ops[p] = ops[p][:2] + ((j,) if j != p else ())
+        return FPath(path.start, tuple(ops))
+    # change an input: the start or a binary op's operand
+    slots = [-1] + [i for i, o in enumerate(ops) if o[0] in BINARY]
+    s = rng.choice(slots)
+    if s < 0:
+        return FPath(_pick(rng, pri.start, INPUTS, exclude=(path.start,)), tuple(ops))
+    now = ops[s][1]
+    cat = operand_category(now)
+    x = _operand(rng, space, s, pri.operand(s), exclude=(cat,) if cat != NODE else ())
+    if x == now:
+        return None
+    ops[s] = (ops[s][0], x) + ops[s][2:]
+    return FPath(path.start, tuple(ops))
+
+
+def sample_arch(rng: random.Random, space: Space, stats: Stats | None = None,
+                priorities: Priorities | None = None) -> Candidate:
     layers, genes = [], []
-    for _ in range(space.num_layers):
+    pri = Priorities.of(priorities)
+    for i in range(space.num_layers):
         if rng.random() < space.conv_prob:
-            layers.append(LayerChoice.conv(rng.choice(space.kernel_sizes)))
+            layers.append(LayerChoice.conv(_pick(rng, pri.kernels[i] if i < len(pri.kernels) else None,
+                                                 space.kernel_sizes)))
             genes.append(None)
         else:
-            path, layer = sample_path(rng, space, stats=stats)
+            path, layer = sample_path(rng, space, pri, stats=stats)
             layers.append(layer)
             genes.append(path)
     return Candidate(_arch(space, layers), tuple(genes))
 
 
-def mutate_arch(rng: random.Random, parent: Candidate, space: Space, priorities: list | None = None,
+def mutate_arch(rng: random.Random, parent: Candidate, space: Space, priorities: list | Priorities | None = None,
                 kernel_dists: list | None = None, stats: Stats | None = None) -> Candidate:
     """Inter-layer mutation (random, as vanilla EA: attention <-> conv, kernel size), then one
     intra-layer mutation of an attention layer guided by the priorities."""
+    pri = Priorities.of(priorities)
+    if kernel_dists is None and pri.kernels:
+        kernel_dists = list(pri.kernels)
     layers, genes = list(parent.arch.layers), list(parent.genes)
     L = len(layers)
     for i in range(L):
@@ -203,7 +279,7 @@ def mutate_arch(rng: random.Random, parent: Candidate, space: Space, priorities:
             if layers[i].kind == "attention" and space.conv_prob > 0:
                 layers[i], genes[i] = LayerChoice.conv(_pick(rng, kd, space.kernel_sizes)), None
             elif layers[i].kind == "conv":
-                genes[i], layers[i] = sample_path(rng, space, priorities, stats)
+                genes[i], layers[i] = sample_path(rng, space, pri, stats)
         else:   # another kernel size
             others = [k for k in space.kernel_sizes if k != layers[i].kernel_size]
             if others:
@@ -211,7 +287,7 @@ def mutate_arch(rng: random.Random, parent: Candidate, space: Space, priorities:
     attn = [i for i in range(L) if genes[i] is not None]
     if attn:
         i = rng.choice(attn)
-        genes[i], layers[i] = mutate_path(rng, genes[i], space, priorities, stats)
+        genes[i], layers[i] = mutate_path(rng, genes[i], space, pri, stats)
     return Candidate(_arch(space, layers), tuple(genes))
 
 
@@ -223,11 +299,12 @@ def _arch(space: Space, layers) -> Architecture:
 # --- operation priorities (Equation 3) ---------------------------------------------------------------
 
 
-def ucb(samples: list[tuple[Any, float]], options: Sequence, alpha: float) -> dict:
+def ucb(samples: list[tuple[Any, float]], options: Sequence, alpha: float, temperature: float = 1.0) -> dict:
     """u_i = mu_i + alpha * sqrt(2 ln N / N_i) for each option i, from (option, score) samples;
-    returns softmax(u) as {option: probability}. mu_i = mean score of the samples of i, N_i their
-    count, N all samples. An option never sampled gets mu = the mean of all samples and N_i = 1
-    (the largest bonus any option can have), so it is tried; with no samples the result is uniform."""
+    returns softmax(u / temperature) as {option: probability}. mu_i = mean score of the samples of
+    i, N_i their count, N all samples. An option never sampled gets mu = the mean of all samples and
+    N_i = 1 (the largest bonus any option can have), so it is tried; with no samples the result is
+    uniform. The search passes scores normalised within their generation (normalised_scores)."""
     if not samples:
         return {o: 1.0 / len(options) for o in options}
     N = len(samples)
@@ -237,31 +314,89 @@ def ucb(samples: list[tuple[Any, float]], options: Sequence, alpha: float) -> di
         got = [s for x, s in samples if x == o]
         n_i = len(got) or 1
         mu = sum(got) / len(got) if got else mean_all
-        u[o] = mu + alpha * math.sqrt(2.0 * math.log(N) / n_i)
+        u[o] = (mu + alpha * math.sqrt(2.0 * math.log(N) / n_i)) / temperature
     top = max(u.values())
     ex = {o: math.exp(v - top) for o, v in u.items()}
     z = sum(ex.values())
     return {o: v / z for o, v in ex.items()}
 
 
-def op_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float) -> list[dict]:
+def op_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float,
+                  temperature: float = 1.0) -> list[dict]:
     """One distribution per path position, up to the longest path evaluated."""
     longest = max((len(g.ops) for c, _ in evaluated for g in c.genes if g is not None), default=0)
     out = []
     for p in range(longest):
         samples = [(g.ops[p][0], s) for c, s in evaluated for g in c.genes if g is not None and len(g.ops) > p]
-        out.append(ucb(samples, space.primitives, alpha))
+        out.append(ucb(samples, space.primitives, alpha, temperature))
     return out
 
 
-def kernel_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float) -> list[dict]:
+def operand_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float,
+                       temperature: float = 1.0) -> list[dict]:
+    """Per path position, the distribution of a binary op's operand (Q, K, V, P, NODE), from the
+    binary ops evaluated at that position."""
+    longest = max((len(g.ops) for c, _ in evaluated for g in c.genes if g is not None), default=0)
+    out = []
+    for p in range(longest):
+        samples = [(operand_category(g.ops[p][1]), s) for c, s in evaluated for g in c.genes
+                   if g is not None and len(g.ops) > p and g.ops[p][1] is not None]
+        out.append(ucb(samples, space.operand_options, alpha, temperature))
+    return out
+
+
+def start_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float,
+                     temperature: float = 1.0) -> dict:
+    return ucb([(g.start, s) for c, s in evaluated for g in c.genes if g is not None], INPUTS, alpha, temperature)
+
+
+def kernel_priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float,
+                      temperature: float = 1.0) -> list[dict]:
     """Per layer, the kernel sizes' own distribution (same Equation 3 over kernel sizes)."""
     out = []
     for i in range(space.num_layers):
         samples = [(c.arch.layers[i].kernel_size, s) for c, s in evaluated
                    if i < len(c.arch.layers) and c.arch.layers[i].kind == "conv"]
-        out.append(ucb(samples, space.kernel_sizes, alpha))
+        out.append(ucb(samples, space.kernel_sizes, alpha, temperature))
     return out
+
+
+def priorities(evaluated: list[tuple[Candidate, float]], space: Space, alpha: float,
+               temperature: float = 1.0) -> Priorities:
+    return Priorities(tuple(op_priorities(evaluated, space, alpha, temperature)),
+                      tuple(operand_priorities(evaluated, space, alpha, temperature)),
+                      start_priorities(evaluated, space, alpha, temperature),
+                      tuple(kernel_priorities(evaluated, space, alpha, temperature)))
+
+
+Z_CLIP = 3.0
+
+
+def normalised_scores(rows) -> dict[int, float]:
+    """{candidate id: z-score of its score within its generation} for the evaluated rows: (score -
+    the generation's mean) / its standard deviation, clipped to +-3; 0 in a generation of one score
+    or no spread. What Equation 3 averages, so that priorities do not depend on the scale of the
+    scores (losses of 6.2-6.6 nats, accuracies of 0.5-0.6) and a weight-shared supernet's drift
+    between generations does not enter them."""
+    by_gen: dict[int, list] = {}
+    for r in rows:
+        if r.status == "done" and r.score is not None:
+            by_gen.setdefault(r.generation, []).append(r)
+    out = {}
+    for rs in by_gen.values():
+        scores = [r.score for r in rs]
+        mean = sum(scores) / len(scores)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in scores) / len(scores))
+        for r in rs:
+            out[r.id] = 0.0 if sd <= 0 else max(-Z_CLIP, min(Z_CLIP, (r.score - mean) / sd))
+    return out
+
+
+def guide(rows, space: Space, alpha: float, temperature: float) -> Priorities:
+    """The OP-NAS generator's priorities from a study's rows (normalised scores, Equation 3)."""
+    z = normalised_scores(rows)
+    evaluated = [(_candidate_of(r), z[r.id]) for r in rows if r.id in z]
+    return priorities(evaluated, space, alpha, temperature)
 
 
 # --- the search loop ---------------------------------------------------------------------------------
