@@ -136,6 +136,7 @@ def register(subparsers) -> None:
                    help="another proxy (repeatable)")
     p.add_argument("--vocab", type=int, metavar="N", help="a WordPiece vocabulary of N trained on the corpus "
                                                          "(default: the proxy's tokenizer)")
+    p.add_argument("--lr", type=float, help="MLM peak learning rate of the truth and the proxies (the proxy's 1e-3)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-blocks", type=int, default=256, help="held-out MLM blocks (256)")
@@ -318,8 +319,10 @@ def _summary(result, top: int) -> dict:
         first["rescored"] = rescored[0]
     elif best:
         first = arch(best[0])
+    ses = sorted(e.metrics["score_se"] for e in result.evaluations if e.metrics.get("score_se") is not None)
     return {"study": result.study, "evaluated": len(result.evaluations), "failed": result.failed,
             "duplicates": result.duplicates, "illegal": result.illegal, "warmup_children": result.warmup,
+            "score_se": ses[len(ses) // 2] if ses else None,
             "best": first, "top": [arch(e) for e in best], "rescored": rescored}
 
 
@@ -327,6 +330,9 @@ def _print_summary(s: dict) -> None:
     print(f"study {s['study']}: {s['evaluated']} evaluated, {s['failed']} failed, "
           f"{s['duplicates']} duplicates (not evaluated), {s['illegal']} illegal graphs rejected"
           + (f", after a supernet warm-up of {s['warmup_children']} children" if s.get("warmup_children") else ""))
+    if s.get("score_se") is not None:
+        print(f"one evaluation's standard error (median over candidates): {s['score_se']:.4f}; scores closer "
+              f"than about twice that are not told apart")
     if s.get("rescored"):
         print("re-scored from the final supernet (mean +- standard error over seeds; score during the search):")
         for r in s["rescored"]:
@@ -453,6 +459,8 @@ def _fidelity(args) -> int:
     evaluators = {spec: load_evaluator(spec) for spec in args.evaluator}
     proxy = {"seq_len": args.seq_len, "batch_size": args.batch_size, "eval_blocks": args.eval_blocks,
              "device": args.device, "seed": args.seed}
+    if args.lr is not None:
+        proxy["lr"] = args.lr
     if args.vocab is not None:
         from attnc.runtime.demo import demo_tokenizer
         proxy["tokenizer"] = str(demo_tokenizer(args.vocab))
