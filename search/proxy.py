@@ -64,7 +64,8 @@ class ProxyConfig:
     seq_len: int = 64                       # MLM block length
     finetune_max_len: int = 64              # task sequences are truncated to this many tokens
     max_train: int | None = 2000            # task training examples used (None: all)
-    max_eval: int | None = 500              # task dev examples used (None: all)
+    max_eval: int | None = 500              # task dev examples used (None: all); standard error of a dev
+                                            # accuracy near 0.5: sqrt(0.25 / 500) = 0.022 (metrics["score_se"])
     lr: float = 1e-3                        # MLM peak learning rate
     shared_warmup: float = 0.0              # LR warm-up fraction of a weight-shared child (it starts from the
                                             # supernet's optimizer state, so it needs none)
@@ -74,7 +75,10 @@ class ProxyConfig:
     divergence_margin: float | None = 1.0   # a weight-shared child whose held-out loss ends this many nats above
                                             # its first training loss is scored but not written back
     finetune_lr: float = 5e-4
-    eval_blocks: int = 64                   # held-out MLM blocks
+    eval_blocks: int = 64                   # held-out MLM blocks; metrics["mlm_loss_se"] is the loss's standard
+                                            # error with blocks as clusters (about 0.07 nats for 256 blocks of 32
+                                            # tokens, benchmarks/results/fidelity_cpu.json; candidates share
+                                            # the blocks, so their differences are less noisy than that)
     weight_sharing: bool = True
     tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
     device: str = "auto"                    # trainer device (auto = CUDA when present | cpu | cuda:N)
