@@ -8,6 +8,8 @@ from attnc._layout import make_stage_package
 make_stage_package(globals())   # its modules are the files of search/ (attnc/_layout.py)
 
 from .evaluator import CallableEvaluator, EvalResult, Evaluator  # noqa: E402
+from .proxy_fidelity import FidelityConfig, fidelity  # noqa: E402
 from .space import Architecture, LayerChoice  # noqa: E402
 
-__all__ = ["Architecture", "LayerChoice", "Evaluator", "EvalResult", "CallableEvaluator"]
+__all__ = ["Architecture", "LayerChoice", "Evaluator", "EvalResult", "CallableEvaluator", "fidelity",
+           "FidelityConfig"]

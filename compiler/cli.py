@@ -332,7 +332,13 @@ def cmd_demo(args) -> int:
     print("best so far: " + ", ".join(f"after {i + 1}: {curve[i]:.4f}" for i in marks if curve[i] is not None))
     for rank, t in enumerate(s["top"], 1):
         print(f"  #{rank}  score {t['score']:.4f}  " + " | ".join(t["layers"]))
-    print(f"best score (-held-out MLM loss) {s['best_score']:.4f}; its layers:")
+    if s.get("score_se") is not None:
+        print(f"one evaluation's standard error (held-out blocks): {s['score_se']:.4f}")
+    for t in s.get("rescored") or []:
+        print(f"  re-scored from the final supernet, {t['seeds']} seeds: {t['score']:.4f} +- {t['se']:.4f} "
+              f"(during the search {t['search_score']:.4f})  " + " | ".join(t["layers"]))
+    what = "re-scored mean" if s.get("rescored") else "score"
+    print(f"best {what} (-held-out MLM loss) {s['best_score']:.4f}; its layers:")
     for i, layer in enumerate(s["best_layers"]):
         print(f"  layer {i}: {layer}")
     if result["export"]:

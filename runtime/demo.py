@@ -25,10 +25,13 @@ DEMO_MODEL = "tiny-hybrid"
 
 def run_search_demo(out_dir: str | os.PathLike, budget: int = 24, *, progress: bool = True, seed: int = 0,
                     num_layers: int = 4, hidden_size: int = 64, shared_steps: int = 20,
-                    finetune_steps: int = 60, vocab_size: int = 4000) -> dict:
+                    finetune_steps: int = 60, vocab_size: int = 4000, warmup_children: int = 8,
+                    rescore_seeds: int = 3) -> dict:
     """A small OP-NAS search (study in OUT/search/study.db, resumable) and the best model exported to
     OUT/best (loads with transformers.AutoModel after `import attnc`). Returns {"search": {...},
-    "export": path, "seconds"}."""
+    "export": path, "seconds"}. The supernet is warmed up by `warmup_children` random children
+    first; the best is the search's top re-scored with `rescore_seeds` seeds from the final supernet
+    (search["rescored"]: mean, standard error and the score it had during the search)."""
     from attnc.search import opnas
     from attnc.search.biws import export_model
     from attnc.search.proxy import ProxyConfig, ProxyEvaluator
@@ -45,7 +48,7 @@ def run_search_demo(out_dir: str | os.PathLike, budget: int = 24, *, progress: b
     cfg = ProxyConfig(task=None, tokenizer=str(demo_tokenizer(vocab_size)),
                       shared_pretrain_steps=shared_steps, finetune_steps=finetune_steps,
                       finetune_lr=1e-3, batch_size=32, seq_len=64, finetune_max_len=48, max_train=2000,
-                      max_eval=500,
+                      max_eval=500, warmup_children=warmup_children,
                       seed=seed)
     evaluator = ProxyEvaluator(cfg)
     # a small population so that half the budget goes to the mutation (OP-NAS) phase; a demo run
@@ -56,7 +59,8 @@ def run_search_demo(out_dir: str | os.PathLike, budget: int = 24, *, progress: b
         with opnas.read_study(study) as (_, meta):
             population = int(meta.get("population", population))
     result = opnas.search(space, evaluate=evaluator, algorithm="opnas", budget=budget, seed=seed,
-                          population=population, top_k=2, children=2, study=study, progress=progress)
+                          population=population, top_k=2, children=2, study=study, progress=progress,
+                          rescore_seeds=rescore_seeds)
     best = result.best_architecture
     curve, top = [], None   # best so far after each finished evaluation (failures keep the previous best)
     for e in result.evaluations:
@@ -68,6 +72,10 @@ def run_search_demo(out_dir: str | os.PathLike, budget: int = 24, *, progress: b
                "best_layers": [str(layer) for layer in best.layers] if best is not None else [],
                "top": [{"score": e.score, "layers": [str(x) for x in e.architecture.layers]}
                        for e in result.top(3)],
+               "rescored": [{"id": r.id, "score": r.score, "se": r.se, "seeds": r.n, "search_score": r.search_score,
+                             "layers": [str(x) for x in r.architecture.layers]} for r in result.rescored],
+               "warmup_children": result.warmup,
+               "score_se": _median([e.metrics.get("score_se") for e in result.evaluations]),
                "proxy": repr(evaluator), "study": str(result.study)}
     export = None
     if best is not None and evaluator.supernet is not None:
@@ -76,6 +84,11 @@ def run_search_demo(out_dir: str | os.PathLike, budget: int = 24, *, progress: b
         model.save_pretrained(export)
         load_tokenizer(cfg.tokenizer).save_pretrained(export)   # the folder is complete
     return {"search": summary, "export": None if export is None else str(export), "seconds": time.time() - t0}
+
+
+def _median(values) -> float | None:
+    v = sorted(x for x in values if x is not None)
+    return v[len(v) // 2] if v else None
 
 
 def demo_tokenizer(vocab_size: int) -> Path:

@@ -103,10 +103,12 @@ class TrainResult:
     losses (per step), evals (list of {"step": s, ...}), best_eval, final_eval, steps, seconds,
     tokens (real tokens trained on), stopped ("steps" | "time_budget" | "early_stopping" |
     "callback"), resumed_from (step or None), device, precision, and distill_losses (per step)
-    when a teacher is used."""
+    when a teacher is used. optimizer_state: when train() was given one, the optimizer's final
+    per-parameter state by parameter name (the optimizer's own tensors, not copies)."""
 
     model: torch.nn.Module
     metrics: dict = field(default_factory=dict)
+    optimizer_state: dict | None = None
 
 
 # ================================================================================================
@@ -528,6 +530,18 @@ def _make_optimizer(model, extra: Sequence[torch.nn.Parameter], cfg: TrainConfig
     return cls(groups, lr=cfg.lr, fused=True)
 
 
+def _load_parameter_states(opt, model, states: dict) -> None:
+    """Per-parameter optimizer states by parameter name, loaded through the optimizer's own
+    load_state_dict (it casts each value as the optimizer needs, e.g. a fused AdamW's step)."""
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    unknown = [n for n in states if n not in dict(model.named_parameters())]
+    if unknown:
+        raise ConfigError(f"optimizer state for {len(unknown)} parameter(s) the model does not have, "
+                          f"e.g. {unknown[0]}", hint="key the states by model.named_parameters() names")
+    state = {index[id(p)]: dict(states[n]) for n, p in model.named_parameters() if n in states and id(p) in index}
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
 def _schedule(opt, cfg: TrainConfig):
     total, warm = cfg.steps, max(1, int(cfg.warmup * cfg.steps))
     return torch.optim.lr_scheduler.LambdaLR(
@@ -559,10 +573,14 @@ def _call(callbacks, hook: str, *args) -> bool:
 
 def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
           distill: DistillConfig | None = None, distill_fit: torch.nn.Linear | None = None,
-          callbacks=()) -> TrainResult:
+          callbacks=(), optimizer_state: dict | None = None) -> TrainResult:
     """Train `model` on `data` (MLMData or ClassificationData) under `config`; see the module doc.
     distill_fit: the initial distillation fit layer (student width -> teacher width), e.g. a SuperPLM's
     sliced to a sub-model (default: a fresh one; trained either way).
+    optimizer_state: {parameter name: that parameter's optimizer state} (e.g. AdamW's exp_avg,
+    exp_avg_sq and step) to start from instead of a fresh state, for parameters it names (a
+    weight-sharing supernet carries its moments from child to child); the final states are returned
+    in TrainResult.optimizer_state. The tensors given may be updated in place.
 
     Callbacks are objects with optional on_step(step, loss, state) and on_eval(step, metrics, state)
     (state: a dict with model, optimizer, scheduler, metrics); returning "stop" ends training."""
@@ -600,6 +618,8 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
     data.split(cfg.seed)
     extra = list(distiller.fit.parameters()) if distiller is not None else []
     opt = _make_optimizer(model, extra, cfg, device)
+    if optimizer_state is not None:
+        _load_parameter_states(opt, model, optimizer_state)
     sched = _schedule(opt, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = _autocast_factory(cfg.precision, device)
@@ -709,7 +729,10 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
     model.train(was_training)
     if distiller is not None:
         distiller.close()
-    return TrainResult(model, metrics)
+    states = None
+    if optimizer_state is not None:
+        states = {name: opt.state[p] for name, p in model.named_parameters() if p in opt.state}
+    return TrainResult(model, metrics, states)
 
 
 __all__ = ["TrainConfig", "DistillConfig", "TrainResult", "MLMData", "ClassificationData", "train",

@@ -311,20 +311,81 @@ class Supernet(nn.Module):
         return out
 
     def child_payload(self, arch) -> dict:
-        """What a child needs to start training (picklable): plain state + conv crops/transforms."""
-        return {"state": self.child_state(arch), "conv": self.conv_parts(arch)}
+        """What a child needs to start training (picklable): plain state + conv crops/transforms, and
+        the optimizer state of its parameters ("optim", by the child's parameter names; empty until a
+        child has written one back)."""
+        return {"state": self.child_state(arch), "conv": self.conv_parts(arch), "optim": self.child_optim_state(arch)}
+
+    # --- optimizer state shared with the weights ----------------------------------------------------
+
+    def _param_map(self, arch) -> list[tuple[str, str, Any]]:
+        """(child parameter name, supernet parameter key, region) for every trainable tensor of the
+        child as the proxy trains it (small conv kernels parametrised, see attach_kernel_transform).
+        region: None (the whole tensor), ("crop", k) (centre taps of the 65 kernel) or "flat" (a
+        transform, flattened in the child)."""
+        cache = self.__dict__.setdefault("_param_map_cache", {})
+        key = arch.key()
+        if key in cache:
+            return cache[key]
+        params = self.__dict__.get("_param_keys")
+        if params is None:
+            params = self.__dict__["_param_keys"] = frozenset(k for k, _ in self.named_parameters())
+        out = []
+        for ck in self.child_keys(arch):
+            src = self._source(arch, ck)
+            if src[0] == "shared":
+                sk = "shared." + src[1]
+                if sk in params:   # tied duplicates (the MLM decoder) are not parameters of their own
+                    out.append((ck, sk, None))
+            elif src[0] == "conv":
+                out.append((ck, f"conv.{src[1]}.{src[2]}", None))
+            else:
+                i = src[1]
+                k = arch.layers[i].kernel_size
+                if k == MAX_KERNEL:
+                    out.append((ck, f"conv.{i}.kernel", None))
+                else:
+                    base = ck[: -len("kernel")] + "parametrizations.kernel."
+                    out.append((base + "original", f"conv.{i}.kernel", ("crop", k)))
+                    out.append((base + "0.transform", f"transforms.{i}.{k}", "flat"))
+        cache[key] = out
+        return out
+
+    @staticmethod
+    def _region(t: torch.Tensor, region) -> torch.Tensor:
+        if region is None or t.dim() == 0:
+            return t
+        if region == "flat":
+            return t.reshape(-1)
+        start = (MAX_KERNEL - region[1]) // 2
+        return t[..., start:start + region[1]]
 
     @torch.no_grad()
-    def write_back(self, arch, trained: dict) -> None:
-        """Copy a trained child's weights back to exactly the positions it used.
+    def child_optim_state(self, arch) -> dict[str, dict[str, torch.Tensor]]:
+        """The optimizer state of the child's parameters, cut from the supernet's as the weights are
+        (centre crops of the 65 kernel's moments, flattened transform moments); parameters no child
+        has trained yet are left out (the optimizer starts them fresh)."""
+        out = {}
+        for name, sk, region in self._param_map(arch):
+            st = self.optim_state.get(sk)
+            if st:
+                out[name] = {k: self._region(v, region).clone() for k, v in st.items()}
+        return out
 
-        `trained` is trained_payload(model) ({"state", "conv"}) or a plain child state dict; with a
-        plain state a small-kernel conv layer cannot be split into crop and transform, so that is an
-        error (train it with attach_kernel_transform)."""
+    @property
+    def optim_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{supernet parameter key: optimizer state (e.g. AdamW's exp_avg, exp_avg_sq, step)}."""
+        return self.__dict__.setdefault("_optim_state", {})
+
+    # --- write-back ---------------------------------------------------------------------------------
+
+    def _targets(self, arch, trained: dict):
+        """(accumulator key, live tensor, region, trained value) for every position the child used:
+        weights, then optimizer state."""
         if "state" in trained and isinstance(trained.get("state"), dict):
-            state, convs = trained["state"], trained.get("conv", {})
+            state, convs, optim = trained["state"], trained.get("conv", {}), trained.get("optim") or {}
         else:
-            state, convs = trained, {}
+            state, convs, optim = trained, {}, {}
         convs = {int(k): v for k, v in convs.items()}
         keys = self.child_keys(arch)
         missing = [k for k in keys if k not in state]
@@ -333,6 +394,7 @@ class Supernet(nn.Module):
                             f"e.g. {missing[0]}")
         shared = self.shared.state_dict(keep_vars=True)   # the live tensors (tied ones share storage)
         seen = set()
+        out = []
         for key in keys:
             src = self._source(arch, key)
             val = state[key]
@@ -341,22 +403,88 @@ class Supernet(nn.Module):
                 if t.data_ptr() in seen:   # the tied MLM decoder: same storage as the word embeddings
                     continue
                 seen.add(t.data_ptr())
-                t.copy_(val)
+                out.append(("shared." + src[1], t, None, val))
             elif src[0] == "conv":
-                self.conv[src[1]].get_parameter(src[2]).copy_(val)
+                out.append((f"conv.{src[1]}.{src[2]}", self.conv[src[1]].get_parameter(src[2]), None, val))
             else:
                 i = src[1]
                 k = arch.layers[i].kernel_size
-                full = self.conv[i].kernel
                 if k == MAX_KERNEL:
-                    full.copy_(val)
+                    out.append((f"conv.{i}.kernel", self.conv[i].kernel, None, val))
                     continue
                 if i not in convs:
                     raise DataError(f"write-back: conv layer {i} (kernel {k}) needs its crop and transform",
                                     hint="train the child with attach_kernel_transform and use trained_payload")
-                start = (MAX_KERNEL - k) // 2
-                full[:, start:start + k].copy_(convs[i]["crop"])
-                self.transforms[i][str(k)].copy_(convs[i]["transform"])
+                out.append((f"conv.{i}.kernel", self.conv[i].kernel, ("crop", k), convs[i]["crop"]))
+                out.append((f"transforms.{i}.{k}", self.transforms[i][str(k)], None, convs[i]["transform"]))
+        params = dict(self.named_parameters())
+        for name, sk, region in self._param_map(arch):
+            got = optim.get(name)
+            if not got:
+                continue
+            live = self.optim_state.setdefault(sk, {})
+            for k, v in got.items():
+                v = v.detach()
+                if k not in live:   # first write-back of this state: it starts from zeros
+                    live[k] = torch.zeros((), dtype=v.dtype) if v.dim() == 0 else \
+                        torch.zeros(params[sk].shape, dtype=v.dtype)
+                out.append((f"optim:{sk}:{k}", live[k], region, v))
+        return out
+
+    @torch.no_grad()
+    def write_back(self, arch, trained: dict) -> None:
+        """Put a trained child's weights (and optimizer state) back at exactly the positions it used.
+
+        `trained` is trained_payload(model) ({"state", "conv", "optim"}) or a plain child state dict;
+        with a plain state a small-kernel conv layer cannot be split into crop and transform, so that
+        is an error (train it with attach_kernel_transform).
+
+        Outside a merge the values are copied in (the supernet becomes the child at those positions).
+        Between begin_merge() and end_merge() the child's update (trained minus the supernet's value,
+        which does not change until end_merge) is accumulated instead, see end_merge."""
+        targets = self._targets(arch, trained)
+        acc = self.__dict__.get("_merge")
+        for name, live, region, val in targets:
+            part = self._region(live, region)
+            if acc is None:
+                part.copy_(val.reshape(part.shape))
+                continue
+            total, count = acc.get(name) or acc.setdefault(
+                name, (torch.zeros(live.shape, dtype=torch.float64), torch.zeros(live.shape, dtype=torch.float32)))
+            self._region(total, region).add_(val.reshape(part.shape).double() - part.double())
+            self._region(count, region).add_(1.0)
+
+    def begin_merge(self) -> None:
+        """Start a merge: children written back from now on all started from the current supernet
+        (one snapshot), and their updates are combined by end_merge, whatever their order."""
+        if self.__dict__.get("_merge") is None:
+            self.__dict__["_merge"] = {}
+
+    @torch.no_grad()
+    def end_merge(self) -> None:
+        """Apply the merge: every position moves by the mean of the updates of the children that used
+        it (a position one child used becomes that child's value; n children that trained the same
+        weights from the same start each estimate one update, so their sum would take n steps at
+        once: the mean is the local-SGD / federated-averaging rule). Optimizer moments and step
+        counts are merged the same way."""
+        acc = self.__dict__.pop("_merge", None)
+        if not acc:
+            return
+        live = {}
+        for name, t in self.state_dict(keep_vars=True).items():
+            live[name] = t
+        for sk, st in self.optim_state.items():
+            for k, v in st.items():
+                live[f"optim:{sk}:{k}"] = v
+        for name, (total, count) in acc.items():
+            t = live[name]
+            used = count > 0
+            new = t.double() + total / count.clamp(min=1.0)
+            t.copy_(torch.where(used, new, t.double()).to(t.dtype))
+
+    @property
+    def merging(self) -> bool:
+        return self.__dict__.get("_merge") is not None
 
     # --- forward through a child's branches --------------------------------------------------------
 
@@ -418,7 +546,7 @@ class Supernet(nn.Module):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".supernet-", suffix=".tmp")
         os.close(fd)
         try:
-            torch.save({"dims": asdict(self.dims), "state": self.state_dict()}, tmp)
+            torch.save(self.state_refs(), tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -433,21 +561,18 @@ class Supernet(nn.Module):
         if not path.is_file():
             raise DataError(f"no supernet checkpoint at {path}",
                             hint="run a weight-sharing search first (or pass the supernet file)")
-        blob = torch.load(path, weights_only=False, map_location="cpu")
-        dims = dict(blob["dims"])
-        dims["kernel_sizes"] = tuple(dims["kernel_sizes"])
-        net = cls(SupernetDims(**dims))
-        net.load_state_dict(blob["state"])
-        return net
+        return cls.from_state_copy(torch.load(path, weights_only=False, map_location="cpu"))
 
     def state_refs(self) -> dict:
-        """dims + the live weights, not copied: for saving at once (torch.save) or loading into
-        another supernet (load_state_dict copies); a later write-back changes these tensors."""
-        return {"dims": asdict(self.dims), "state": self.state_dict()}
+        """dims + the live weights, optimizer state and open merge, not copied: for saving at once
+        (torch.save) or loading into another supernet (from_state_copy copies); a later write-back
+        changes these tensors."""
+        return {"dims": asdict(self.dims), "state": self.state_dict(), "optim": self.optim_state,
+                "merge": self.__dict__.get("_merge")}
 
     def state_copy(self) -> dict:
-        """A detached copy of dims + weights (for an evaluator's state_dict)."""
-        return {"dims": asdict(self.dims), "state": copy.deepcopy(self.state_dict())}
+        """A detached copy of state_refs() (for an evaluator's state_dict)."""
+        return copy.deepcopy(self.state_refs())
 
     @classmethod
     def from_state_copy(cls, blob: dict) -> "Supernet":
@@ -455,6 +580,10 @@ class Supernet(nn.Module):
         dims["kernel_sizes"] = tuple(dims["kernel_sizes"])
         net = cls(SupernetDims(**dims))
         net.load_state_dict(blob["state"])
+        net.__dict__["_optim_state"] = {k: {n: v.clone() for n, v in st.items()}
+                                        for k, st in (blob.get("optim") or {}).items()}
+        if blob.get("merge") is not None:
+            net.__dict__["_merge"] = {k: (t.clone(), c.clone()) for k, (t, c) in blob["merge"].items()}
         return net
 
 

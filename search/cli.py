@@ -20,9 +20,10 @@ from attnc.compiler.errors import ConfigError, DataError
 _EVAL_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # `search opnas` defaults of the settings a study records (a resumed study keeps its own)
 _DEFAULTS = dict(layers=4, hidden=128, ffn=512, heads=4, algorithm="opnas", no_weight_sharing=False,
-                 population=100, top_k=5, children=5, alpha=0.5, seed=0)
+                 population=100, top_k=5, children=5, alpha=0.5, temperature=1.0, seed=0)
 _PROXY_FLAGS = {"task": "task", "data_dir": "data_dir", "pretrain_steps": "pretrain_steps",
-                "shared_steps": "shared_pretrain_steps", "finetune_steps": "finetune_steps", "device": "device"}
+                "shared_steps": "shared_pretrain_steps", "finetune_steps": "finetune_steps", "device": "device",
+                "warmup_children": "warmup_children", "warmup_steps": "warmup_steps"}
 
 
 def register(subparsers) -> None:
@@ -47,6 +48,9 @@ def register(subparsers) -> None:
     g.add_argument("--top-k", type=int, help=f"K (default {_DEFAULTS['top_k']})")
     g.add_argument("--children", type=int, help=f"C (default {_DEFAULTS['children']})")
     g.add_argument("--alpha", type=float, help=f"UCB exploration weight (default {_DEFAULTS['alpha']})")
+    g.add_argument("--temperature", type=float,
+                   help=f"of Equation 3's softmax over scores z-scored within their generation "
+                        f"(default {_DEFAULTS['temperature']}; lower: greedier priorities)")
     g.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--budget", type=int, default=100, help="finished evaluations (duplicates don't count)")
     p.add_argument("--evaluator", metavar="MODULE:FUNCTION",
@@ -60,11 +64,20 @@ def register(subparsers) -> None:
     e.add_argument("--shared-steps", type=int, metavar="N", help="MLM steps of a weight-shared child (40)")
     e.add_argument("--finetune-steps", type=int, metavar="N", help="task steps (100)")
     e.add_argument("--device", help="auto (default: CUDA when present) | cpu | cuda[:N]")
+    e.add_argument("--warmup-children", type=int, metavar="N",
+                   help="supernet warm-up: N random children trained before anything is scored (0)")
+    e.add_argument("--warmup-steps", type=int, metavar="N", help="MLM steps of a warm-up child (--shared-steps)")
+    p.add_argument("--rescore-seeds", type=int, default=3, metavar="N",
+                   help="weight sharing: the final top-K are scored again from the final supernet with N "
+                        "seeds, and the best mean is reported (default 3)")
     p.add_argument("--ray", type=int, metavar="N", help="start a local Ray with N workers")
     p.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster (host:port)")
     p.add_argument("--ray-in-flight", type=int, metavar="N",
                    help="the most evaluations running at once on Ray (default: the cluster's CPUs); "
                         "1 reproduces the in-process search exactly under weight sharing")
+    p.add_argument("--ray-gpus-per-task", type=float, metavar="G",
+                   help="GPUs each Ray task asks for (default 1 with --device cuda, or auto on a cluster "
+                        "with GPUs; else 0)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--primitive", action="append", default=[], metavar="NAME", dest="extra_primitives",
@@ -95,6 +108,45 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="MODEL")
     ops_option(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("fidelity", help="is a proxy worth its cost? rank agreement with longer training",
+                       description="Train the truth (each architecture from scratch, T steps x S seeds) and "
+                                   "score the architectures with each proxy (BIWS after its warm-up, from scratch "
+                                   "at equal cost, any --evaluator); print Kendall tau and Spearman rho with "
+                                   "bootstrap 90% intervals, the truth's self-agreement and seconds per "
+                                   "evaluation. Resumable: run again with the same --out.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--archs", metavar="FILE", help="one architecture per line, layers separated by ' | ' "
+                                                     "(a formula or conv(k=K)), as reports print them")
+    src.add_argument("--sample", type=int, metavar="N", help="N architectures sampled from the space (--layers ...)")
+    src.add_argument("--study", metavar="DIR", help="the best and worst --top of a study (search --out folder)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="with --study: N best and N worst (10)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--layers", type=int, default=4, help="with --sample (4)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size of --archs / --sample (64)")
+    p.add_argument("--ffn", type=int, help="FFN size (4 x hidden)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--truth-steps", type=int, default=2000, metavar="T")
+    p.add_argument("--truth-seeds", type=int, default=2, metavar="S")
+    p.add_argument("--shared-steps", type=int, default=40, metavar="N", help="BIWS steps per child (40)")
+    p.add_argument("--warmup-children", type=int, default=60, metavar="N", help="BIWS warm-up children (60)")
+    p.add_argument("--no-biws", action="store_true")
+    p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch proxy at BIWS's cost")
+    p.add_argument("--evaluator", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="another proxy (repeatable)")
+    p.add_argument("--vocab", type=int, metavar="N", help="a WordPiece vocabulary of N trained on the corpus "
+                                                         "(default: the proxy's tokenizer)")
+    p.add_argument("--lr", type=float, help="MLM peak learning rate of the truth and the proxies (the proxy's 1e-3)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-blocks", type=int, default=256, help="held-out MLM blocks (256)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE", help="proxy vs truth scatter (PNG/PDF/SVG)")
+    ops_option(p)
+    p.set_defaults(func=_fidelity)
 
     from .tinybert.cli import register as register_tinybert   # superplm ..., latency (AutoTinyBERT)
     register_tinybert(sub)
@@ -140,6 +192,7 @@ def _study_settings(db: Path) -> dict:
             "heads": sp.get("num_heads"), "algorithm": meta.get("algorithm"),
             "no_weight_sharing": not meta.get("weight_sharing", True), "population": meta.get("population"),
             "top_k": meta.get("top_k"), "children": meta.get("children"), "alpha": meta.get("alpha"),
+            "temperature": meta.get("temperature"),
             "seed": meta.get("seed"), "primitives": sp.get("primitives"), "evaluator": meta.get("evaluator")}
 
 
@@ -203,8 +256,9 @@ def _opnas(args) -> int:
     result = opnas.search(space, evaluate, algorithm=opt["algorithm"],
                           weight_sharing=not opt["no_weight_sharing"], budget=args.budget, seed=opt["seed"],
                           population=opt["population"], top_k=opt["top_k"], children=opt["children"],
-                          alpha=opt["alpha"], study=db, ray=args.ray, ray_address=args.ray_address,
-                          ray_in_flight=args.ray_in_flight,
+                          alpha=opt["alpha"], temperature=opt["temperature"], study=db, ray=args.ray,
+                          ray_address=args.ray_address, ray_in_flight=args.ray_in_flight,
+                          ray_gpus_per_task=args.ray_gpus_per_task, rescore_seeds=args.rescore_seeds,
                           progress=not args.no_progress)
     summary = _summary(result, top=5)
     if args.json:
@@ -256,14 +310,35 @@ def _summary(result, top: int) -> dict:
         return {"id": e.id, "score": e.score, "generation": e.generation, "params": params,
                 "layers": layers, "architecture": e.architecture.to_json()}
     best = result.top(top)
+    rescored = [{"id": r.id, "score": r.score, "se": r.se, "seeds": r.n, "search_score": r.search_score,
+                 "layers": [str(x) for x in r.architecture.layers]} for r in result.rescored]
+    first = None
+    if result.rescored:   # the best is the best re-scored mean (one supernet state, several seeds)
+        by_id = {e.id: e for e in result.evaluations}
+        first = arch(by_id[result.rescored[0].id])
+        first["rescored"] = rescored[0]
+    elif best:
+        first = arch(best[0])
+    ses = sorted(e.metrics["score_se"] for e in result.evaluations if e.metrics.get("score_se") is not None)
     return {"study": result.study, "evaluated": len(result.evaluations), "failed": result.failed,
-            "duplicates": result.duplicates, "illegal": result.illegal,
-            "best": arch(best[0]) if best else None, "top": [arch(e) for e in best]}
+            "duplicates": result.duplicates, "illegal": result.illegal, "warmup_children": result.warmup,
+            "score_se": ses[len(ses) // 2] if ses else None,
+            "best": first, "top": [arch(e) for e in best], "rescored": rescored}
 
 
 def _print_summary(s: dict) -> None:
     print(f"study {s['study']}: {s['evaluated']} evaluated, {s['failed']} failed, "
-          f"{s['duplicates']} duplicates (not evaluated), {s['illegal']} illegal graphs rejected")
+          f"{s['duplicates']} duplicates (not evaluated), {s['illegal']} illegal graphs rejected"
+          + (f", after a supernet warm-up of {s['warmup_children']} children" if s.get("warmup_children") else ""))
+    if s.get("score_se") is not None:
+        print(f"one evaluation's standard error (median over candidates): {s['score_se']:.4f}; scores closer "
+              f"than about twice that are not told apart")
+    if s.get("rescored"):
+        print("re-scored from the final supernet (mean +- standard error over seeds; score during the search):")
+        for r in s["rescored"]:
+            print(f"    {r['score']:.4f} +- {r['se']:.4f} ({r['seeds']} seeds; {r['search_score']:.4f})  "
+                  f"candidate {r['id']}: " + " | ".join(r["layers"]))
+        print("best by re-scored mean: candidate " + str(s["rescored"][0]["id"]) + "; by search score:")
     for rank, e in enumerate(s["top"], 1):
         print(f"#{rank}  score {e['score']:.4f}  (candidate {e['id']}, generation {e['generation']}; "
               f"encoder {e['params']:,} params)")
@@ -351,4 +426,58 @@ def _export(args) -> int:
         print(f"warning: the model's vocabulary ({model.config.vocab_size}) is not the tokenizer's "
               f"({len(tok)}): no tokenizer was saved", file=sys.stderr)
     print(f"exported rank {args.rank} (score {ranked[args.rank - 1].score:.4f}) to {args.out} ({source})")
+    return 0
+
+
+def _fidelity_architectures(args) -> list:
+    from . import opnas, proxy_fidelity
+
+    ffn = args.ffn or 4 * args.hidden
+    if args.archs:
+        return proxy_fidelity.read_architectures(args.archs, args.hidden, ffn, args.heads)
+    if args.sample is not None:
+        if args.sample < 3:
+            raise ConfigError(f"--sample needs at least 3 architectures, got {args.sample}")
+        space = opnas.Space(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=ffn,
+                            num_heads=args.heads)
+        return proxy_fidelity.sample_architectures(space, args.sample, args.seed)
+    ranked = opnas.open_result(args.study).top(10 ** 9)
+    if len(ranked) < 3:
+        raise DataError(f"the study {args.study} has {len(ranked)} evaluated architectures; need at least 3")
+    k = min(args.top, len(ranked) // 2)
+    return [e.architecture for e in ranked[:k] + ranked[len(ranked) - k:]]
+
+
+def _fidelity(args) -> int:
+    from . import proxy_fidelity
+
+    load_ops(args)
+    if args.plot:
+        from . import plots
+        plots.check_plot_path(args.plot)
+    archs = _fidelity_architectures(args)
+    evaluators = {spec: load_evaluator(spec) for spec in args.evaluator}
+    proxy = {"seq_len": args.seq_len, "batch_size": args.batch_size, "eval_blocks": args.eval_blocks,
+             "device": args.device, "seed": args.seed}
+    if args.lr is not None:
+        proxy["lr"] = args.lr
+    if args.vocab is not None:
+        from attnc.runtime.demo import demo_tokenizer
+        proxy["tokenizer"] = str(demo_tokenizer(args.vocab))
+    cfg = proxy_fidelity.FidelityConfig(truth_steps=args.truth_steps, truth_seeds=args.truth_seeds,
+                                        shared_steps=args.shared_steps, warmup_children=args.warmup_children,
+                                        biws=not args.no_biws, scratch=not args.no_scratch,
+                                        bootstrap=args.bootstrap, seed=args.seed, proxy=proxy)
+    say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = proxy_fidelity.fidelity(archs, args.out, cfg, evaluators=evaluators, progress=say)
+    if args.plot:
+        proxy_fidelity.plot(result, args.plot)
+        result["plot"] = args.plot
+    Path(args.out, "fidelity.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(proxy_fidelity.format_result(result)))
+        if args.plot:
+            print(f"plot: {args.plot}")
     return 0

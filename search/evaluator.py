@@ -3,8 +3,12 @@
 The driver calls `prepare(arch)` (e.g. initial weights cut from a supernet), then a picklable
 `runner()` runs `(arch, payload, seed) -> EvalResult` in-process or on a Ray worker, then the
 driver calls `commit(arch, result)` in completion order (e.g. write trained weights back).
-`state_dict()` / `load_state_dict()` persist whatever the evaluator shares between candidates so a
-resumed search continues from the same state.
+`begin_generation()` / `end_generation()` bracket the candidates of one generation (a weight-sharing
+evaluator prepares them all from one state and merges their updates at the end); a warm-up before
+the search (`warmup_children` random children, run with `warmup_runner()`, committed one by one)
+trains shared state before anything is scored. `state_dict()` / `load_state_dict()` persist
+whatever the evaluator shares between candidates so a resumed search continues from the same state.
+`device` says where the runner trains (a Ray task asks for a GPU when it is "cuda").
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ class Evaluator:
     """Base class; subclasses override what they need."""
 
     weight_sharing: bool = False
+    device: str = "cpu"            # where the runner trains: cpu | cuda[:N] | auto
+    warmup_children: int = 0       # random children trained (and committed) before the search scores any
 
     def prepare(self, arch: Architecture) -> Any:
         return None
@@ -35,7 +41,16 @@ class Evaluator:
     def runner(self) -> Callable[[Architecture, Any, int], EvalResult]:
         raise NotImplementedError
 
+    def warmup_runner(self) -> Callable[[Architecture, Any, int], EvalResult]:
+        return self.runner()
+
     def commit(self, arch: Architecture, result: EvalResult) -> None:
+        pass
+
+    def begin_generation(self) -> None:
+        pass
+
+    def end_generation(self) -> None:
         pass
 
     def state_dict(self) -> dict:

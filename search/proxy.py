@@ -64,10 +64,21 @@ class ProxyConfig:
     seq_len: int = 64                       # MLM block length
     finetune_max_len: int = 64              # task sequences are truncated to this many tokens
     max_train: int | None = 2000            # task training examples used (None: all)
-    max_eval: int | None = 500              # task dev examples used (None: all)
+    max_eval: int | None = 500              # task dev examples used (None: all); standard error of a dev
+                                            # accuracy near 0.5: sqrt(0.25 / 500) = 0.022 (metrics["score_se"])
     lr: float = 1e-3                        # MLM peak learning rate
+    shared_warmup: float = 0.0              # LR warm-up fraction of a weight-shared child (it starts from the
+                                            # supernet's optimizer state, so it needs none)
+    warmup_children: int = 0                # supernet warm-up before a search scores anything: this many
+                                            # random children of the space, trained one after another
+    warmup_steps: int | None = None         # MLM steps of each warm-up child (None: shared_pretrain_steps)
+    divergence_margin: float | None = 1.0   # a weight-shared child whose held-out loss ends this many nats above
+                                            # its first training loss is scored but not written back
     finetune_lr: float = 5e-4
-    eval_blocks: int = 64                   # held-out MLM blocks
+    eval_blocks: int = 64                   # held-out MLM blocks; metrics["mlm_loss_se"] is the loss's standard
+                                            # error with blocks as clusters (about 0.07 nats for 256 blocks of 32
+                                            # tokens, benchmarks/results/fidelity_cpu.json; candidates share
+                                            # the blocks, so their differences are less noisy than that)
     weight_sharing: bool = True
     tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
     device: str = "auto"                    # trainer device (auto = CUDA when present | cpu | cuda:N)
@@ -77,10 +88,16 @@ class ProxyConfig:
 
     def __post_init__(self):
         for name in ("pretrain_steps", "shared_pretrain_steps", "finetune_steps", "batch_size", "seq_len",
-                     "finetune_max_len", "eval_blocks"):
+                     "finetune_max_len", "eval_blocks") + (("warmup_steps",) if self.warmup_steps is not None else ()):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"proxy {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.warmup_children, int) or self.warmup_children < 0:
+            raise ConfigError(f"proxy warmup_children must be a non-negative integer, got {self.warmup_children!r}")
+        if not 0.0 <= self.shared_warmup <= 1.0:
+            raise ConfigError(f"proxy shared_warmup is a fraction of the steps, got {self.shared_warmup!r}")
+        if self.divergence_margin is not None and not self.divergence_margin > 0:
+            raise ConfigError(f"proxy divergence_margin must be positive (or None), got {self.divergence_margin!r}")
         if self.task is not None and self.task not in TASKS and self.task not in _glue_names():
             raise ConfigError(f"unknown proxy task {self.task!r}",
                               hint=f"use one of {', '.join(TASKS + _glue_names())}, or None (`--task mlm` on the command line) for the held-out MLM loss")
@@ -167,19 +184,38 @@ def _proxy_mlm_data_class():
             return self._eval[batch_size]
 
         def evaluate(self, model, batch_size: int, device, autocast) -> dict:
+            """{"loss": held-out MLM loss per masked token, "loss_se": its standard error, with the
+            held-out blocks as clusters (tokens of one block are not independent)}."""
             from attnc.runtime.trainer import _mlm_objective
 
-            total, count = 0.0, 0
+            total, count, sums, counts = 0.0, 0, [], []
             with torch.no_grad():
                 for b, n in self.eval_batches(batch_size):
                     b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
                     with autocast():
-                        loss = _mlm_objective(model, b, nsp=False)[0]
+                        loss, _, logits = _mlm_objective(model, b, nsp=False)
                     total += float(loss) * n
                     count += n
-            return {"loss": total / max(count, 1)}
+                    sel = b["labels"] != -100
+                    tok = torch.nn.functional.cross_entropy(logits.float(), b["labels"][sel], reduction="none")
+                    block = sel.nonzero()[:, 0]
+                    sums.append(torch.zeros(sel.shape[0], dtype=torch.float64).index_add_(0, block.cpu(), tok.double().cpu()))
+                    counts.append(sel.sum(1).double().cpu())
+            mean = total / max(count, 1)
+            return {"loss": mean, "loss_se": cluster_se(torch.cat(sums), torch.cat(counts), mean)}
 
     return ProxyMLMData
+
+
+def cluster_se(sums: torch.Tensor, counts: torch.Tensor, mean: float) -> float:
+    """Standard error of a mean of per-token values grouped in clusters (held-out blocks): sums and
+    counts per cluster, the ratio estimator's sqrt(sum_b (S_b - n_b * mean)^2) / N, times
+    sqrt(B / (B - 1))."""
+    b, n = len(sums), float(counts.sum())
+    if b < 2 or n == 0:
+        return float("nan")
+    r = sums - counts * mean
+    return float((r.pow(2).sum() * b / (b - 1)).sqrt() / n)
 
 
 def _task_data(cfg: ProxyConfig):
@@ -216,7 +252,7 @@ class ProxyRunner:
     def __init__(self, config: ProxyConfig):
         self.config = config
 
-    def __call__(self, arch, payload: Any, seed: int) -> EvalResult:
+    def __call__(self, arch, payload: Any, seed: int, steps_override: int | None = None) -> EvalResult:
         from attnc.runtime.modeling import AttncBertForMaskedLM, AttncBertForSequenceClassification
         from attnc.runtime.trainer import TrainConfig, train
 
@@ -225,7 +261,7 @@ class ProxyRunner:
         tok = _tokenizer(cfg.tokenizer)
         overrides = dict(vocab_size=len(tok), max_position_embeddings=max(cfg.seq_len, cfg.finetune_max_len))
         torch.manual_seed(seed)   # the from-scratch init; also seeds dropout and the data order
-        steps = cfg.pretrain_steps
+        steps = cfg.pretrain_steps if steps_override is None else steps_override
         if payload is None:
             model = AttncBertForMaskedLM(arch.to_config(**overrides))
         else:
@@ -240,23 +276,30 @@ class ProxyRunner:
             model.load_state_dict(payload["state"], strict=True)
             for i, parts in payload["conv"].items():
                 attach_kernel_transform(model, int(i), parts["crop"], parts["transform"])
-            steps = cfg.shared_pretrain_steps
+            steps = cfg.shared_pretrain_steps if steps_override is None else steps_override
+        shared = payload is not None
         res = train(model, _mlm_data(cfg),
                     TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                                device=cfg.device, warmup=0.1))
+                                device=cfg.device, warmup=cfg.shared_warmup if shared else 0.1),
+                    optimizer_state=payload.get("optim", {}) if shared else None)
         _check_finite(res.metrics["losses"] + [res.metrics["final_eval"]["loss"]], "MLM")
         mlm_loss = float(res.metrics["final_eval"]["loss"])
         weights = None
-        if payload is not None:
+        if shared:
             # no copy on the way: the child is not trained again (fine-tuning trains a separate model
             # initialised from it) and .cpu() is a no-op on CPU, a device -> host copy otherwise
+            optim = {n: {k: v.detach().cpu() for k, v in st.items()} for n, st in res.optimizer_state.items()}
             weights = trained_payload(res.model, copy=False)   # also makes the kernels plain again
             weights = {"state": {k: v.cpu() for k, v in weights["state"].items()},
-                       "conv": {i: {k: v.cpu() for k, v in p.items()} for i, p in weights["conv"].items()}}
-        metrics = {"mlm_loss": mlm_loss, "pretrain_steps": steps, "weight_sharing": payload is not None}
+                       "conv": {i: {k: v.cpu() for k, v in p.items()} for i, p in weights["conv"].items()},
+                       "optim": optim}
+        metrics = {"mlm_loss": mlm_loss, "mlm_loss_se": float(res.metrics["final_eval"]["loss_se"]),
+                   "pretrain_steps": steps,
+                   "weight_sharing": shared, "start_loss": float(res.metrics["losses"][0])}
         total_steps = steps
         if cfg.task is None:
             score = -mlm_loss
+            metrics["score_se"] = metrics["mlm_loss_se"]
         else:
             data = _task_data(cfg)
             mlm = res.model.cpu()   # plain kernels by now (trained_payload removed the parametrisations)
@@ -274,12 +317,27 @@ class ProxyRunner:
             score = float(final[data.primary])
             metrics.update({"task": cfg.task, **{f"dev_{k}": float(v) for k, v in final.items()},
                             "finetune_steps": cfg.finetune_steps})
+            n_dev = len(next(iter(data.dev_rows.values())))
+            metrics["dev_examples"] = n_dev
+            if data.primary == "accuracy":   # binomial standard error of the dev accuracy
+                metrics["score_se"] = math.sqrt(max(score * (1 - score), 0.0) / max(n_dev, 1))
             total_steps += cfg.finetune_steps
         if not math.isfinite(score):
             raise TrainingDiverged(f"the proxy score is {score}")
         seconds = time.perf_counter() - t0
         metrics["seconds"] = seconds
         return EvalResult(score=score, metrics=metrics, seconds=seconds, steps=total_steps, weights=weights)
+
+
+class _StepsRunner(ProxyRunner):
+    """A ProxyRunner that trains weight-shared children a given number of steps (the warm-up's)."""
+
+    def __init__(self, config: ProxyConfig, steps: int):
+        super().__init__(config)
+        self.steps = steps
+
+    def __call__(self, arch, payload: Any, seed: int, steps_override: int | None = None) -> EvalResult:
+        return super().__call__(arch, payload, seed, self.steps if steps_override is None else steps_override)
 
 
 class ProxyEvaluator(Evaluator):
@@ -307,6 +365,8 @@ class ProxyEvaluator(Evaluator):
                 vocab_size=vocab_size(self.config),
                 max_position_embeddings=max(self.config.seq_len, self.config.finetune_max_len),
                 seed=self.config.seed))
+            if getattr(self, "_in_generation", False):
+                self.supernet.begin_merge()
         return self.supernet
 
     def prepare(self, arch) -> Any:
@@ -317,10 +377,46 @@ class ProxyEvaluator(Evaluator):
     def runner(self) -> Callable[[Any, Any, int], EvalResult]:
         return ProxyRunner(self.config)
 
+    @property
+    def device(self) -> str:
+        return self.config.device
+
+    @property
+    def warmup_children(self) -> int:
+        return self.config.warmup_children if self.weight_sharing else 0
+
+    def warmup_runner(self) -> Callable[[Any, Any, int], EvalResult]:
+        steps = self.config.warmup_steps
+        return ProxyRunner(self.config) if steps is None else _StepsRunner(self.config, steps)
+
+    def diverged(self, result: EvalResult) -> bool:
+        """The write-back policy's test: the child's held-out loss ended more than divergence_margin
+        nats above its first training loss (where it started from the supernet)."""
+        m, margin = result.metrics, self.config.divergence_margin
+        return margin is not None and "start_loss" in m and m["mlm_loss"] > m["start_loss"] + margin
+
     def commit(self, arch, result: EvalResult) -> None:
+        """Write a weight-shared child back (in a merge: accumulate its update), unless it diverged:
+        then the supernet keeps its weights and metrics["written_back"] says so. A child that failed
+        (raised, or a NaN/inf loss) never reaches commit."""
         if self.weight_sharing and result.weights is not None:
-            self._supernet_for(arch).write_back(arch, result.weights)
+            ok = not self.diverged(result)
+            result.metrics["written_back"] = ok
+            if ok:
+                self._supernet_for(arch).write_back(arch, result.weights)
         result.weights = None   # not kept in memory once written back
+
+    def begin_generation(self) -> None:
+        """Children from now on start from the current supernet and their updates are merged by
+        end_generation (Supernet.begin_merge / end_merge)."""
+        self._in_generation = True
+        if self.weight_sharing and self.supernet is not None:
+            self.supernet.begin_merge()
+
+    def end_generation(self) -> None:
+        self._in_generation = False
+        if self.weight_sharing and self.supernet is not None:
+            self.supernet.end_merge()
 
     def state_dict(self) -> dict:
         """Config + supernet weights. The weights are the live tensors (no copy): the search saves
@@ -335,6 +431,7 @@ class ProxyEvaluator(Evaluator):
     def load_state_dict(self, d: dict) -> None:
         blob = d.get("supernet") if d else None
         self.supernet = None if blob is None else Supernet.from_state_copy(blob)
+        self._in_generation = bool(self.supernet is not None and self.supernet.merging)
 
     def save_supernet(self, path) -> None:
         """Write the supernet (for `attnc search export`); nothing without weight sharing."""

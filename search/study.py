@@ -1,10 +1,14 @@
 """The study: a SQLite file (WAL) holding one row per candidate, the search's only memory.
 
 Operation priorities, the population and the next candidates are all derived from these rows,
-so a search killed at any moment resumes from the file alone. Evaluator state (a supernet under
-weight sharing) is saved after each commit as a versioned file, written atomically, and the row
-that finishes the evaluation references it in the same transaction; an orphan file of a crash
-before that transaction is ignored (its row is still `running` and runs again).
+so a search killed at any moment resumes from the file alone. Besides the candidates it holds the
+supernet warm-up (one row per warm-up child, with its steps), the re-scores (top candidates scored
+again on a common supernet state) and the checkpoints of the evaluator's state (a supernet under
+weight sharing): written atomically as versioned files every few evaluations, at the end of the
+warm-up and of each generation, and recorded in the same transaction as the row that finished
+last. On resume the state of the latest checkpoint is loaded and what finished after it (warm-up
+children, candidates whose write-backs it does not hold) runs again; an orphan file of a crash
+before its transaction is ignored.
 """
 from __future__ import annotations
 
@@ -43,7 +47,52 @@ CREATE TABLE IF NOT EXISTS candidates (
     created REAL NOT NULL, finished REAL
 );
 CREATE INDEX IF NOT EXISTS by_status ON candidates(status);
+CREATE TABLE IF NOT EXISTS warmup (
+    i INTEGER PRIMARY KEY,           -- warm-up child number (its architecture and seed derive from it)
+    arch TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL,
+    score REAL, metrics TEXT, seconds REAL, steps INTEGER, error TEXT, finished REAL
+);
+CREATE TABLE IF NOT EXISTS rescores (
+    id INTEGER PRIMARY KEY,
+    candidate INTEGER NOT NULL,      -- the candidate scored again
+    generation INTEGER NOT NULL,     -- the supernet state it starts from: elite: the one generation G's children
+                                     -- start from; final: the one after this many finished evaluations
+    kind TEXT NOT NULL,              -- elite (a parent, scored with the next generation) | final (after the search)
+    seed INTEGER NOT NULL, status TEXT NOT NULL,
+    score REAL, metrics TEXT, seconds REAL, error TEXT, finished REAL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    version INTEGER PRIMARY KEY,
+    file TEXT NOT NULL,              -- evaluator state, relative to the study folder
+    finish_order INTEGER NOT NULL,   -- candidates finished up to here are in it
+    warmup_done INTEGER NOT NULL,    -- warm-up children 0 .. warmup_done - 1 are in it
+    open_generation INTEGER NOT NULL,   -- saved inside a generation (its merge not applied yet)
+    created REAL NOT NULL
+);
 """
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    version: int
+    file: str
+    finish_order: int
+    warmup_done: int
+    open_generation: bool
+
+
+@dataclass(frozen=True)
+class Rescore:
+    id: int
+    candidate: int
+    generation: int
+    kind: str
+    seed: int
+    status: str
+    score: float | None
+    metrics: dict
+    seconds: float | None
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -119,9 +168,11 @@ class Study:
             self.db.execute("UPDATE candidates SET status='running' WHERE id=?", (cid,))
 
     def finish(self, cid: int, status: str, score=None, metrics=None, seconds=None, steps=None,
-               error=None, state_file=None) -> None:
+               error=None, state_file=None, checkpoint: dict | None = None) -> None:
+        """Finish candidate `cid`; with `checkpoint` ({"warmup_done", "open_generation"}) the state
+        file `state_file` is recorded as a checkpoint holding it, in the same transaction."""
         with self._tx():
-            order = self.db.execute("SELECT COALESCE(MAX(finish_order), 0) + 1 FROM candidates").fetchone()[0]
+            order = self._next_order()
             self.db.execute("UPDATE candidates SET status=?, score=?, metrics=?, seconds=?, steps=?, error=?,"
                             " state_file=?, finish_order=?, finished=? WHERE id=?",
                             (status, score, json.dumps(metrics or {}), seconds, steps, error, state_file,
@@ -129,22 +180,104 @@ class Study:
             if status == "done":   # duplicates of it made while it waited get the reused score
                 self.db.execute("UPDATE candidates SET score=? WHERE duplicate_of=? AND status='duplicate'",
                                 (score, cid))
+            if checkpoint is not None:
+                self._add_checkpoint(state_file, order, **checkpoint)
+
+    def _next_order(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(finish_order), 0) + 1 FROM candidates").fetchone()[0]
+
+    def _add_checkpoint(self, file: str, finish_order: int, warmup_done: int, open_generation: bool) -> None:
+        self.db.execute("INSERT INTO checkpoints (file, finish_order, warmup_done, open_generation, created) "
+                        "VALUES (?,?,?,?,?)", (file, finish_order, warmup_done, int(open_generation), time.time()))
+
+    def add_checkpoint(self, file: str, warmup_done: int, open_generation: bool,
+                       warmup_row: dict | None = None) -> None:
+        """Record a checkpoint of everything finished so far (with `warmup_row`: finish that warm-up
+        child in the same transaction)."""
+        with self._tx():
+            if warmup_row is not None:
+                self._finish_warmup(**warmup_row)
+            self._add_checkpoint(file, self._next_order() - 1, warmup_done, open_generation)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        r = self.db.execute("SELECT version, file, finish_order, warmup_done, open_generation FROM checkpoints "
+                            "ORDER BY version DESC LIMIT 1").fetchone()
+        if r:
+            return Checkpoint(r[0], r[1], r[2], r[3], bool(r[4]))
+        # a study written before the checkpoints table: the state file of the latest finished row
+        r = self.db.execute("SELECT state_file, finish_order FROM candidates WHERE state_file IS NOT NULL "
+                            "ORDER BY finish_order DESC LIMIT 1").fetchone()
+        return Checkpoint(0, r[0], r[1], 0, False) if r else None
 
     def latest_state_file(self) -> str | None:
-        r = self.db.execute("SELECT state_file FROM candidates WHERE state_file IS NOT NULL "
-                            "ORDER BY finish_order DESC LIMIT 1").fetchone()
-        return r[0] if r else None
+        ck = self.latest_checkpoint()
+        return ck.file if ck else None
+
+    def reset_after(self, ck: Checkpoint | None) -> int:
+        """Candidates finished `done` after checkpoint `ck` (their write-backs are not in its state)
+        become pending again, and warm-up children after it are forgotten; returns how many rows."""
+        order = ck.finish_order if ck else 0
+        warm = ck.warmup_done if ck else 0
+        with self._tx():
+            n = self.db.execute("UPDATE candidates SET status='pending', score=NULL, metrics=NULL, seconds=NULL, "
+                                "steps=NULL, error=NULL, state_file=NULL, finish_order=NULL, finished=NULL "
+                                "WHERE status='done' AND finish_order > ?", (order,)).rowcount
+            n += self.db.execute("DELETE FROM warmup WHERE i >= ?", (warm,)).rowcount
+        return n
+
+    # --- warm-up and re-scores ----------------------------------------------------------------------
+
+    def warmup_rows(self) -> list[dict]:
+        cur = self.db.execute("SELECT i, arch, seed, status, score, metrics, seconds, steps, error FROM warmup ORDER BY i")
+        return [{"i": r[0], "arch": Architecture.from_json(json.loads(r[1])), "seed": r[2], "status": r[3],
+                 "score": r[4], "metrics": json.loads(r[5]) if r[5] else {}, "seconds": r[6], "steps": r[7],
+                 "error": r[8]} for r in cur.fetchall()]
+
+    def finish_warmup(self, **row) -> None:
+        with self._tx():
+            self._finish_warmup(**row)
+
+    def _finish_warmup(self, i: int, arch: Architecture, seed: int, status: str, score=None, metrics=None,
+                       seconds=None, steps=None, error=None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO warmup (i, arch, seed, status, score, metrics, seconds, steps, "
+                        "error, finished) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (i, json.dumps(arch.to_json()), seed, status, score, json.dumps(metrics or {}), seconds,
+                         steps, error, time.time()))
+
+    def add_rescores(self, items: list[dict]) -> None:
+        with self._tx():
+            for it in items:
+                self.db.execute("INSERT INTO rescores (candidate, generation, kind, seed, status) VALUES (?,?,?,?,?)",
+                                (it["candidate"], it["generation"], it["kind"], it["seed"], "pending"))
+
+    def delete_rescores(self, kind: str) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM rescores WHERE kind=?", (kind,))
+
+    def rescores(self, where: str = "", args: tuple = ()) -> list[Rescore]:
+        cur = self.db.execute(f"SELECT id, candidate, generation, kind, seed, status, score, metrics, seconds, "
+                              f"error FROM rescores {where} ORDER BY id", args)
+        return [Rescore(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]) if r[7] else {}, r[8], r[9])
+                for r in cur.fetchall()]
+
+    def finish_rescore(self, rid: int, status: str, score=None, metrics=None, seconds=None, error=None) -> None:
+        with self._tx():
+            self.db.execute("UPDATE rescores SET status=?, score=?, metrics=?, seconds=?, error=?, finished=? "
+                            "WHERE id=?", (status, score, json.dumps(metrics or {}), seconds, error, time.time(), rid))
 
     def _tx(self):
         return _Tx(self.db)
 
     # --- evaluator state ----------------------------------------------------------------------------
 
-    def save_state(self, state: dict, version: int) -> str:
-        """Write evaluator state atomically as state/v{version}.pt; returns the relative name."""
+    def save_state(self, state: dict, version: int | None = None) -> str:
+        """Write evaluator state atomically as state/v{version}.pt (default: the next checkpoint's
+        number); returns the relative name."""
         import torch
         d = self.folder / "state"
         d.mkdir(exist_ok=True)
+        if version is None:
+            version = self.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM checkpoints").fetchone()[0]
         name = f"state/v{version:06d}.pt"
         tmp = self.folder / (name + ".tmp")
         with open(tmp, "wb") as f:

@@ -225,6 +225,14 @@ def test_cli_report_bad_plot_format_is_exit_2(tmp_path, capsys):
     assert "Traceback" not in err and ".png" in err and not (tmp_path / "x.bogus").exists()
 
 
+def db_rows(out, sql):
+    db = sqlite3.connect(out / "study.db")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
 def test_cli_proxy_flags_reach_the_proxy(tmp_path, capsys):
     """--task mlm --shared-steps 3: each weight-shared child trains 3 MLM steps and is scored by its
     held-out MLM loss (a negative number; no fine-tune)."""
@@ -239,7 +247,14 @@ def test_cli_proxy_flags_reach_the_proxy(tmp_path, capsys):
     assert len(rows) == 2 and all(steps == 3 for steps, _, _ in rows)
     for _, score, metrics in rows:
         assert score == -json.loads(metrics)["mlm_loss"] and "task" not in json.loads(metrics)
-    assert s["best"]["score"] == max(r[1] for r in rows)
+    # the best is the top re-scored from the final supernet (3 seeds by default): the best mean
+    finals = db_rows(out, "SELECT candidate, score FROM rescores WHERE kind='final' AND status='done'")
+    means = {}
+    for cid, score in finals:
+        means.setdefault(cid, []).append(score)
+    assert len(finals) == 2 * 3
+    best_id = max(means, key=lambda c: sum(means[c]) / 3)
+    assert s["best"]["id"] == best_id and s["best"]["rescored"]["score"] == pytest.approx(sum(means[best_id]) / 3)
     # resumed without the flags: the study's own proxy settings (every score an MLM loss)
     base = ["search", "opnas", "--out", str(out), "--no-progress", "--json", "--resume"]
     assert main(base + ["--budget", "3"]) == 0

@@ -50,15 +50,15 @@ def _sql_best_arch(folder) -> Architecture:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     return {"opnas0": _search(root / "opnas0", "opnas", 0), "opnas1": _search(root / "opnas1", "opnas", 1),
-            "random3": _search(root / "random3", "random", 3)}
+            "random2": _search(root / "random2", "random", 2)}
 
 
 def test_curves_are_the_running_max_of_the_rows(runs):
-    studies = [plots.load_study(runs["opnas0"]), plots.load_study(runs["random3"])]
+    studies = [plots.load_study(runs["opnas0"]), plots.load_study(runs["random2"])]
     curves = plots.best_so_far_curves(studies)
-    assert list(curves) == ["opnas seed 0", "random seed 3"]
+    assert list(curves) == ["opnas seed 0", "random seed 2"]
     assert curves["opnas seed 0"] == _sql_curve(runs["opnas0"])
-    assert curves["random seed 3"] == _sql_curve(runs["random3"])
+    assert curves["random seed 2"] == _sql_curve(runs["random2"])
     assert len(curves["opnas seed 0"]) == 8            # the budget: finished evaluations
     # preconditions of a meaningful check: fails_on_dist failed some candidates (x positions with
     # no new score), and a later score was lower than an earlier one (the running max must hold)
@@ -67,7 +67,7 @@ def test_curves_are_the_running_max_of_the_rows(runs):
 
 
 def test_seeds_of_one_algorithm_are_averaged_with_a_band(runs):
-    studies = [plots.load_study(runs[k]) for k in ("opnas0", "opnas1", "random3")]
+    studies = [plots.load_study(runs[k]) for k in ("opnas0", "opnas1", "random2")]
     g = plots.grouped_curves(studies)
     assert list(g) == ["opnas", "random"] and g["opnas"]["runs"] == 2
     a, b = _sql_curve(runs["opnas0"]), _sql_curve(runs["opnas1"])
@@ -79,9 +79,9 @@ def test_seeds_of_one_algorithm_are_averaged_with_a_band(runs):
     fig = plots.report_figure(studies)
     ax = fig.axes[0]
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
-    assert set(lines) == {"opnas (mean of 2 seeds)", "random seed 3"}
+    assert set(lines) == {"opnas (mean of 2 seeds)", "random seed 2"}
     assert lines["opnas (mean of 2 seeds)"] == pytest.approx(g["opnas"]["mean"])
-    assert lines["random seed 3"] == [v for v in _sql_curve(runs["random3"]) if v is not None]
+    assert lines["random seed 2"] == [v for v in _sql_curve(runs["random2"]) if v is not None]
     assert len(ax.collections) == 1                    # the min-max band
     import matplotlib.pyplot as plt
     plt.close(fig)
@@ -89,11 +89,11 @@ def test_seeds_of_one_algorithm_are_averaged_with_a_band(runs):
 
 def test_report_several_dirs_json_and_png(runs, tmp_path, capsys):
     png = tmp_path / "cmp.png"
-    assert main(["search", "report", str(runs["opnas0"]), str(runs["random3"]), "--json",
+    assert main(["search", "report", str(runs["opnas0"]), str(runs["random2"]), "--json",
                  "--plot", str(png)]) == 0
     reps = json.loads(capsys.readouterr().out)
-    assert [r["study"] for r in reps] == [str(runs["opnas0"] / "study.db"), str(runs["random3"] / "study.db")]
-    for rep, key in zip(reps, ("opnas0", "random3")):
+    assert [r["study"] for r in reps] == [str(runs["opnas0"] / "study.db"), str(runs["random2"] / "study.db")]
+    for rep, key in zip(reps, ("opnas0", "random2")):
         curve = _sql_curve(runs[key])
         assert rep["best"]["score"] == max(v for v in curve if v is not None)
         assert rep["evaluated"] + rep["failed"] == len(curve)
@@ -106,9 +106,9 @@ def test_report_several_dirs_json_and_png(runs, tmp_path, capsys):
 
 
 def test_best_architecture_is_drawn_layer_by_layer(runs):
-    studies = [plots.load_study(runs["opnas0"]), plots.load_study(runs["random3"])]
+    studies = [plots.load_study(runs["opnas0"]), plots.load_study(runs["random2"])]
     best = max((s for s in studies), key=lambda s: s.best.score)
-    folder = runs["opnas0"] if best is studies[0] else runs["random3"]
+    folder = runs["opnas0"] if best is studies[0] else runs["random2"]
     arch = _sql_best_arch(folder)
     assert best.best.arch == arch
     fig = plots.report_figure(studies)

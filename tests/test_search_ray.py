@@ -104,3 +104,38 @@ def test_ray_weight_sharing_two_in_flight_writes_back_in_completion_order(tmp_pa
         assert score == known_ops(arch) + 0.01 * sum(start)
         states.append(shared_counters_run(arch, start, seed).weights)
     assert ev.values == states[-1]                               # (b)
+
+
+def test_ray_tasks_ask_for_gpus_when_the_proxy_trains_on_cuda(tmp_path, monkeypatch):
+    """The remote function a search sends its tasks with carries num_gpus: 1 by default when the
+    evaluator trains on CUDA, the --ray-gpus-per-task value when given, 0 on the CPU. (Run here on
+    a CPU-only Ray, so the tasks themselves go through a 0-GPU copy of the same function.)"""
+    from attnc.search.synthetic import SharedCounters
+
+    assert opnas.remote_task(1)._default_options["num_gpus"] == 1        # what Ray schedules by
+    assert opnas.remote_task(0.5)._default_options["num_gpus"] == 0.5
+    asked = []
+    real = opnas.remote_task
+
+    def recording(gpus):
+        asked.append(real(gpus)._default_options["num_gpus"])
+        return real(0)
+    monkeypatch.setattr(opnas, "remote_task", recording)
+
+    class OnCuda(SharedCounters):
+        device = "cuda"
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        space = opnas.Space(num_layers=2, kernel_sizes=(7, 65))
+        kw = dict(budget=3, population=3, seed=0, rescore_top=0, ray=2)
+        opnas.search(space, OnCuda(2), study=tmp_path / "a.db", **kw)
+        opnas.search(space, OnCuda(2), study=tmp_path / "b.db", ray_gpus_per_task=0.25, **kw)
+        opnas.search(space, SharedCounters(2), study=tmp_path / "c.db", **kw)
+    finally:
+        ray.shutdown()
+    assert set(asked[:1]) == {1} and 0.25 in asked and asked[-1] == 0
+    assert opnas.default_gpus_per_task("cuda:1") == 1 and opnas.default_gpus_per_task("cpu") == 0
+    assert opnas.default_gpus_per_task("auto", cluster_gpus=4) == 1
+    assert opnas.default_gpus_per_task("auto", cluster_gpus=0) == 0

@@ -1,0 +1,348 @@
+"""Proxy fidelity: is a search's proxy worth its cost? (`attnc search fidelity`, `attnc.search.fidelity`)
+
+Given architectures (a file, one per line, layers separated by ` | ` as the report prints them: a
+formula or `conv(k=K)`; or a sample of a space), this trains the truth -- each architecture from
+scratch for T MLM steps, with S seeds; its score is the mean of minus the held-out MLM loss -- and
+scores the architectures with each proxy:
+
+  * "biws": the weight-shared proxy as a search uses it: a supernet warmed up by `warmup_children`
+    children (drawn at random from the architectures, `shared_steps` steps each, written back one
+    after another), then every architecture scored for `shared_steps` steps from that same
+    supernet state (nothing written back: the order of scoring does not matter);
+  * "scratch": from scratch at the same cost: (warm-up steps + N x shared_steps) / N steps each;
+  * any Evaluator or function arch -> score (`evaluators`, e.g. a user's `--evaluator`).
+
+It reports, per proxy, Kendall's tau and Spearman's rho against the truth with bootstrap 90%
+intervals (architectures resampled with replacement), the truth's own agreement (tau between its
+first two seeds, with its interval: a ceiling for any proxy) and the seconds per evaluation (the
+BIWS warm-up shared out over the architectures). Every finished training is appended to
+OUT/fidelity.jsonl at once; a run again with the same OUT skips what is there (BIWS as a whole:
+its warm-up and scores are one unit).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from attnc.compiler.errors import ConfigError, DataError
+
+from .space import Architecture, LayerChoice
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    truth_steps: int = 2000
+    truth_seeds: int = 2
+    shared_steps: int = 40
+    warmup_children: int = 60
+    scratch: bool = True                # the from-scratch proxy at BIWS's cost
+    biws: bool = True
+    bootstrap: int = 2000
+    seed: int = 0
+    proxy: dict = field(default_factory=dict)   # ProxyConfig fields shared by truth and proxies (task=None etc.)
+
+    def __post_init__(self):
+        for name in ("truth_steps", "truth_seeds", "shared_steps", "bootstrap"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"fidelity {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.warmup_children, int) or self.warmup_children < 0:
+            raise ConfigError(f"fidelity warmup_children must be a non-negative integer, got {self.warmup_children!r}")
+
+
+# --- architectures ------------------------------------------------------------------------------------
+
+
+def parse_architecture(line: str, hidden: int, ffn: int, heads: int, where: str = "") -> Architecture:
+    """One line: layers separated by ` | `, each a formula or `conv(k=K)` (as reports print them)."""
+    from attnc.compiler.api import analyze
+    from attnc.compiler.check import CheckOptions
+    from attnc.compiler.errors import AttncError
+
+    layers = []
+    for part in (p.strip() for p in line.split(" | ")):
+        if part.startswith("conv(k=") and part.endswith(")"):
+            try:
+                layers.append(LayerChoice.conv(int(part[len("conv(k="):-1])))
+            except (ValueError, AttncError) as e:
+                raise DataError(f"{where}bad convolution layer {part!r}: {e}",
+                                hint="write conv(k=K) with K one of the kernel sizes") from None
+            continue
+        try:
+            a = analyze(part, checks=CheckOptions(min_inputs=1, max_inputs=4))
+        except AttncError as e:
+            raise DataError(f"{where}layer {part!r} is not a formula attnc compiles: {e}",
+                            hint="one architecture per line, layers separated by ' | '") from None
+        layers.append(LayerChoice("attention", formula=a.canonical))
+    return Architecture(tuple(layers), hidden_size=hidden, intermediate_size=ffn, num_heads=heads)
+
+
+def arch_line(arch: Architecture) -> str:
+    """The architectures-file line of `arch` (what parse_architecture reads)."""
+    return " | ".join(str(c) for c in arch.layers)
+
+
+def read_architectures(path, hidden: int = 64, ffn: int = 256, heads: int = 4) -> list[Architecture]:
+    """Architectures of a file (blank lines and lines starting with # skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"no architectures file at {p}", hint="one architecture per line, layers separated by ' | '")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            out.append(parse_architecture(line.strip(), hidden, ffn, heads, where=f"{p}:{n}: "))
+    if len(out) < 3:
+        raise DataError(f"{p} holds {len(out)} architecture(s); a ranking needs at least 3")
+    if len({a.key() for a in out}) != len(out):
+        raise DataError(f"{p} lists an architecture twice", hint="each line once")
+    return out
+
+
+def sample_architectures(space, n: int, seed: int = 0) -> list[Architecture]:
+    """n distinct architectures sampled from an OP-NAS space."""
+    from .opnas import sample_arch
+
+    rng, out, keys = random.Random(f"attnc-fidelity:{seed}"), [], set()
+    for _ in range(50 * n):
+        a = sample_arch(rng, space).arch
+        if a.key() not in keys:
+            keys.add(a.key())
+            out.append(a)
+            if len(out) == n:
+                return out
+    raise ConfigError(f"the space holds fewer than {n} distinct architectures")
+
+
+# --- rank statistics -----------------------------------------------------------------------------------
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b."""
+    from scipy.stats import kendalltau
+    return float(kendalltau(a, b).statistic)
+
+
+def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
+def bootstrap_ci(stat: Callable, a: Sequence[float], b: Sequence[float], reps: int, seed: int,
+                 level: float = 0.90) -> tuple[float, float]:
+    """Percentile interval of stat(a[idx], b[idx]) over architectures resampled with replacement
+    (resamples where a statistic is undefined, e.g. all ties, are skipped)."""
+    import warnings
+
+    rng = random.Random(seed)
+    n, vals = len(a), []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        with warnings.catch_warnings():   # a resample of one repeated architecture: undefined, skipped
+            warnings.simplefilter("ignore")
+            v = stat([a[i] for i in idx], [b[i] for i in idx])
+        if math.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return (math.nan, math.nan)
+    vals.sort()
+    lo = vals[int((1 - level) / 2 * (len(vals) - 1))]
+    hi = vals[int((1 + level) / 2 * (len(vals) - 1))]
+    return (lo, hi)
+
+
+def agreement(proxy: Sequence[float], truth: Sequence[float], reps: int, seed: int) -> dict:
+    return {"kendall_tau": kendall_tau(proxy, truth), "kendall_tau_ci90": bootstrap_ci(kendall_tau, proxy, truth, reps, seed),
+            "spearman_rho": spearman_rho(proxy, truth),
+            "spearman_rho_ci90": bootstrap_ci(spearman_rho, proxy, truth, reps, seed + 1)}
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+class _Log:
+    """OUT/fidelity.jsonl: one line per finished training {"what", "arch", "seed", "score", "seconds"}."""
+
+    def __init__(self, folder: Path, settings: dict):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "fidelity.jsonl"
+        self.rows: dict[tuple, dict] = {}
+        if self.path.exists():
+            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            if lines and lines[0].get("settings") != json.loads(json.dumps(settings)):
+                raise ConfigError(f"{self.path} was made with other settings",
+                                  hint="use another output folder, or the same settings to resume")
+            for r in lines[1:]:
+                self.rows[(r["what"], r["arch"], r["seed"])] = r
+        else:
+            self._append({"settings": settings})
+
+    def _append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def get(self, what, arch, seed):
+        return self.rows.get((what, arch, seed))
+
+    def add(self, what, arch, seed, score, seconds, **extra) -> dict:
+        row = {"what": what, "arch": arch, "seed": seed, "score": score, "seconds": seconds, **extra}
+        self.rows[(what, arch, seed)] = row
+        self._append(row)
+        return row
+
+
+def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig = FidelityConfig(), *,
+             evaluators: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Train the truth and score each proxy on `architectures`; results in OUT (resumable), returned
+    as a dict (see the module doc). evaluators: {name: an Evaluator or a function arch -> score}."""
+    from .evaluator import CallableEvaluator, Evaluator
+    from .proxy import ProxyConfig, ProxyEvaluator
+
+    archs = list(architectures)
+    if len(archs) < 3:
+        raise ConfigError(f"fidelity needs at least 3 architectures, got {len(archs)}")
+    names = [arch_line(a) for a in archs]
+    cfg = config
+    settings = {"config": asdict(cfg), "architectures": [a.to_json() for a in archs],
+                "evaluators": sorted(evaluators or {})}
+    log = _Log(Path(out), settings)
+    say = progress or (lambda s: None)
+    base = dict(task=None, **cfg.proxy)
+    try:
+        ProxyConfig(**base)
+    except TypeError as e:
+        raise ConfigError(f"unknown proxy setting: {e}") from None
+
+    # the truth: from scratch, truth_steps x truth_seeds
+    truth_ev = ProxyEvaluator(ProxyConfig(weight_sharing=False, pretrain_steps=cfg.truth_steps, **base))
+    runner = truth_ev.runner()
+    for s in range(cfg.truth_seeds):
+        for a, name in zip(archs, names):
+            if log.get("truth", name, s) is None:
+                t0 = time.perf_counter()
+                res = runner(a, None, 10_000 * (s + 1) + cfg.seed)
+                log.add("truth", name, s, float(res.score), time.perf_counter() - t0, se=res.metrics.get("score_se"))
+                say(f"truth seed {s}: {res.score:.4f}  {name}")
+    truth = {s: [log.get("truth", n, s)["score"] for n in names] for s in range(cfg.truth_seeds)}
+    truth_mean = [sum(truth[s][i] for s in truth) / len(truth) for i in range(len(archs))]
+
+    proxies: dict[str, dict] = {}
+    n = len(archs)
+    if cfg.biws:
+        if log.get("biws", names[-1], 0) is None:
+            _run_biws(archs, names, cfg, base, log, say)
+        rows = [log.get("biws", nm, 0) for nm in names]
+        warm = log.get("biws-warmup", "*", 0)
+        proxies["biws"] = {"scores": [r["score"] for r in rows],
+                           "seconds_each": (sum(r["seconds"] for r in rows) + warm["seconds"]) / n,
+                           "steps_each": cfg.shared_steps + cfg.warmup_children * cfg.shared_steps / n,
+                           "warmup_seconds": warm["seconds"]}
+    if cfg.scratch:
+        steps = max(1, round(cfg.shared_steps + cfg.warmup_children * cfg.shared_steps / n))
+        ev = ProxyEvaluator(ProxyConfig(weight_sharing=False, pretrain_steps=steps, **base))
+        proxies["scratch"] = _score_each(ev, "scratch", archs, names, cfg, log, say)
+        proxies["scratch"]["steps_each"] = steps
+    for name, e in (evaluators or {}).items():
+        ev = e if isinstance(e, Evaluator) else CallableEvaluator(e)
+        proxies[name] = _score_each(ev, f"evaluator:{name}", archs, names, cfg, log, say)
+
+    # trivial baselines: the encoder's parameter count ("size alone") and a random order
+    rnd = random.Random(cfg.seed)
+    proxies["baseline:params"] = {"scores": [float(_params(a)) for a in archs], "seconds_each": 0.0}
+    proxies["baseline:random"] = {"scores": [rnd.random() for _ in archs], "seconds_each": 0.0}
+    for k, p in proxies.items():
+        p.update(agreement(p["scores"], truth_mean, cfg.bootstrap, cfg.seed))
+    result = {"architectures": names, "truth": {"scores_per_seed": [truth[s] for s in sorted(truth)],
+                                                 "mean": truth_mean, "steps": cfg.truth_steps,
+                                                 "seconds_each": _mean_seconds(log, "truth")},
+              "proxies": proxies, "config": asdict(cfg), "out": str(out)}
+    if cfg.truth_seeds >= 2:
+        result["truth"]["self_agreement"] = agreement(truth[0], truth[1], cfg.bootstrap, cfg.seed + 7)
+    return result
+
+
+def _score_each(ev, what, archs, names, cfg, log, say) -> dict:
+    runner = ev.runner()
+    for i, (a, name) in enumerate(zip(archs, names)):
+        if log.get(what, name, 0) is None:
+            t0 = time.perf_counter()
+            res = runner(a, ev.prepare(a), 20_000 + i + cfg.seed)
+            score = float(getattr(res, "score", res))
+            log.add(what, name, 0, score, time.perf_counter() - t0)
+            say(f"{what}: {score:.4f}  {name}")
+    rows = [log.get(what, nm, 0) for nm in names]
+    return {"scores": [r["score"] for r in rows], "seconds_each": sum(r["seconds"] for r in rows) / len(rows)}
+
+
+def _run_biws(archs, names, cfg, base, log, say) -> None:
+    from .proxy import ProxyConfig, ProxyEvaluator
+
+    ev = ProxyEvaluator(ProxyConfig(weight_sharing=True, shared_pretrain_steps=cfg.shared_steps, **base))
+    runner = ev.runner()
+    rng = random.Random(f"attnc-fidelity-warmup:{cfg.seed}")
+    t0 = time.perf_counter()
+    for i in range(cfg.warmup_children):   # written back one after another
+        a = rng.choice(archs)
+        ev.commit(a, runner(a, ev.prepare(a), 30_000 + i + cfg.seed))
+    log.add("biws-warmup", "*", 0, None, time.perf_counter() - t0, children=cfg.warmup_children)
+    say(f"biws warm-up: {cfg.warmup_children} children in {time.perf_counter() - t0:.0f} s")
+    for i, (a, name) in enumerate(zip(archs, names)):   # all from the warmed-up state, nothing written back
+        t1 = time.perf_counter()
+        res = runner(a, ev.prepare(a), 20_000 + i + cfg.seed)
+        log.add("biws", name, 0, float(res.score), time.perf_counter() - t1)
+        say(f"biws: {res.score:.4f}  {name}")
+
+
+def _mean_seconds(log: _Log, what: str) -> float:
+    v = [r["seconds"] for (w, _, _), r in log.rows.items() if w == what]
+    return sum(v) / len(v) if v else math.nan
+
+
+def _params(arch: Architecture) -> int:
+    import torch
+
+    from attnc.runtime.modeling import AttncBertModel
+    with torch.device("meta"):
+        enc = AttncBertModel(arch.to_config(), add_pooling_layer=False).encoder
+    return sum(p.numel() for p in enc.parameters())
+
+
+def plot(result: dict, path) -> None:
+    """Proxy score against the truth, one panel per proxy (PNG/PDF/SVG by the file's suffix)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in result["proxies"] if not k.startswith("baseline:")]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.8), squeeze=False)
+    truth = result["truth"]["mean"]
+    for ax, k in zip(axes[0], names):
+        p = result["proxies"][k]
+        ax.scatter(truth, p["scores"], s=18)
+        lo, hi = p["kendall_tau_ci90"]
+        ax.set_title(f"{k}: tau {p['kendall_tau']:+.2f} [{lo:+.2f}, {hi:+.2f}]", fontsize=9)
+        ax.set_xlabel(f"truth (-held-out MLM loss, {result['truth']['steps']} steps)")
+        ax.set_ylabel("proxy score")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_result(r: dict) -> list[str]:
+    lines = [f"{len(r['architectures'])} architectures; truth {r['truth']['steps']} steps x "
+             f"{len(r['truth']['scores_per_seed'])} seeds ({r['truth']['seconds_each']:.1f} s each)"]
+    sa = r["truth"].get("self_agreement")
+    if sa:
+        lines.append(f"  truth seed 0 vs seed 1: tau {sa['kendall_tau']:+.3f} [{sa['kendall_tau_ci90'][0]:+.3f}, "
+                     f"{sa['kendall_tau_ci90'][1]:+.3f}]  (a ceiling for any proxy)")
+    for k, p in r["proxies"].items():
+        (tl, th), (rl, rh) = p["kendall_tau_ci90"], p["spearman_rho_ci90"]
+        lines.append(f"  {k:18s} tau {p['kendall_tau']:+.3f} [{tl:+.3f}, {th:+.3f}]  rho {p['spearman_rho']:+.3f} "
+                     f"[{rl:+.3f}, {rh:+.3f}]  {p['seconds_each']:.2f} s/eval")
+    lines.append("  (90% bootstrap intervals over architectures)")
+    return lines

@@ -1,0 +1,96 @@
+"""`attnc search fidelity` / attnc.search.fidelity: rank statistics, the architectures file, a tiny
+end-to-end run with a synthetic proxy, and resuming."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from attnc.cli import main
+from attnc.compiler.errors import DataError
+from attnc.search import proxy_fidelity as pf
+from attnc.search.space import Architecture, LayerChoice
+
+
+def _tau_by_hand(a, b) -> float:
+    """Kendall's tau-a from concordant and discordant pairs (no ties in the inputs used here)."""
+    c = d = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        s = (a[i] - a[j]) * (b[i] - b[j])
+        c += s > 0
+        d += s < 0
+    return (c - d) / (len(a) * (len(a) - 1) / 2)
+
+
+def test_rank_statistics_against_hand_computation():
+    a = [0.1, 0.5, 0.3, 0.9, 0.7, 0.2]
+    b = [1.0, 3.0, 4.0, 6.0, 2.0, 0.0]
+    assert pf.kendall_tau(a, b) == pytest.approx(_tau_by_hand(a, b))
+    ra, rb = [sorted(a).index(x) for x in a], [sorted(b).index(x) for x in b]
+    n = len(a)
+    rho = 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+    assert pf.spearman_rho(a, b) == pytest.approx(rho)
+    lo, hi = pf.bootstrap_ci(pf.kendall_tau, a, b, 500, 0)
+    assert lo < pf.kendall_tau(a, b) < hi and -1 <= lo and hi <= 1
+    assert pf.bootstrap_ci(pf.kendall_tau, a, [2 * x for x in a], 200, 0) == (1.0, 1.0)   # same order: always 1
+
+
+def test_architectures_file_reads_what_reports_print(tmp_path):
+    archs = [Architecture((LayerChoice.attention("softmax(Q @ K^T / sqrt(d)) @ V"), LayerChoice.conv(7)),
+                          hidden_size=32, intermediate_size=64, num_heads=4),
+             Architecture((LayerChoice.conv(3), LayerChoice.conv(65)), hidden_size=32, intermediate_size=64, num_heads=4),
+             Architecture((LayerChoice.attention("Q + V"), LayerChoice.attention("softmax(Q @ K^T) @ V")),
+                          hidden_size=32, intermediate_size=64, num_heads=4)]
+    f = tmp_path / "a.txt"
+    f.write_text("# three\n" + "\n".join(pf.arch_line(a) for a in archs) + "\n\n")
+    assert pf.read_architectures(f, 32, 64, 4) == archs
+    f.write_text("softmax(Q @ K^T) @ V | conv(k=7)\nQ + | conv(k=3)\nQ + V | Q + V\n")
+    with pytest.raises(DataError, match=r"a.txt:2: layer 'Q \+'"):
+        pf.read_architectures(f, 32, 64, 4)
+
+
+def _score_by_conv(arch) -> float:
+    """A synthetic proxy: the number of conv layers."""
+    return float(sum(c.kind == "conv" for c in arch.layers))
+
+
+def test_fidelity_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+    mod = types.ModuleType("fid_eval")
+    mod.score = _score_by_conv
+    monkeypatch.setitem(sys.modules, "fid_eval", mod)
+    f = tmp_path / "a.txt"
+    f.write_text("conv(k=3) | conv(k=7)\nsoftmax(Q @ K^T / sqrt(d)) @ V | conv(k=7)\n"
+                 "Q + V | softmax(Q @ K^T) @ V\nsoftmax(Q @ K^T / sqrt(d)) @ V | softmax(Q @ K^T / sqrt(d)) @ V\n")
+    out = tmp_path / "fid"
+    args = ["search", "fidelity", "--archs", str(f), "--out", str(out), "--hidden", "32", "--truth-steps", "3",
+            "--truth-seeds", "2", "--shared-steps", "2", "--warmup-children", "2", "--evaluator", "fid_eval:score",
+            "--seq-len", "32", "--batch-size", "8", "--eval-blocks", "16", "--bootstrap", "100", "--device", "cpu",
+            "--json", "--plot", str(tmp_path / "fid.png")]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "fid.png").stat().st_size > 0
+    log = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()]
+    truth = {(x["arch"], x["seed"]): x["score"] for x in log if x.get("what") == "truth"}
+    assert len(truth) == 8
+    # the truth's mean and each proxy's tau are recomputed here from the log
+    means = [(truth[(n, 0)] + truth[(n, 1)]) / 2 for n in r["architectures"]]
+    assert r["truth"]["mean"] == pytest.approx(means)
+    mine = [_score_by_conv(pf.parse_architecture(n, 32, 128, 4)) for n in r["architectures"]]
+    p = r["proxies"]["fid_eval:score"]
+    assert p["scores"] == mine and p["kendall_tau"] == pytest.approx(pf.kendall_tau(mine, means), nan_ok=True)
+    assert set(r["proxies"]) == {"biws", "scratch", "fid_eval:score", "baseline:params", "baseline:random"}
+    assert r["proxies"]["scratch"]["steps_each"] == 3      # 2 + 2 warm-up x 2 steps / 4 architectures
+    assert "self_agreement" in r["truth"] and r["truth"]["self_agreement"]["kendall_tau"] == pytest.approx(
+        pf.kendall_tau([truth[(n, 0)] for n in r["architectures"]], [truth[(n, 1)] for n in r["architectures"]]))
+    # resumed: nothing trained again, the same figures
+    n_lines = len(log)
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert len((out / "fidelity.jsonl").read_text().splitlines()) == n_lines
+    assert again["proxies"]["biws"]["scores"] == r["proxies"]["biws"]["scores"]
+    # other settings in the same folder: exit 2, no traceback
+    assert main(args[:-3] + ["--truth-steps", "4"]) == 2
+    assert "other settings" in capsys.readouterr().err
