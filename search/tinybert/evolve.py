@@ -95,8 +95,8 @@ class EvolutionConfig:
         if self.constraint not in CONSTRAINTS:
             raise ConfigError(f"unknown latency constraint {self.constraint!r}",
                               hint="use 'limit' (predicted latency x (1 + margin) <= T) or 'window'")
-        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and 0 <= self.margin < 1):
-            raise ConfigError(f"the latency safety margin must be a fraction in [0, 1), got {self.margin!r}",
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
+            raise ConfigError(f"the latency safety margin must be a fraction >= 0, got {self.margin!r}",
                               hint="e.g. 0.04 for 4%; the predictor's own is LatencyPredictor.safety_margin")
         if self.constraint == "window" and self.margin:
             raise ConfigError("a safety margin applies to the latency limit, not to the window",

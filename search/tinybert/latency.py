@@ -796,6 +796,7 @@ class LatencyPredictor:
             **_errors(test_pred, true),
             "heldout": prediction_errors(test_pred, true),
             "heldout_archs": [str(a) for a in test_archs],
+            "heldout_ms": true, "heldout_predicted_ms": test_pred,
             "safety_margin": under_prediction_margin(test_pred, true),
             "margin_quantile": MARGIN_QUANTILE,
             "train": _errors(pred.predict_many([archs[i] for i in train_idx]), [ms[i] for i in train_idx]),
