@@ -26,6 +26,17 @@ Every measured loss is kept in --cache (JSON) as soon as it exists, so a killed 
 
     python benchmarks/bench_tinybert_pairwise.py --cache runs/pairwise_cache.json \
         --json benchmarks/results/tinybert_pairwise_cpu.json
+
+The parts can run in parallel processes, each into its own cache, then be merged (how the committed
+results were made, on the shared 2-core machine):
+
+    A="--steps 1500 --standalone-steps 500 --truth-seeds 2 --band-archs 12 --seq-len 32"
+    python benchmarks/bench_tinybert_pairwise.py $A --train-seeds "" --cache runs/pw/sp.json &
+    python benchmarks/bench_tinybert_pairwise.py $A --skip-superplm --train-seeds 0 --cache runs/pw/s0.json &
+    python benchmarks/bench_tinybert_pairwise.py $A --skip-superplm --train-seeds 1 --cache runs/pw/s1.json &
+    wait
+    python benchmarks/bench_tinybert_pairwise.py $A --cache runs/pw/sp.json --merge runs/pw/s0.json \
+        --merge runs/pw/s1.json --json benchmarks/results/tinybert_pairwise_cpu.json
 """
 from __future__ import annotations
 
@@ -135,6 +146,18 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     ap.add_argument("--cache", default=None, help="JSON file of the measured losses (resumable)")
+    ap.add_argument("--train-seeds", default=None,
+                    help="comma-separated truth seed indices (0..--truth-seeds - 1) this process trains; the "
+                         "others must come from --merge (seeds trained in parallel, each into its own --cache)")
+    ap.add_argument("--skip-superplm", action="store_true",
+                    help="train no SuperPLM in this process (its scores come from --merge)")
+    ap.add_argument("--reverse", action="store_true",
+                    help="train the archs in reverse order (a second process on the same seed meets the first "
+                         "half-way; merge both caches)")
+    ap.add_argument("--partial", action="store_true",
+                    help="analyse the archs whose losses are all measured, dropping (and listing) the others")
+    ap.add_argument("--merge", action="append", default=[],
+                    help="another --cache file of the same settings whose losses join this run's (repeatable)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--cpu-lock", default="/tmp/attnc-cpu.lock",
                     help="held shared while training, let go every 20 s for waiting timing windows ('' : none)")
@@ -177,13 +200,20 @@ def main(argv=None) -> int:
     for name, s in sets.items():
         print(f"{name} ({len(s)}): {', '.join(map(str, s))}", flush=True)
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("cache", "json", "reps", "threads", "truth_seeds", "cpu_lock")}
+                if k not in ("cache", "json", "reps", "threads", "truth_seeds", "cpu_lock", "train_seeds", "merge",
+                              "skip_superplm", "partial", "reverse")}
     cache = Cache(args.cache, settings)
+    for other in args.merge:
+        for key, value in Cache(other, settings).data["losses"].items():
+            if cache.get(key) is None:
+                cache.put(key, value)
+    train_seeds = (range(args.truth_seeds) if args.train_seeds is None
+                   else [int(k) for k in args.train_seeds.split(",") if k.strip()])
     seconds = {}
 
     # --- the SuperPLM ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    if any(cache.get(f"superplm/{a}") is None for a in every):
+    if not args.skip_superplm and any(cache.get(f"superplm/{a}") is None for a in every):
         torch.manual_seed(args.seed)
         net = SuperPLM(space)
         m = train_superplm(net, data, SuperTrainConfig(steps=args.steps, batch_size=args.batch_size,
@@ -193,14 +223,14 @@ def main(argv=None) -> int:
         cache.put("superplm/final_eval", m["final_eval"]["loss"])
         for a in every:
             cache.put(f"superplm/{a}", heldout_mlm_loss(net, data, a, batch_size=32))
-    seconds["superplm"] = round(time.perf_counter() - t0, 1)
-    print(f"SuperPLM ({args.steps} steps, N={args.sub_batches}): scored {len(every)} archs", flush=True)
+        seconds["superplm"] = round(time.perf_counter() - t0, 1)
+        print(f"SuperPLM ({args.steps} steps, N={args.sub_batches}): scored {len(every)} archs", flush=True)
 
     # --- the truth: stand-alone training, seed by seed (the first seeds complete first) ----------------
     t0 = time.perf_counter()
-    for k in range(args.truth_seeds):
+    for k in train_seeds:
         seed = args.seed + k
-        for a in every:
+        for a in (every[::-1] if args.reverse else every):
             key = f"standalone/{a}/{seed}"
             if cache.get(key) is not None:
                 continue
@@ -215,6 +245,22 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t1:.0f} s)", flush=True)
     seconds["standalone_this_run"] = round(time.perf_counter() - t0, 1)
 
+    missing = [key for key in [f"superplm/{a}" for a in every] + [f"standalone/{a}/{args.seed + k}"
+                                                                  for k in range(args.truth_seeds) for a in every]
+               if cache.get(key) is None]
+    dropped = {}
+    if missing and args.partial:
+        for name in sets:
+            keep = [a for a in sets[name] if all(cache.get(k) is not None for k in
+                                                 [f"superplm/{a}"] + [f"standalone/{a}/{args.seed + j}"
+                                                                      for j in range(args.truth_seeds)])]
+            dropped[name] = [str(a) for a in sets[name] if a not in keep]
+            sets[name] = keep
+            print(f"--partial: {name} keeps {len(keep)} archs, drops {dropped[name]}", flush=True)
+    elif missing:
+        print(f"{len(missing)} losses still missing (e.g. {missing[0]}): run the SuperPLM and the other seeds, then "
+              f"--merge their caches", flush=True)
+        return 0
     results = {}
     for name, archs in sets.items():
         per_seed = [[cache.get(f"standalone/{a}/{args.seed + k}") for a in archs] for k in range(args.truth_seeds)]
@@ -241,6 +287,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + (argv if argv is not None else sys.argv[1:])),
         "args": vars(args), "space": space.to_json(), "vocab_size": len(tok),
         "superplm_final_eval_max_arch": cache.get("superplm/final_eval"), "sets": results,
+        "archs_dropped_unmeasured": dropped,
         "target": "band: SuperPLM pairwise accuracy above the best trivial rule, 90% interval of the difference above 0",
         "paper_pairwise": 0.967, "seconds_this_run": seconds,
         "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cpus, "

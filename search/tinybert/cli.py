@@ -167,7 +167,8 @@ def add_train_arguments(p) -> None:
                    help="per-head width (default 64; kd mode: max qkv / heads, default the teacher's)")
     g.add_argument("--mode", choices=OBJECTIVES, default="mlm",
                    help="mlm: MLM pre-training (MHA strategy 1); kd: distillation from --teacher (strategy 2)")
-    g.add_argument("--teacher", default="minilm-l6", help="kd teacher: minilm-l6 or a BERT folder")
+    g.add_argument("--teacher", default="minilm-l6",
+                   help="kd teacher: minilm-l6 or a Hugging Face encoder folder (BERT, RoBERTa, ELECTRA, ...)")
     g.add_argument("--formula", default=None, help="one attention formula for every layer (default standard)")
     d = p.add_argument_group("data and training")
     d.add_argument("--corpus", default="wiki-sample", help="wiki-sample | bbc-news | a local text path")
