@@ -291,8 +291,9 @@ def main(argv=None) -> int:
                                 "round_robin_vs_back_to_back": timing_diff},
         "attnc_latency": cli_result, "noise_floor": noise,
         "note": "the machine is a shared 2-core VM (other engineers' tests and benchmarks ran on it during this "
-                "run): every timing window held the exclusive CPU lock (no other lock-holding work beside it), "
-                "the computation between them only a shared one",
+                f"run): {lock.windows['exclusive']} timing windows held the exclusive CPU lock, "
+                f"{lock.windows['not_exclusive']} timed without it after --lock-wait (others held it shared); "
+                "the processes in --pause-pids were stopped during every window",
         "exclusive_lock_wait_s": round(lock.waited_s, 1), "timing_windows": lock.windows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
