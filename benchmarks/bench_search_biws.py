@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -65,24 +66,11 @@ KERNELS = (3, 5, 7, 9, 15, 31, 65)
 
 
 def kendall_tau(a, b) -> float:
-    """Kendall's tau-b of two equally long score lists (ties counted as in scipy's tau-b)."""
-    n = len(a)
-    conc = disc = ties_a = ties_b = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                conc += 1
-            else:
-                disc += 1
-    denom = ((conc + disc + ties_a) * (conc + disc + ties_b)) ** 0.5
-    return (conc - disc) / denom if denom else 0.0
+    """Kendall's tau-b of two equally long score lists (ties counted as in scipy's tau-b; 0 when one
+    list is constant)."""
+    from attnc.search.tinybert.ranking import kendall_tau as tau_b
+    t = tau_b(a, b)
+    return 0.0 if math.isnan(t) else t
 
 
 TRUTH_SETTINGS = ("hidden", "ffn", "heads", "truth_steps", "truth_seeds", "truth_eval_blocks", "batch_size",

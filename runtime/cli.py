@@ -115,7 +115,7 @@ def _distill_config(text: str | None, teacher: str | None):
     if text is None:
         return DistillConfig() if teacher else None
     if not teacher:
-        raise ConfigError("--distill needs --teacher", hint="add --teacher minilm-l6 or a BERT folder")
+        raise ConfigError("--distill needs --teacher", hint="add --teacher minilm-l6 or a Hugging Face encoder folder")
     fields = DistillConfig.__dataclass_fields__
     values = {}
     for item in filter(None, (x.strip() for x in text.split(","))):

@@ -608,5 +608,64 @@ def from_bert(bert_model, **config_overrides) -> AttncBertModel:
     return model.eval() if not bert_model.training else model
 
 
+def bert_incompatibility(config: AttncBertConfig) -> str | None:
+    """Why a model of `config` is not a vanilla Hugging Face BERT (None when it is one: every layer
+    standard attention with qkv size = hidden size, as transformers.BertConfig ties them)."""
+    from attnc.compiler.api import analyze
+
+    standard = analyze(STANDARD_FORMULA).canonical
+    for i, spec in enumerate(config.layers):
+        if spec["type"] != "attention":
+            return f"layer {i} is a {spec['type']} layer, which BertModel has no equivalent for"
+        if analyze(spec["formula"]).canonical != standard:
+            return f"layer {i} computes {spec['formula']!r}, not BERT's softmax(Q @ K^T / sqrt(d)) @ V"
+        if spec["qkv_size"] != config.hidden_size:
+            return (f"layer {i} has qkv size {spec['qkv_size']} and hidden size {config.hidden_size}: "
+                    f"BertModel's Q/K/V width is its hidden size")
+        if spec["heads"] != config.num_attention_heads:
+            return (f"layer {i} has {spec['heads']} heads, the model {config.num_attention_heads}: BertModel's "
+                    f"layers all have the same head count")
+    return None
+
+
+_TO_BERT = {"AttncBertModel": "BertModel", "AttncBertForMaskedLM": "BertForMaskedLM",
+            "AttncBertForPreTraining": "BertForPreTraining",
+            "AttncBertForSequenceClassification": "BertForSequenceClassification"}
+
+
+def to_bert(model: AttncBertPreTrainedModel):
+    """The same model as a vanilla transformers BERT (BertModel / BertForMaskedLM / BertForPreTraining /
+    BertForSequenceClassification, model_type "bert"): config fields copied, every weight copied by
+    name (the parameter names are BERT's by design), in the model's train/eval mode, device and dtype.
+    ConfigError naming the reason (bert_incompatibility) when the model is not expressible as one."""
+    import transformers
+
+    why = bert_incompatibility(model.config)
+    if why is not None:
+        raise ConfigError(f"this model is not a vanilla BERT: {why}",
+                          hint="keep the attnc_bert format (loads after `import attnc`)")
+    cls_name = _TO_BERT.get(type(model).__name__)
+    if cls_name is None:
+        raise ConfigError(f"no BERT class for {type(model).__name__}", hint=f"use one of {', '.join(_TO_BERT)}")
+    c = model.config
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+            "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "classifier_dropout",
+            "tie_word_embeddings", "id2label", "label2id", "problem_type")
+    bc = transformers.BertConfig(**{k: getattr(c, k) for k in keep if hasattr(c, k)})
+    cls = getattr(transformers, cls_name)
+    kw = {"add_pooling_layer": model.pooler is not None} if cls_name == "BertModel" else {}
+    bert = cls(bc, **kw)
+    p = next(model.parameters())
+    bert = bert.to(p.device, p.dtype)
+    missing, unexpected = bert.load_state_dict(model.state_dict(), strict=False)
+    # a checkpoint key BERT lacks, or a BERT weight the model lacks, would be a wrong mapping
+    if unexpected or missing:
+        raise RuntimeError(f"attnc -> BERT weight mapping: missing {missing}, unexpected {unexpected}")
+    if getattr(bc, "tie_word_embeddings", True) and hasattr(bert, "tie_weights"):
+        bert.tie_weights()
+    return bert.train(model.training)
+
+
 ALL_MODELS = (AttncBertModel, AttncBertForMaskedLM, AttncBertForPreTraining,
               AttncBertForSequenceClassification)

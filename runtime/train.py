@@ -152,13 +152,16 @@ def teacher_path(spec: str) -> Path:
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise ConfigError(f"teacher {spec!r} is neither a known name nor a model folder",
-                          hint=f"use {', '.join(TEACHERS)} or a Hugging Face BERT folder with config.json")
+                          hint=f"use {', '.join(TEACHERS)} or a Hugging Face encoder folder (BERT, RoBERTa, "
+                               "ELECTRA, ...) with config.json")
     return path
 
 
 def load_teacher(spec: str):
-    """A frozen teacher: minilm-l6 or a Hugging Face BERT (or attnc) folder, with its MLM head when
-    the folder has one."""
+    """A frozen teacher: minilm-l6 or a Hugging Face encoder folder (BERT, RoBERTa, ELECTRA, attnc,
+    ...), with its MLM head when the folder has one. A folder whose saved head is not an MLM head
+    (e.g. ELECTRA's discriminator, ElectraForPreTraining) loads as its encoder alone, never with a
+    randomly initialised MLM head."""
     import transformers
 
     path = teacher_path(spec)
@@ -167,9 +170,12 @@ def load_teacher(spec: str):
     with _quiet_transformers():
         cfg = transformers.AutoConfig.from_pretrained(path)
         archs = cfg.architectures or []
+        model = None
         if any("MaskedLM" in a or "PreTraining" in a for a in archs):
-            model = transformers.AutoModelForMaskedLM.from_pretrained(path)
-        else:
+            model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+            if info.get("missing_keys"):   # the folder's head is not this MLM head
+                model = None
+        if model is None:
             model = transformers.AutoModel.from_pretrained(path)
     return model.eval()
 

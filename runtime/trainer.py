@@ -383,23 +383,60 @@ def _objective(model, data, b: dict):
     return out.loss, out.hidden_states[-1] if out.hidden_states else None, None
 
 
-def _last_self_attention(model):
-    """The last layer's self-attention module of an attnc or Hugging Face BERT (None if there is none)."""
-    base = getattr(model, "bert", model)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if not layers:
-        return None
-    att = getattr(getattr(layers[-1], "attention", None), "self", None)
-    return att if att is not None and hasattr(att, "query") and hasattr(att, "key") else None
+@dataclass(frozen=True)
+class SelfAttention:
+    """A self-attention module found by structure: its query and key projections and head count."""
+
+    module: torch.nn.Module      # its first input is the layer's hidden states (hooked for attn_mse)
+    query: torch.nn.Linear
+    key: torch.nn.Linear
+    heads: int
 
 
-def _attention_scores(att, x: torch.Tensor) -> torch.Tensor:
-    """Pre-softmax scores Q K^T / sqrt(dh) of a self-attention module on its input x (B, n, dm)."""
+def _last_self_attention(model) -> SelfAttention | None:
+    """The last self-attention of an encoder (attnc, BERT, RoBERTa, ELECTRA, ... with or without a
+    head), found by structure rather than attribute names: the last module, in registration order,
+    with at least three direct nn.Linear children of one shape hidden_size -> A (A a multiple of the
+    head count): the query, key and value projections, in that order. The head count is the
+    module's num_attention_heads, else the config's. None when the model has no such module."""
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    found = None
+    for mod in model.modules():
+        lins = [c for c in mod.children() if isinstance(c, torch.nn.Linear)]
+        heads = getattr(mod, "num_attention_heads", None) or getattr(cfg, "num_attention_heads", None)
+        if len(lins) < 3 or not heads:
+            continue
+        shape = (lins[0].in_features, lins[0].out_features)
+        same = [lin for lin in lins if (lin.in_features, lin.out_features) == shape]
+        if len(same) >= 3 and shape[0] == hidden and shape[1] % heads == 0:
+            found = SelfAttention(mod, same[0], same[1], int(heads))
+    return found
+
+
+def _attention_scores(att: SelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax scores Q K^T / sqrt(dh) of a self-attention on its input x (B, n, dm)."""
     B, n, _ = x.shape
-    h = att.num_attention_heads
-    q = att.query(x).view(B, n, h, -1).transpose(1, 2).float()                 # (B, h, n, dh)
-    k = att.key(x).view(B, n, h, -1).transpose(1, 2).float()
+    q = att.query(x).view(B, n, att.heads, -1).transpose(1, 2).float()          # (B, h, n, dh)
+    k = att.key(x).view(B, n, att.heads, -1).transpose(1, 2).float()
     return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                    # (B, h, n, n)
+
+
+def unmasked(b: dict) -> dict:
+    """An MLM batch with its masked positions given back their tokens (labels hold the original
+    token wherever they are not -100): the text task-agnostic distillation reads."""
+    if "labels" not in b:
+        return b
+    sel = b["labels"] != -100
+    return {**b, "input_ids": torch.where(sel, b["labels"], b["input_ids"])}
+
+
+def _student_hidden(model, b: dict) -> torch.Tensor:
+    """The student's last hidden states on a batch (no MLM logits computed for attnc models)."""
+    kw = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+    if hasattr(model, "bert") and type(model).__module__.startswith("attnc"):
+        return model.bert(**kw).last_hidden_state
+    return model(**kw, output_hidden_states=True).hidden_states[-1]
 
 
 class _Distiller(torch.nn.Module):
@@ -421,22 +458,23 @@ class _Distiller(torch.nn.Module):
         self._hooks: list = []
         if cfg.attn_mse:
             s_att, t_att = _last_self_attention(student), _last_self_attention(teacher)
-            if s_att is None or not getattr(s_att, "is_standard", True):
+            if s_att is None or not getattr(s_att.module, "is_standard", True):
                 raise ConfigError("attn_mse needs a student whose last layer is standard attention "
                                   "(softmax(Q @ K^T / sqrt(d)) @ V): other formulas have no comparable "
                                   "attention scores",
                                   hint="make the last layer `std`, or use hidden_mse / logit_kl (attn_mse=0)")
             if t_att is None:
-                raise ConfigError("attn_mse needs a BERT-like teacher (encoder.layer[-1].attention.self)",
-                                  hint="use a BERT folder as teacher, or attn_mse=0")
-            if s_att.num_attention_heads != t_att.num_attention_heads:
+                raise ConfigError(f"attn_mse needs a teacher with self-attention (query, key and value "
+                                  f"projections of its hidden size); found none in {type(teacher).__name__}",
+                                  hint="use an encoder teacher (BERT, RoBERTa, ELECTRA, ...), or attn_mse=0")
+            if s_att.heads != t_att.heads:
                 raise ConfigError(f"attn_mse compares heads one to one: the student's last layer has "
-                                  f"{s_att.num_attention_heads} heads, the teacher's "
-                                  f"{t_att.num_attention_heads}",
-                                  hint=f"give the student {t_att.num_attention_heads} heads, or attn_mse=0")
+                                  f"{s_att.heads} heads, the teacher's {t_att.heads}",
+                                  hint=f"give the student {t_att.heads} heads, or attn_mse=0")
+            self.s_att, self.t_att = s_att, t_att
             # keep the input of both last self-attention modules; the scores are recomputed from them
-            self._hooks = [mod.register_forward_pre_hook(self._capture(name), with_kwargs=True)
-                           for name, mod in (("student", s_att), ("teacher", t_att))]
+            self._hooks = [att.module.register_forward_pre_hook(self._capture(name), with_kwargs=True)
+                           for name, att in (("student", s_att), ("teacher", t_att))]
         if cfg.logit_kl and teacher.get_output_embeddings() is None:
             raise ConfigError("logit_kl needs a teacher with an MLM head",
                               hint="use hidden_mse only, or a teacher folder with MLM weights")
@@ -464,10 +502,9 @@ class _Distiller(torch.nn.Module):
             hs = self.fit(h_student.float())
             loss = loss + self.cfg.hidden_mse * F.mse_loss(hs[real], ht[real])
         if self.cfg.attn_mse:
-            s_att, t_att = _last_self_attention(self.student_ref()), _last_self_attention(self.teacher)
             with torch.no_grad():
-                st = _attention_scores(t_att, self._captured["teacher"])
-            ss = _attention_scores(s_att, self._captured["student"])
+                st = _attention_scores(self.t_att, self._captured["teacher"])
+            ss = _attention_scores(self.s_att, self._captured["student"])
             keep = real[:, None, :, None] & real[:, None, None, :]              # (B, 1, n, n) real pairs
             keep = keep.expand_as(ss)
             loss = loss + self.cfg.attn_mse * F.mse_loss(ss[keep], st[keep])
@@ -664,6 +701,8 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
         return _call(callbacks, "on_eval", step, m, cb_state)
 
     cb_state = {"model": model, "optimizer": opt, "scheduler": sched, "metrics": metrics, "config": cfg}
+    # distillation alone (no MLM term, no logit KL at masked positions) on MLM data is task-agnostic KD
+    pure_kd = distiller is not None and data.kind == "mlm" and not distill.task_loss and not distill.logit_kl
     t0 = time.perf_counter()
     last_ckpt = time.monotonic()
     stop = None
@@ -681,7 +720,11 @@ def train(model, data, config: TrainConfig = TrainConfig(), *, teacher=None,
         for k in range(cfg.grad_accum):
             b = _to(data.train_batch(step * cfg.grad_accum + k, cfg.batch_size, cfg.seed), device)
             with autocast():
-                loss, h, logits = _objective(model, data, b)
+                if pure_kd:   # task-agnostic distillation: teacher and student read the text unmasked
+                    b = unmasked(b)
+                    loss, h, logits = torch.zeros((), device=device), _student_hidden(model, b), None
+                else:
+                    loss, h, logits = _objective(model, data, b)
                 if distiller is not None:
                     dl = distiller(b, h, logits)
                     dtotal += float(dl.detach())

@@ -148,19 +148,80 @@ def test_sampling_is_uniform_over_the_validated_space(mode):
     assert min(dms) == space.min_hidden and max(dms) == space.max_hidden
 
 
-def test_mutation_probability():
+def test_uniform_mutation_redraws_each_field_over_its_range():
     space = tiny("mlm")
     rng = random.Random(3)
     a = Arch(2, 40, 64, 2, 32)
-    assert all(space.mutate(a, rng, 0.0) == a for _ in range(50))
-    moved = [space.mutate(a, rng, 1.0) for _ in range(400)]
+    assert all(space.mutate(a, rng, 0.0, "uniform") == a for _ in range(50))
+    moved = [space.mutate(a, rng, 1.0, "uniform") for _ in range(400)]
     for m in moved:
         space.validate(m)
     # with pm=1 each field is a fresh uniform draw: L stays 2 with probability 1/3
     same_L = sum(m.layers == 2 for m in moved) / len(moved)
     assert 0.22 < same_L < 0.45
+    assert max(abs(m.hidden - a.hidden) for m in moved) > 2 * space.step     # far jumps happen
     with pytest.raises(ConfigError):
         space.mutate(a, rng, 1.5)
+    with pytest.raises(ConfigError, match="mutation"):
+        space.mutate(a, rng, 0.5, "gaussian")
+
+
+@pytest.mark.parametrize("mode", ["mlm", "kd"])
+def test_local_mutation_moves_each_field_one_or_two_grid_steps(mode):
+    """The default mutation (the reference implementation's): a mutated field moves 1 or 2 steps of
+    its grid, up or down with equal chances among the moves that stay in the space."""
+    space = tiny(mode, max_layers=6)
+    rng = random.Random(5)
+    a = Arch(3, 40, 64, 2, 32) if mode == "mlm" else Arch(3, 40, 64, 4, 32)     # every field mid-range
+    assert all(space.mutate(a, rng, 0.0) == a for _ in range(50))
+    moved = [space.mutate(a, rng, 1.0) for _ in range(2000)]
+    key = (lambda x: x.heads) if mode == "mlm" else (lambda x: x.head_dim)
+    grid_step = {"layers": 1, "hidden": space.step, "ffn": space.step, "k": 1}
+    for name, get in (("layers", lambda x: x.layers), ("hidden", lambda x: x.hidden), ("ffn", lambda x: x.ffn),
+                      ("k", key)):
+        deltas = [(get(m) - get(a)) // grid_step[name] for m in moved]
+        assert set(deltas) <= {-2, -1, 1, 2}, (name, sorted(set(deltas)))
+        if name != "k" or mode == "kd":     # mlm: h=2 of 1..4 cannot move 2 down
+            for d in (-2, -1, 1, 2):        # four equally likely moves: 500 expected each
+                assert 380 < deltas.count(d) < 620, (name, d, deltas.count(d))
+    for m in moved:
+        space.validate(m)
+    # at the edge of the space only the moves inward remain
+    edge = space.max_arch
+    for m in (space.mutate(edge, rng, 1.0) for _ in range(200)):
+        assert edge.layers - 2 <= m.layers < edge.layers and edge.hidden - 2 * space.step <= m.hidden < edge.hidden
+
+
+def test_local_mutation_of_the_issue_example_stays_near_its_parent():
+    """Issue 20: in the paper's space a uniform redraw turned 4-512-2048-8-512 into 3-648-2408-1-64 in
+    one step; the local mutation moves each field by at most two grid steps."""
+    space = Space()
+    rng = random.Random(0)
+    a = Arch.parse("4-512-2048-8-512")
+    for m in (space.mutate(a, rng, 0.5) for _ in range(500)):
+        assert abs(m.layers - 4) <= 2 and abs(m.hidden - 512) <= 8 and abs(m.ffn - 2048) <= 8
+        assert abs(m.heads - 8) <= 2 and m.qkv == 64 * m.heads
+
+
+def test_paper_sized_spaces_get_the_papers_minima():
+    paper, kd = Space(), Space(mode="kd")
+    assert (paper.min_hidden, paper.min_ffn, paper.min_qkv) == (128, 128, 64)
+    assert (kd.min_hidden, kd.min_ffn, kd.min_qkv) == (128, 128, 180)    # 12 heads x 15 dims
+    rng = random.Random(1)
+    samples = [kd.sample(rng) for _ in range(3000)]
+    assert min(a.hidden for a in samples) == 128 and min(a.ffn for a in samples) == 128
+    assert min(a.qkv for a in samples) == 180 and all(a.qkv % 12 == 0 for a in samples)
+    with pytest.raises(ConfigError, match="below the space's minimum"):
+        kd.validate("4-256-512-12-168")
+    with pytest.raises(ConfigError, match="outside"):
+        paper.validate("4-124-512-2-128")
+    # smaller spaces keep the small minima; explicit values win; a JSON round trip keeps them
+    small = tiny("kd")
+    assert (small.min_hidden, small.min_ffn, small.min_qkv) == (32, 32, 4)
+    assert Space(min_hidden=64, min_ffn=256).min_hidden == 64
+    assert Space.from_json(kd.to_json()) == kd
+    with pytest.raises(ConfigError, match="min_qkv"):
+        Space(min_qkv=800)
 
 
 @pytest.mark.parametrize("mode", ["mlm", "kd"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attnc.compiler.errors import ConfigError
+from attnc.runtime import trainer as T
 from attnc.runtime.trainer import MLMData
 from attnc.search.tinybert.space import Arch, Space
 from attnc.search.tinybert.supernet import SuperPLM
@@ -55,16 +56,35 @@ def tiny_data(n: int = 64, seq: int = 16) -> MLMData:
     return MLMData(torch.randint(5, VOCAB, (n, seq), generator=g), Tok())
 
 
+class HalfUnmasked(MLMData):
+    """MLMData whose batches have no masked token in their second half: with 2 sub-batches, the
+    second sub-model pass of every step has nothing to learn from and is skipped."""
+
+    def train_batch(self, m, batch_size, seed):
+        b = super().train_batch(m, batch_size, seed)
+        h = batch_size // 2
+        lab = b["labels"][h:]
+        b["input_ids"][h:] = torch.where(lab != -100, lab, b["input_ids"][h:])
+        b["labels"][h:] = -100
+        return b
+
+
+def half_unmasked_data(n: int = 64, seq: int = 16) -> MLMData:
+    g = torch.Generator().manual_seed(0)
+    return HalfUnmasked(torch.randint(5, VOCAB, (n, seq), generator=g), Tok())
+
+
 # the worker that the subprocess tests run (single process, under torchrun, or killed and resumed)
 WORKER = textwrap.dedent('''
     import json, os, sys, time, torch
     sys.path.insert(0, {tests!r})
-    from test_tinybert_train import tiny_space, tiny_data
+    from test_tinybert_train import tiny_space, tiny_data, half_unmasked_data
     from attnc.search.tinybert.supernet import SuperPLM
     from attnc.search.tinybert.train import SuperTrainConfig, train_superplm
     torch.set_num_threads(1)
     out, N, M, steps, ckpt, resume, block_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \\
         int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1", int(sys.argv[7])
+    odd = sys.argv[8] if len(sys.argv) > 8 else ""   # "odd": ranks seeded differently, half-unmasked data
 
     class Block:       # simulates a crash window: after step `block_at`, signal and hang
         def on_step(self, step, loss, state):
@@ -72,11 +92,12 @@ WORKER = textwrap.dedent('''
                 open(out + ".blocked", "w").close()
                 time.sleep(120)
 
-    torch.manual_seed(1)
+    torch.manual_seed(1 + (100 * int(os.environ.get("RANK", "0")) if odd else 0))
     net = SuperPLM(tiny_space())
     cfg = SuperTrainConfig(steps=steps, batch_size=8, sub_batches=N, samples=M, lr=3e-3, device="cpu",
                            checkpoint_dir=ckpt or None, checkpoint_every=2 if ckpt else None, resume=resume)
-    m = train_superplm(net, tiny_data(), cfg, callbacks=[Block()] if block_at else ())
+    data = half_unmasked_data() if odd else tiny_data()
+    m = train_superplm(net, data, cfg, callbacks=[Block()] if block_at else ())
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(net.state_dict(), out)
         json.dump({{"archs": m["archs"], "losses": m["losses"], "world_size": m["world_size"],
@@ -102,11 +123,11 @@ def _run(args, timeout=120):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def _in_process(N: int, M: int, steps: int) -> tuple[dict, dict]:
+def _in_process(N: int, M: int, steps: int, data=None) -> tuple[dict, dict]:
     """What the worker computes without a checkpoint folder, in this process on one thread."""
     torch.manual_seed(1)      # one thread: the one_thread fixture
     net = SuperPLM(tiny_space())
-    m = TT.train_superplm(net, tiny_data(), TT.SuperTrainConfig(
+    m = TT.train_superplm(net, data if data is not None else tiny_data(), TT.SuperTrainConfig(
         steps=steps, batch_size=8, sub_batches=N, samples=M, lr=3e-3, device="cpu"))
     return net.state_dict(), m
 
@@ -149,10 +170,16 @@ def test_one_step_equals_hand_built_update():
     total = torch.stack(losses).mean()
     total.backward()
     assert math.isclose(m["losses"][0], float(total.detach()), rel_tol=1e-6)
+    _assert_sgd_step(net, ref, 0.1)
+
+
+def _assert_sgd_step(net, ref, lr: float) -> None:
+    """net's weights are ref's after one plain SGD step on ref's gradients (weights without a
+    gradient unchanged), and some weight moved."""
     after = net.state_dict()
     moved = 0
     for name, p in ref.named_parameters():
-        want = p.detach() - 0.1 * p.grad if p.grad is not None else p.detach()
+        want = p.detach() - lr * p.grad if p.grad is not None else p.detach()
         assert torch.allclose(after[name], want, atol=1e-6), name
         moved += p.grad is not None and bool((p.grad != 0).any())
     assert moved > 0
@@ -186,6 +213,46 @@ def test_torchrun_two_processes_equal_one_process(worker, tmp_path):
     torch.manual_seed(1)
     init = SuperPLM(tiny_space()).state_dict()
     assert any(not torch.equal(init[k], d[k]) for k in d)
+
+
+def test_torchrun_ranks_seeded_differently_train_rank_0s_model(worker, tmp_path):
+    """Each rank builds its SuperPLM from its own seed (1 and 101): rank 0's weights are broadcast
+    at the start, so the run equals one process from seed 1. The data leaves rank 1's sub-batch
+    without a masked token at every step: only rank 0's pass counts in the mean (the divisor is
+    the passes that ran on all ranks)."""
+    dist_out = tmp_path / "dist.pt"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+          str(worker), str(dist_out), "2", "1", "3", "", "0", "0", "odd"])
+    s, sm = _in_process(2, 1, 3, half_unmasked_data())
+    d = torch.load(dist_out)
+    _assert_same_params(d, s, atol=1e-6)
+    dm = json.loads((tmp_path / "dist.pt.json").read_text())
+    assert dm["losses"] == pytest.approx(sm["losses"], rel=1e-6)
+    torch.manual_seed(101)
+    other = SuperPLM(tiny_space()).state_dict()
+    assert all(not torch.equal(other[k], s[k]) for k in s if k.endswith(".weight") and "LayerNorm" not in k)
+
+
+def test_the_gradient_divisor_counts_only_the_passes_that_ran():
+    """N=2 sub-batches, the second without a masked token (its pass is skipped), SGD, no clipping:
+    the update is -lr x the gradient of the one pass that ran (not half of it)."""
+    space = tiny_space()
+    torch.manual_seed(3)
+    off = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    net, ref = SuperPLM(space, config_overrides=off), SuperPLM(space, config_overrides=off)
+    ref.load_state_dict(net.state_dict())
+    data = half_unmasked_data()
+    cfg = TT.SuperTrainConfig(steps=1, batch_size=8, sub_batches=2, lr=0.1, warmup=0.0, weight_decay=0.0,
+                              max_grad_norm=None, optimizer="sgd", device="cpu", seed=5)
+    m = TT.train_superplm(net, data, cfg)
+    data.split(5)
+    b = data.train_batch(0, 8, 5)
+    assert bool((b["labels"][:4] != -100).any()) and not bool((b["labels"][4:] != -100).any())
+    ref.set_arch(TT.sample_arch(space, 5, 0, 0, 0))
+    loss = ref.mlm_loss(b["input_ids"][:4], b["attention_mask"][:4], b["labels"][:4])
+    loss.backward()
+    assert math.isclose(m["losses"][0], float(loss.detach()), rel_tol=1e-6)
+    _assert_sgd_step(net, ref, 0.1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,7 +331,7 @@ def test_padding_changes_nothing_for_real_tokens(objective):
     distiller = TT._SuperDistiller(_tiny_teacher(), space, TT.KD_DEFAULT) if objective == "kd" else None
 
     def loss(b):
-        targets = distiller.teacher_targets(b) if distiller is not None else None
+        targets = distiller.teacher_targets(T.unmasked(b)) if distiller is not None else None
         return TT._pass_loss(net, b, objective, distiller, TT.KD_DEFAULT, targets)
 
     b = _padded_batch()
@@ -292,15 +359,19 @@ def test_kd_loss_equals_float64_reference():
     distill = TT.DistillConfig(hidden_mse=1.0, attn_mse=0.5, task_loss=0.25)
     distiller = TT._SuperDistiller(teacher, space, distill)
     b = _padded_batch()
-    got = TT._pass_loss(net, b, "kd", distiller, distill, distiller.teacher_targets(b))
+    got = TT._pass_loss(net, b, "kd", distiller, distill, distiller.teacher_targets(T.unmasked(b)))
 
-    # reference: the extracted stand-alone student and HF's teacher, in float64
+    # reference: the extracted stand-alone student and HF's teacher, in float64. Distillation reads
+    # the text unmasked (the labelled positions given back their tokens), the MLM term the masked one
     student = net.extract(arch).double().eval()
     teacher64 = _tiny_teacher().double()
     real = b["attention_mask"].bool()
-    ts = teacher64(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
+    plain = b["input_ids"].clone()
+    plain[b["labels"] != -100] = b["labels"][b["labels"] != -100]
+    assert not torch.equal(plain, b["input_ids"])
+    ts = teacher64(input_ids=plain, attention_mask=b["attention_mask"], output_hidden_states=True,
                    output_attentions=True)
-    so = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    so = student(input_ids=plain, attention_mask=b["attention_mask"], output_hidden_states=True)
     hs = so.hidden_states[-1]
     fit = distiller.fit.weight.double()[:, :arch.hidden]
     hidden = ((hs @ fit.T + distiller.fit.bias.double() - ts.last_hidden_state) ** 2)[real].mean()

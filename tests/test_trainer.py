@@ -275,7 +275,8 @@ def test_attention_score_kd_matches_a_hand_computation_and_lowers(tok, blocks, m
     r = train(student, MLMData(blocks, tok), TrainConfig(steps=30, batch_size=8, lr=3e-3),
               teacher=minilm, distill=DistillConfig(hidden_mse=0.0, attn_mse=1.0, task_loss=0.0))
     dl = r.metrics["distill_losses"]
-    assert np.mean(dl[-5:]) < 0.7 * np.mean(dl[:5]), dl
+    # distillation alone reads the unmasked text (issue 20); measured: 1.67 -> 1.30 over 30 steps
+    assert np.mean(dl[-5:]) < 0.85 * np.mean(dl[:5]), dl
 
 
 def test_attention_score_kd_needs_the_teachers_head_count(tok, minilm):
@@ -314,10 +315,13 @@ def test_a_given_fit_layer_starts_the_distillation(tok, blocks, minilm):
     r = train(student, MLMData(blocks, tok), TrainConfig(steps=1, batch_size=8, lr=1e-9),
               teacher=minilm, distill=DistillConfig(hidden_mse=1.0, task_loss=0.0), distill_fit=fit)
     # a zero fit layer predicts 0: the first loss is the mean square of the teacher's hidden states
+    # on the unmasked text (distillation alone: no [MASK] tokens, issue 20)
+    from attnc.runtime.trainer import unmasked
+
     with torch.no_grad():
         b = MLMData(blocks, tok)
         b.split(0)
-        batch = b.train_batch(0, 8, 0)
+        batch = unmasked(b.train_batch(0, 8, 0))
         hs = minilm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     assert r.metrics["distill_losses"][0] == pytest.approx(float((hs ** 2).mean()), rel=1e-4)
     with pytest.raises(ConfigError, match="fit layer"):

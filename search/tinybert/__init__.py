@@ -7,6 +7,7 @@
     supernet.set_arch(arch); out = supernet(input_ids=ids, attention_mask=mask)   # .logits
     sub = supernet.extract(arch)
     tinybert.LatencyPredictor.load(DIR).predict(arch)   # milliseconds
+    tinybert.save_model(sub, "runs/best")                # a vanilla BERT folder when qkv = hidden
 
 Names load lazily: `attnc --help` must not import torch/transformers through this package.
 """
@@ -21,9 +22,10 @@ _LAZY = {   # public name -> submodule defining it
     "load_superplm": "train", "heldout_mlm_loss": "train", "heldout_distill_loss": "train",
     "new_fit_layer": "train", "load_recipe": "train", "load_fit_layer": "train",
     "LatencyPredictor": "latency", "collect": "latency", "measure_arch": "latency",
-    "bert_base_latency_ms": "latency",
+    "bert_base_latency_ms": "latency", "verify_archs": "latency", "measure_beside_bert_base": "latency",
     "EvolutionConfig": "evolve", "SearchResult": "evolve", "search": "evolve", "fast_search": "evolve",
     "SuperPLMFitness": "evolve", "SuperPLMDistillFitness": "evolve", "open_result": "evolve",
+    "FinetuneConfig": "fitness", "FinetuneFitness": "fitness", "save_model": "export",
 }
 
 __all__ = sorted(_LAZY)

@@ -36,10 +36,13 @@ def register(sub) -> None:
     p.set_defaults(func=_train)
 
     p = ssub.add_parser("search", help="evolutionary search (Algorithm 2) or AutoTinyBERT-Fast",
-                        description="Search the SuperPLM's sub-models whose predicted latency lies in "
-                                    "[0.85, 1.1] x the target; fitness = minus the held-out MLM loss read "
-                                    "from the SuperPLM. The study (OUT/study.db) holds every candidate; "
-                                    "--resume continues it.")
+                        description="Search the SuperPLM's sub-models whose predicted latency, with the "
+                                    "predictor's safety margin, is at most the target (or lies in a --window); "
+                                    "fitness = minus the held-out MLM (mlm SuperPLM) or distillation (kd) loss "
+                                    "read from the SuperPLM, or a short fine-tune (--fitness finetune:TASK). "
+                                    "The best architectures are then timed side by side with BERT-base: one "
+                                    "that misses the target is reported as missing. The study (OUT/study.db) "
+                                    "holds every candidate; --resume continues it.")
     p.add_argument("--supernet", required=True, metavar="DIR", help="a `superplm train --out` folder")
     p.add_argument("--latency-model", required=True, metavar="DIR", help="an `attnc search latency --out` folder")
     t = p.add_mutually_exclusive_group(required=True)
@@ -50,6 +53,29 @@ def register(sub) -> None:
     p.add_argument("--population", type=int, default=25, help="S")
     p.add_argument("--pm", type=float, default=0.5, help="mutation probability per field")
     p.add_argument("--pe", type=float, default=0.5, help="exploration probability per child")
+    p.add_argument("--mutation", choices=("local", "uniform"), default="local",
+                   help="local (default): each mutated field moves 1-2 grid steps; uniform: redrawn over its range")
+    p.add_argument("--margin", default="auto", metavar="auto|F",
+                   help="safety margin of the latency limit (predicted x (1 + F) <= target); auto (default): "
+                        "the predictor's, from its held-out under-prediction")
+    p.add_argument("--window", metavar="LO,HI",
+                   help="instead of the limit: predicted latency in [LO, HI] x the target (the paper's "
+                        "sampling window is 0.85,1.1)")
+    p.add_argument("--verify", type=int, default=3, metavar="K",
+                   help="time the K best architectures side by side with BERT-base on the predictor's target "
+                        "(default 3; 0: skip)")
+    p.add_argument("--fitness", default=None, metavar="mlm|kd|finetune:TASK",
+                   help="the score (default: by how the SuperPLM was trained: mlm or kd); finetune:TASK "
+                        "fine-tunes each sub-model on rt-polarity, bbc-topic or glue/NAME (--data-dir)")
+    f = p.add_argument_group("--fitness finetune:TASK")
+    f.add_argument("--data-dir", metavar="DIR", help="GLUE-format folder for glue/* tasks")
+    f.add_argument("--finetune-steps", type=int, default=100)
+    f.add_argument("--finetune-lr", type=float, default=5e-4)
+    f.add_argument("--finetune-batch-size", type=int, default=32)
+    f.add_argument("--finetune-max-len", type=int, default=64)
+    f.add_argument("--max-train", type=int, default=2000, help="training examples used (0: all)")
+    f.add_argument("--max-eval", type=int, default=500, help="dev examples scored (0: all)")
+    f.add_argument("--device", default="auto", help="fine-tuning device: auto | cpu | cuda[:N]")
     p.add_argument("--fast", action="store_true",
                    help="AutoTinyBERT-Fast: one rule-built candidate per layer count instead of evolution")
     p.add_argument("--seed", type=int, default=0)
@@ -76,6 +102,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the further training")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="device of the further training: auto | cpu | cuda[:N]")
+    p.add_argument("--format", choices=("auto", "bert", "attnc"), default="auto",
+                   help="auto (default): a vanilla BERT folder (model_type bert, no `import attnc` needed) when "
+                        "the architecture is one (qkv size = hidden size), else attnc_bert; bert: refuse otherwise")
     _data_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -138,7 +167,8 @@ def add_train_arguments(p) -> None:
                    help="per-head width (default 64; kd mode: max qkv / heads, default the teacher's)")
     g.add_argument("--mode", choices=OBJECTIVES, default="mlm",
                    help="mlm: MLM pre-training (MHA strategy 1); kd: distillation from --teacher (strategy 2)")
-    g.add_argument("--teacher", default="minilm-l6", help="kd teacher: minilm-l6 or a BERT folder")
+    g.add_argument("--teacher", default="minilm-l6",
+                   help="kd teacher: minilm-l6 or a Hugging Face encoder folder (BERT, RoBERTa, ELECTRA, ...)")
     g.add_argument("--formula", default=None, help="one attention formula for every layer (default standard)")
     d = p.add_argument_group("data and training")
     d.add_argument("--corpus", default="wiki-sample", help="wiki-sample | bbc-news | a local text path")
@@ -243,8 +273,11 @@ def add_latency_arguments(p) -> None:
     p.add_argument("--max-ffn", type=int, default=d.max_ffn)
     p.add_argument("--max-heads", type=int, default=d.max_heads)
     p.add_argument("--min-layers", type=int, default=d.min_layers)
-    p.add_argument("--min-hidden", type=int, default=d.min_hidden)
-    p.add_argument("--min-ffn", type=int, default=d.min_ffn)
+    p.add_argument("--min-hidden", type=int, default=None,
+                   help="smallest hidden size (default: 128 when --max-hidden >= 768, as the paper; else 32)")
+    p.add_argument("--min-ffn", type=int, default=None, help="smallest FFN size (default: as --min-hidden)")
+    p.add_argument("--min-qkv", type=int, default=None,
+                   help="smallest qkv width (default: kd 180 when --max-hidden >= 768, as the paper; else the smallest)")
     p.add_argument("--mode", choices=("mlm", "kd"), default=d.mode)
     p.add_argument("--head-dim", type=int, default=d.head_dim)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
@@ -256,8 +289,14 @@ def add_latency_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10, help="timed runs per arch (the median is kept)")
     p.add_argument("--interleave", type=int, default=16,
-                   help="archs timed together, round-robin, with a reference arch, so that machine drift "
-                        "hits them alike (default 16; they are all in memory at once)")
+                   help="archs timed together, with a reference arch, so that machine drift hits them alike "
+                        "(default 16; they are all in memory at once)")
+    p.add_argument("--timing", choices=("back-to-back", "round-robin"), default="back-to-back",
+                   help="back-to-back (default): each arch's runs consecutive, in blocks taking turns, as a user "
+                        "times one model; round-robin: one run per arch in turn (cold caches: slower small models)")
+    p.add_argument("--design", choices=("edges", "uniform"), default="edges",
+                   help="which archs are timed: edges (default: the space's corners, then samples biased to "
+                        "each field's maximum and minimum, where a search under a limit goes) or uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=2000, help="predictor training epochs (full batch)")
     p.add_argument("--target", choices=TARGETS, default="log", help="fit log(ms) (default) or ms")
@@ -275,23 +314,27 @@ def cli_latency(args) -> int:
 
     space = Space(max_layers=args.max_layers, max_hidden=args.max_hidden, max_ffn=args.max_ffn,
                   max_heads=args.max_heads, min_layers=args.min_layers, min_hidden=args.min_hidden,
-                  min_ffn=args.min_ffn, mode=args.mode, head_dim=args.head_dim,
+                  min_ffn=args.min_ffn, min_qkv=args.min_qkv, mode=args.mode, head_dim=args.head_dim,
                   vocab_size=args.vocab_size, formula=args.formula)
     before = len(load_records(args.out)) if (Path(args.out) / META).exists() else 0
     records = collect(space, args.samples, args.out, device=args.device, threads=args.threads,
                       batch=args.batch, seq=args.seq, warmup=args.warmup, repeats=args.repeats,
-                      seed=args.seed, interleave=args.interleave, progress=not args.no_progress)
+                      seed=args.seed, interleave=args.interleave, timing=args.timing, design=args.design,
+                      progress=not args.no_progress)
     pred, m = LatencyPredictor.fit(space, records, epochs=args.epochs, seed=args.seed, target=args.target,
                                    seq=args.seq, settings={"device": args.device, "threads": args.threads,
                                                            "batch": args.batch, "seq": args.seq,
-                                                           "warmup": args.warmup, "repeats": args.repeats})
+                                                           "warmup": args.warmup, "repeats": args.repeats,
+                                                           "timing": args.timing})
     pred.save(args.out)
     out = {"out": str(args.out), "samples": len(records), "measured_now": max(len(records) - before, 0),
-           **{k: m[k] for k in ("n_train", "n_heldout", "rmse_ms", "mape_pct", "target", "drift_corrected")},
+           **{k: m[k] for k in ("n_train", "n_heldout", "rmse_ms", "mape_pct", "target", "drift_corrected",
+                                "safety_margin")},
            "mean_predictor": m["mean_predictor"], "linear": m["linear"], "raw": m["raw"]}
     if args.bert_base:
         out["bert_base_ms"] = bert_base_latency_ms(args.device, args.threads, args.batch, args.seq,
-                                                   warmup=args.warmup, repeats=args.repeats, folder=args.out)
+                                                   warmup=args.warmup, repeats=args.repeats, folder=args.out,
+                                                   timing=args.timing)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -306,6 +349,9 @@ def cli_latency(args) -> int:
         if m["drift_corrected"]:
             print(f"(latencies rescaled by the reference arch timed in each group; against the "
                   f"unscaled measurements: MAPE {m['raw']['mape_pct']:.2f}%)")
+        if m.get("safety_margin") is not None:
+            print(f"safety margin for a latency limit: {100 * m['safety_margin']:.1f}% (the 95th percentile of "
+                  f"the held-out under-prediction; `superplm search --margin auto` uses it)")
     if "bert_base_ms" in out:
         print(f"BERT-base ({BERT_BASE}): {out['bert_base_ms']:.2f} ms")
     print(f"predictor saved to {args.out}/{PREDICTOR}")
@@ -370,7 +416,8 @@ def target_latency(args, predictor, latency_dir) -> tuple[float, dict]:
     from .latency import bert_base_latency_ms
     # the cached `attnc search latency --bert-base` value when its warmup / repeats were recorded
     base = bert_base_latency_ms(s["device"], s["threads"], s["batch"], s["seq"], folder=latency_dir,
-                                warmup=s.get("warmup", 3), repeats=s.get("repeats", 10))
+                                warmup=s.get("warmup", 3), repeats=s.get("repeats", 10),
+                                timing=s.get("timing") or "back-to-back")
     return base / args.speedup, {"speedup": float(args.speedup), "bert_base_ms": base,
                                  "measured_on": dict(s)}
 
@@ -387,11 +434,14 @@ def _search(args) -> int:
     if args.plot:
         from ..plots import check_plot_path
         check_plot_path(args.plot)
+    if args.verify < 0:
+        raise ConfigError(f"--verify must be >= 0, got {args.verify}")
 
     from attnc.runtime.data import load_tokenizer
 
     from . import report
     from .evolve import EvolutionConfig, fast_search, search
+    from .fitness import fitness_identity
     from .latency import LatencyPredictor
     from .train import load_superplm
 
@@ -401,12 +451,13 @@ def _search(args) -> int:
     check_predictor_fits(predictor, space, args.latency_model)
     target, target_info = target_latency(args, predictor, Path(args.latency_model))
     cfg = EvolutionConfig(target_ms=target, generations=args.generations, population=args.population,
-                          pm=args.pm, pe=args.pe, seed=args.seed)
+                          pm=args.pm, pe=args.pe, seed=args.seed, mutation=args.mutation,
+                          **constraint_options(args, predictor))
     tok = load_tokenizer()
     data, data_info = heldout_data(args.supernet, args, tok)
-    fitness = make_fitness(supernet, args.supernet, data.tensor[data.eval_idx], tok)
+    fitness = make_fitness(supernet, args.supernet, data.tensor[data.eval_idx], tok, args)
     meta = {"supernet": str(Path(args.supernet).resolve()), "latency_model": str(Path(args.latency_model).resolve()),
-            "heldout": data_info, "fitness": repr(fitness)}
+            "heldout": data_info, "fitness": fitness_identity(fitness)}
     run = fast_search if args.fast else search
     fresh = not db.exists()
     try:
@@ -418,7 +469,8 @@ def _search(args) -> int:
             for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
                 f.unlink(missing_ok=True)
         raise
-    summary = report.summary(result)
+    verification = verify_result(result, predictor, target, target_info, args.verify)
+    summary = report.summary(result, verification=verification)
     summary["target"] = target_info
     summary["fitness"] = repr(fitness)
     if args.plot:
@@ -427,6 +479,52 @@ def _search(args) -> int:
     (out / SEARCH_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _print(summary, args.json)
     return 0
+
+
+def constraint_options(args, predictor) -> dict:
+    """EvolutionConfig's constraint, margin and window from --window / --margin."""
+    from attnc.compiler.errors import ConfigError
+
+    if args.window is not None:
+        try:
+            lo, hi = (float(x) for x in args.window.split(","))
+        except ValueError:
+            raise ConfigError(f"bad --window {args.window!r}", hint="write LO,HI, e.g. 0.85,1.1") from None
+        if args.margin != "auto":
+            raise ConfigError("--margin applies to the latency limit, not to a --window", hint="drop one of them")
+        return {"constraint": "window", "window": (lo, hi)}
+    if args.margin == "auto":
+        margin = predictor.safety_margin
+        if margin is None:
+            raise ConfigError(f"the latency predictor in {args.latency_model} records no held-out error, so no "
+                              "safety margin can be derived from it",
+                              hint="refit it with a held-out split (attnc search latency), or give --margin F")
+    else:
+        try:
+            margin = float(args.margin)
+        except ValueError:
+            raise ConfigError(f"bad --margin {args.margin!r}", hint="auto, or a fraction such as 0.04") from None
+    return {"constraint": "limit", "margin": margin}
+
+
+def verify_result(result, predictor, target: float, target_info: dict, k: int) -> dict:
+    """Time the k best scored architectures side by side with BERT-base on the predictor's target,
+    built as the predictor's dataset built them (latency.verify_archs); those that miss the target
+    are reported as missing. A predictor that records no measurement settings cannot be checked like
+    it: the result says so."""
+    if k == 0:
+        return {"status": "skipped", "reason": "--verify 0"}
+    if not predictor.settings:
+        return {"status": "skipped", "reason": "the latency predictor records no measurement settings "
+                                               "(device, threads, batch, seq), so nothing can be timed like it"}
+    from .latency import verify_archs
+
+    top = result.top(k)
+    if not top:
+        return {"status": "skipped", "reason": "nothing was scored"}
+    v = verify_archs(predictor.space, [r.arch for r in top], target_ms=target, speedup=target_info.get("speedup"),
+                     settings=predictor.settings, predicted=[r.latency_ms for r in top])
+    return {"status": "measured", **v}
 
 
 def _nothing_scored(db: Path) -> bool:
@@ -461,15 +559,30 @@ def _canonical(formula):
     return analyze(formula).canonical
 
 
-def make_fitness(supernet, supernet_dir, blocks, tok):
-    """The fitness of a SuperPLM's sub-models, by how it was trained: minus the held-out MLM loss
-    (mlm), or minus the held-out distillation loss against its teacher through its fit layer (kd,
-    whose MLM head is never trained)."""
+def make_fitness(supernet, supernet_dir, blocks, tok, args=None):
+    """The fitness of a SuperPLM's sub-models (fitness.py): --fitness, by default by how the
+    SuperPLM was trained: minus the held-out MLM loss (mlm), or minus the held-out distillation loss
+    against its teacher through its fit layer (kd, whose MLM head is never trained)."""
+    from attnc.compiler.errors import ConfigError
+
     from .evolve import SuperPLMDistillFitness, SuperPLMFitness
+    from .fitness import FinetuneConfig, FinetuneFitness, parse_fitness
 
     rec = train_settings(supernet_dir)
     objective = rec.get("objective") or ("kd" if supernet.space.mode == "kd" else "mlm")
-    if objective == "mlm":
+    spec = getattr(args, "fitness", None) or objective
+    kind, task = parse_fitness(spec)
+    if kind == "finetune":
+        return FinetuneFitness(supernet, FinetuneConfig(
+            task=task, data_dir=args.data_dir, steps=args.finetune_steps, lr=args.finetune_lr,
+            batch_size=args.finetune_batch_size, max_len=args.finetune_max_len, max_train=args.max_train or None,
+            max_eval=args.max_eval or None, seed=args.seed, device=args.device), tok)
+    if kind != objective:
+        raise ConfigError(f"--fitness {kind} needs a SuperPLM trained with --mode {kind}; this one was trained "
+                          f"with {objective}" + (" (its MLM head was never trained)" if objective == "kd" else
+                                                 " (it has no teacher or distillation fit layer)"),
+                          hint=f"use --fitness {objective} or finetune:TASK")
+    if kind == "mlm":
         return SuperPLMFitness(supernet, blocks, tok)
     from attnc.runtime.train import load_teacher
 
@@ -486,15 +599,30 @@ def _print(summary: dict, as_json: bool) -> None:
     lo, hi = summary["window_ms"]
     tgt = summary.get("target") or {}
     how = (f", BERT-base {tgt['bert_base_ms']:.2f} ms / {tgt['speedup']:g}" if "speedup" in tgt else "")
+    if summary.get("constraint", "window") == "window":
+        rule = f"window {lo:.3f}-{hi:.3f} ms"
+    else:
+        rule = (f"limit: predicted latency <= {hi:.3f} ms (safety margin {100 * summary['margin']:.1f}%)")
     print(f"{summary['algorithm']} search, study {summary['study']}: target {summary['target_ms']:.3f} ms{how}, "
-          f"window {lo:.3f}-{hi:.3f} ms; {summary['evaluated']} architectures scored, {summary['failed']} failed")
+          f"{rule}; {summary['evaluated']} architectures scored, {summary['failed']} failed")
     for g in summary["generations"]:
         if g["best"] is not None:
             print(f"  generation {g['generation']}: {g['size']} members ({g['new']} new), "
                   f"best {g['best']:.4f}, median {g['median']:.4f}")
+    measured = {r["arch"]: r for r in (summary.get("verification") or {}).get("archs", [])}
     for rank, r in enumerate(summary["top"], 1):
-        print(f"#{rank}  {r['arch']:<22} score {r['score']:.4f}  latency {r['latency_ms']:.3f} ms  "
-              f"(generation {r['generation']}, {r['origin']})")
+        m = measured.get(r["arch"])
+        check = "" if m is None else (f"  measured {m['measured_ms']:.3f} ms, {m['measured_speedup']:.2f}x BERT-base"
+                                      + ("" if m["meets"] else "  MISSES THE TARGET"))
+        print(f"#{rank}  {r['arch']:<22} score {r['score']:.4f}  predicted {r['latency_ms']:.3f} ms  "
+              f"(generation {r['generation']}, {r['origin']}){check}")
+    v = summary.get("verification") or {}
+    if v.get("status") == "measured":
+        print(f"timed side by side with BERT-base ({v['bert_base_ms']:.2f} ms): found {len(v['found'])} "
+              f"({', '.join(v['found']) or 'none'}), missing {len(v['missing'])} ({', '.join(v['missing']) or 'none'})")
+        print(f"best found: {summary['best'] or 'none: every timed architecture missed the target'}")
+    elif v:
+        print(f"not timed ({v.get('reason')}): the latencies above are predictions")
     if summary.get("plot"):
         print(f"plot: {summary['plot']}")
 
@@ -507,12 +635,23 @@ def _report(args) -> int:
         from ..plots import check_plot_path
         check_plot_path(args.plot)
     result = open_result(args.dir)
-    summary = report.summary(result, top=args.top)
+    summary = report.summary(result, top=args.top, verification=_stored_verification(args.dir))
     if args.plot:
         report.save_plot(result, args.plot)
         summary["plot"] = str(args.plot)
     _print(summary, args.json)
     return 0
+
+
+def _stored_verification(folder) -> dict | None:
+    """The verification `superplm search` wrote to its search.json (None when there is none)."""
+    f = Path(folder) / SEARCH_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text()).get("verification")
+    except ValueError:
+        return None
 
 
 # --- extract -----------------------------------------------------------------------------------------
@@ -557,6 +696,12 @@ def _extract(args) -> int:
     supernet = load_superplm(supernet_dir)
     supernet.space.validate(arch)
     model = supernet.extract(arch)
+    if args.format == "bert":   # refuse before any training: nothing done is lost
+        from attnc.runtime.modeling import bert_incompatibility
+        why = bert_incompatibility(model.config)
+        if why is not None:
+            raise ConfigError(f"{arch} cannot be exported as a vanilla BERT: {why}",
+                              hint="use --format auto (an attnc_bert folder, loads after `import attnc`)")
     supernet_space = supernet.space
     supernet_mode = supernet_space.mode
     del supernet
@@ -598,8 +743,8 @@ def _extract(args) -> int:
         else:
             info.update(objective="mlm", heldout_loss_before=res.metrics["evals"][0]["loss"],
                         heldout_loss_after=res.metrics["final_eval"]["loss"])
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    from .export import save_model
+    info["export"] = save_model(model, args.out, tokenizer=tok, format=args.format)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -611,8 +756,10 @@ def _extract(args) -> int:
         elif args.train_steps > 0:
             extra = (f", trained {args.train_steps} MLM steps (held-out MLM loss "
                      f"{info['heldout_loss_before']:.3f} -> {info['heldout_loss_after']:.3f})")
-        print(f"extracted {arch} from {supernet_dir}{extra}; saved to {args.out} "
-              f"(load with AutoModelForMaskedLM after `import attnc`)")
+        e = info["export"]
+        why = f"; not a vanilla BERT: {e['reason']}" if e["format"] != "bert" else ""
+        print(f"extracted {arch} from {supernet_dir}{extra}; saved to {args.out} as {e['format']} "
+              f"({e['how']}{why})")
     return 0
 
 

@@ -1,23 +1,36 @@
-"""AutoTinyBERT's search (ACL 2021, Algorithm 2): evolution under a latency window, and the Fast rule.
+"""AutoTinyBERT's search (ACL 2021, Algorithm 2): evolution under a latency limit, and the Fast rule.
 
     from attnc.search import tinybert
     from attnc.search.tinybert.evolve import EvolutionConfig, SuperPLMFitness, search
     fitness = SuperPLMFitness(supernet, heldout_blocks, tokenizer)      # arch -> -held-out MLM loss
     predictor = tinybert.LatencyPredictor.load("runs/lat")
-    cfg = EvolutionConfig(target_ms=12.0)                               # T=4, S=25, pm=pe=1/2
+    cfg = EvolutionConfig(target_ms=12.0, margin=predictor.safety_margin)   # T=4, S=25, pm=pe=1/2
     result = search(space, fitness, predictor.predict, cfg, study="runs/evo/study.db")
     result.best, result.score, result.latency_ms
 
+The latency constraint (EvolutionConfig.constraint):
+- "limit" (the default; the paper's Eq. 4, Lat(a) <= T): a candidate is admitted when its predicted
+  latency times (1 + margin) is at most target_ms. The margin is the predictor's documented safety
+  margin (LatencyPredictor.safety_margin: the 95th percentile of how much it under-predicted its
+  held-out architectures), so that an admitted architecture still meets T when it runs a little
+  slower than predicted. Whether it does is measured after the search (the CLI times the best
+  architectures side by side with BERT-base; misses are reported as missing).
+- "window": predicted latency in [w0, w1] x target_ms (the previous behaviour, default (0.85, 1.1)),
+  for those who want "close to T" rather than "at most T"; no margin.
+"Inside" below means: satisfying the constraint.
+
 The loop (generations 0..T, each of S members, all scored):
 - generation 0: S distinct architectures sampled uniformly from the space and kept only when their
-  latency lies in the window [w0, w1] x target_ms (rejection sampling, capped);
+  latency is inside (rejection sampling, capped);
 - generation t >= 1: the top k = S/2 of generation t-1 are kept (elitism); every other slot is, with
   probability pe, a fresh sample (exploration) and otherwise a mutation (each field resampled with
   probability pm, space.mutate) of a parent drawn by Russian-roulette selection among the kept ones,
   with weights proportional to their rank (k for the best ... 1 for the k-th: MLM-loss scores are
-  negative, so rank weights stand in for fitness-proportional ones). Every child is redrawn until its
-  latency is in the window and it is not already a member of the generation (capped; after the cap an
-  in-window repeat is accepted). An exploration that finds nothing in the window becomes a mutation,
+  negative, so rank weights stand in for fitness-proportional ones). A mutation is local by default
+  (each field moved one or two grid steps with probability pm, as the reference implementation;
+  `mutation="uniform"` redraws each field over its whole range). Every child is redrawn until its
+  latency is inside and it is not already a member of the generation (capped; after the cap an
+  inside repeat is accepted). An exploration that finds nothing inside becomes a mutation,
   and a mutation that finds nothing repeats its parent (with a warning): a narrow window slows the
   search down but never stops it.
 An architecture already scored (kept members, and children equal to an earlier candidate) is looked up
@@ -41,20 +54,24 @@ from attnc.compiler.errors import ConfigError, DataError
 
 from .study import Study, study_file
 
-INIT_DRAWS = 20_000     # uniform samples tried for generation 0 before the window is called empty
-CHILD_DRAWS = 500       # draws tried for one child before an in-window repeat is accepted
+INIT_DRAWS = 20_000     # uniform samples tried for generation 0 before the constraint is called empty
+CHILD_DRAWS = 500       # draws tried for one child before an inside repeat is accepted
+CONSTRAINTS = ("limit", "window")
 
 
 @dataclass(frozen=True)
 class EvolutionConfig:
-    target_ms: float                      # latency target (ms); the window is window x target_ms
+    target_ms: float                      # latency target T (ms)
     generations: int = 4                  # T: evolved generations after the random generation 0
     population: int = 25                  # S
     pm: float = 0.5                       # mutation probability of each field
     pe: float = 0.5                       # probability that a child is a fresh sample (exploration)
-    window: tuple[float, float] = (0.85, 1.1)
+    window: tuple[float, float] = (0.85, 1.1)   # constraint "window": [w0, w1] x target_ms
     top_k: int | None = None              # members kept per generation (None: population // 2)
     seed: int = 0
+    constraint: str = "limit"             # limit: predicted x (1 + margin) <= T | window (see the module doc)
+    margin: float = 0.0                   # limit: the predictor's safety margin (a fraction, e.g. 0.04)
+    mutation: str = "local"               # local: 1-2 grid steps per field | uniform: a redraw over the range
 
     def __post_init__(self):
         if not (isinstance(self.target_ms, (int, float)) and math.isfinite(self.target_ms)
@@ -75,11 +92,24 @@ class EvolutionConfig:
         object.__setattr__(self, "window", (float(w[0]), float(w[1])))
         if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k < self.population):
             raise ConfigError(f"top_k must be in 1..population-1, got {self.top_k!r}")
+        if self.constraint not in CONSTRAINTS:
+            raise ConfigError(f"unknown latency constraint {self.constraint!r}",
+                              hint="use 'limit' (predicted latency x (1 + margin) <= T) or 'window'")
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
+            raise ConfigError(f"the latency safety margin must be a fraction >= 0, got {self.margin!r}",
+                              hint="e.g. 0.04 for 4%; the predictor's own is LatencyPredictor.safety_margin")
+        if self.constraint == "window" and self.margin:
+            raise ConfigError("a safety margin applies to the latency limit, not to the window",
+                              hint="use constraint='limit' with a margin, or the window without one")
+        from .space import MUTATIONS
+        if self.mutation not in MUTATIONS:
+            raise ConfigError(f"unknown mutation {self.mutation!r}", hint=f"use one of {', '.join(MUTATIONS)}")
 
     @property
     def bounds(self) -> tuple[float, float]:
-        """The latency window in ms."""
-        return self.window[0] * self.target_ms, self.window[1] * self.target_ms
+        """The predicted latencies (ms) a candidate may have: (0, T / (1 + margin)) under the limit,
+        the window [w0 T, w1 T] otherwise."""
+        return constraint_bounds(self.constraint, self.target_ms, self.window, self.margin)
 
     @property
     def keep(self) -> int:
@@ -91,6 +121,13 @@ class EvolutionConfig:
         return d
 
 
+def constraint_bounds(constraint: str, target_ms: float, window, margin: float) -> tuple[float, float]:
+    """The predicted-latency interval (ms) of a constraint (see EvolutionConfig.bounds)."""
+    if constraint == "window":
+        return window[0] * target_ms, window[1] * target_ms
+    return 0.0, target_ms / (1.0 + margin)
+
+
 @dataclass(frozen=True)
 class SearchResult:
     best: Any                      # Arch of the best score (None when nothing was scored)
@@ -100,8 +137,10 @@ class SearchResult:
     generations: list              # per generation: {"generation", "size", "new", "best", "median"}
     algorithm: str                 # "evolution" | "fast"
     target_ms: float
-    bounds: tuple
+    bounds: tuple                  # the predicted latencies admitted (ms)
     study: str
+    constraint: str = "limit"      # "limit" | "window"
+    margin: float = 0.0
 
     @property
     def scored(self) -> list:
@@ -112,6 +151,7 @@ class SearchResult:
 
     def to_json(self, top: int = 5) -> dict:
         return {"algorithm": self.algorithm, "study": self.study, "target_ms": self.target_ms,
+                "constraint": self.constraint, "margin": self.margin,
                 "window_ms": list(self.bounds), "best": str(self.best) if self.best is not None else None,
                 "score": self.score, "latency_ms": self.latency_ms,
                 "evaluated": len(self.scored), "failed": sum(r.status == "failed" for r in self.rows),
@@ -152,13 +192,13 @@ def search(space, fitness: Callable, latency: Callable, cfg: EvolutionConfig, *,
 
 def fast_search(space, fitness: Callable, latency: Callable, cfg: EvolutionConfig, *,
                 study: str | Path | None = None, progress: bool = False, meta: dict | None = None) -> SearchResult:
-    """AutoTinyBERT-Fast: score space.fast_candidates(latency, window top) (per layer count the widest
-    arch obeying the paper's rule 1.6 dm <= df <= 1.9 dm, 0.7 dm <= dqkv <= 1.0 dm whose latency is
-    under the window's top) that lie in the latency window; the best wins.
-    Only cfg.target_ms and cfg.window are used."""
+    """AutoTinyBERT-Fast: score space.fast_candidates(latency, top) (per layer count the widest
+    arch obeying the paper's rule 1.6 dm <= df <= 1.9 dm, 0.7 dm <= dqkv <= 1.0 dm whose predicted
+    latency is under the constraint's top: T / (1 + margin) under the limit, w1 x T for a window)
+    that satisfy the constraint; the best wins. Only cfg's target, constraint, margin and window are used."""
     _check_config(cfg)
     lo, hi = cfg.bounds
-    # per layer count the widest rule-abiding arch under the window's top, kept when above its bottom
+    # per layer count the widest rule-abiding arch under the constraint's top, kept when above its bottom
     cands = list(space.fast_candidates(latency, hi))
     lats = [float(latency(a)) for a in cands]
     inside = [(a, t) for a, t in zip(cands, lats) if lo <= t <= hi]
@@ -172,13 +212,13 @@ def fast_search(space, fitness: Callable, latency: Callable, cfg: EvolutionConfi
             seen = ("no arch of the space obeys the rule" if not every else
                     "the rule's archs have latencies "
                     f"{min(map(latency, every)):.3g}..{max(map(latency, every)):.3g} ms")
-        raise ConfigError(f"no AutoTinyBERT-Fast candidate has a latency in the window "
-                          f"[{lo:.3g}, {hi:.3g}] ms (target {cfg.target_ms:.3g} ms); {seen}",
+        raise ConfigError(f"no AutoTinyBERT-Fast candidate satisfies {_describe(cfg)}; {seen}",
                           hint="choose a target among these latencies, or run the evolutionary search")
     st = _open(study)
     try:
         st.check_meta({"algorithm": "fast", "space": space.to_json(), "target_ms": cfg.target_ms,
-                       "window": list(cfg.window), **(meta or {})})
+                       "window": list(cfg.window), "constraint": cfg.constraint, "margin": cfg.margin,
+                       **(meta or {})})
         if st.last_generation() < 0:
             new = [{"arch": str(a), "origin": "fast", "parents": [], "latency_ms": t} for a, t in inside]
             st.add_generation(0, [{"arch": str(a), "origin": "fast", "parents": []} for a, _ in inside], new)
@@ -201,6 +241,15 @@ def fast_search(space, fitness: Callable, latency: Callable, cfg: EvolutionConfi
 def _check_config(cfg) -> None:
     if not isinstance(cfg, EvolutionConfig):
         raise ConfigError(f"the search takes an EvolutionConfig, got {type(cfg).__name__}")
+
+
+def _describe(cfg: EvolutionConfig) -> str:
+    """The constraint in words, for messages."""
+    lo, hi = cfg.bounds
+    if cfg.constraint == "window":
+        return f"the latency window [{lo:.3g}, {hi:.3g}] ms (target {cfg.target_ms:.3g} ms)"
+    return (f"the latency limit {cfg.target_ms:.3g} ms (predicted latency <= {hi:.3g} ms with the safety "
+            f"margin {100 * cfg.margin:.1f}%)")
 
 
 def _open(study) -> Study:
@@ -286,21 +335,22 @@ class _Loop:
                 if rng.random() < self.cfg.pe:
                     child = self._draw(rng, lambda: self.space.sample(rng), taken)
                     misses += child is None
-                if child is None:   # a mutation (or an exploration that found nothing in the window)
+                if child is None:   # a mutation (or an exploration that found nothing inside)
                     parent = rng.choices(kept, weights=weights)[0]
                     p_arch = _parse(parent)
-                    child = self._draw(rng, lambda: self.space.mutate(p_arch, rng, self.cfg.pm), taken)
+                    child = self._draw(rng, lambda: self.space.mutate(p_arch, rng, self.cfg.pm,
+                                                                      self.cfg.mutation), taken)
                     origin, parents = "mutation", [parent]
-                    if child is None:   # nothing in the window near the parent: the parent again
+                    if child is None:   # nothing inside near the parent: the parent again
                         child, origin = p_arch, "repeat"
                         misses += 1
                 taken.add(str(child))
                 members.append({"arch": str(child), "origin": origin, "parents": parents})
             if misses:
-                warnings.warn(f"generation {g}: {misses} draw(s) found no architecture in the latency window "
-                              f"[{self.lo:.3g}, {self.hi:.3g}] ms in {CHILD_DRAWS} tries and fell back to a "
-                              "mutation or a repeat of a parent (the window holds few architectures: widen "
-                              "it or move the target)", stacklevel=4)
+                warnings.warn(f"generation {g}: {misses} draw(s) found no architecture satisfying "
+                              f"{_describe(self.cfg)} in {CHILD_DRAWS} tries and fell back to a "
+                              "mutation or a repeat of a parent (few architectures satisfy the latency "
+                              "constraint: widen it or move the target)", stacklevel=4)
         known = {r.arch for r in self.st.rows()}
         new, seen = [], set()
         for m in members:
@@ -321,20 +371,18 @@ class _Loop:
                     break
         if not found:
             raise ConfigError(
-                f"no architecture of the space has a latency in the window [{self.lo:.3g}, {self.hi:.3g}] ms "
-                f"(target {self.cfg.target_ms:.3g} ms): {INIT_DRAWS} uniform samples had latencies "
-                f"{min(seen_lat):.3g}..{max(seen_lat):.3g} ms",
+                f"no architecture of the space satisfies {_describe(self.cfg)}: {INIT_DRAWS} uniform "
+                f"samples had predicted latencies {min(seen_lat):.3g}..{max(seen_lat):.3g} ms",
                 hint="choose a target inside that range (--latency-ms / --speedup), or change the space's maxima")
         if len(found) < self.cfg.population:
-            warnings.warn(f"only {len(found)} distinct architectures of the space lie in the latency window "
-                          f"[{self.lo:.3g}, {self.hi:.3g}] ms; generation 0 has {len(found)} members, "
-                          f"not {self.cfg.population}", stacklevel=4)
+            warnings.warn(f"only {len(found)} distinct architectures of the space satisfy {_describe(self.cfg)}; "
+                          f"generation 0 has {len(found)} members, not {self.cfg.population}", stacklevel=4)
         return list(found.values())
 
     def _draw(self, rng: random.Random, make: Callable, taken: set):
-        """A child of make() in the latency window and, if one can be had within CHILD_DRAWS draws, new
-        to the generation (else an in-window repeat, looked up rather than re-scored); None when no
-        draw landed in the window."""
+        """A child of make() inside the latency constraint and, if one can be had within CHILD_DRAWS
+        draws, new to the generation (else an inside repeat, looked up rather than re-scored); None
+        when no draw landed inside."""
         fallback = None
         for _ in range(CHILD_DRAWS):
             a = make()
@@ -385,11 +433,14 @@ def result_from_study(st: Study, space=None) -> SearchResult:
     best = min(done, key=lambda r: (-r.score, r.seq), default=None)
     target = float(meta.get("target_ms", float("nan")))
     window = tuple(meta.get("window", (0.85, 1.1)))
+    constraint = meta.get("constraint", "window")   # studies made before the limit existed used the window
+    margin = float(meta.get("margin", 0.0))
     return SearchResult(best=_parse(best.arch) if best else None, score=best.score if best else None,
                         latency_ms=best.latency_ms if best else None, rows=rows,
                         generations=generation_stats(st),
                         algorithm=meta.get("algorithm", "evolution"), target_ms=target,
-                        bounds=(window[0] * target, window[1] * target), study=str(st.path))
+                        bounds=constraint_bounds(constraint, target, window, margin), study=str(st.path),
+                        constraint=constraint, margin=margin)
 
 
 def open_result(study: str | Path) -> SearchResult:
@@ -451,6 +502,10 @@ class SuperPLMFitness:
         return (f"SuperPLMFitness({sum(b[0].shape[0] for b in self.batches)} held-out blocks, "
                 f"{self.tokens} masked tokens)")
 
+    def identity(self) -> dict:
+        """What the scores mean (stored in the study, checked on resume)."""
+        return {"kind": "mlm", "blocks": sum(b[0].shape[0] for b in self.batches), "masked_tokens": self.tokens}
+
     def loss(self, arch) -> float:
         from .train import mean_mlm_loss
 
@@ -490,6 +545,12 @@ class SuperPLMDistillFitness:
     def __repr__(self) -> str:
         return (f"SuperPLMDistillFitness({sum(b['input_ids'].shape[0] for b in self.batches)} held-out blocks, "
                 f"{self.tokens} tokens, teacher {type(self.distiller.teacher).__name__})")
+
+    def identity(self) -> dict:
+        """What the scores mean (stored in the study, checked on resume)."""
+        return {"kind": "kd", "blocks": sum(b["input_ids"].shape[0] for b in self.batches), "tokens": self.tokens,
+                "teacher": type(self.distiller.teacher).__name__,
+                "distill": {k: v for k, v in vars(self.distiller.cfg).items()}}
 
     def loss(self, arch) -> float:
         from .train import mean_distill_loss

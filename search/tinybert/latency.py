@@ -3,15 +3,32 @@
     records = collect(space, 300, "runs/lat")            # resumable: runs/lat/latency.jsonl
     pred, metrics = LatencyPredictor.fit(space, records)  # held-out RMSE / MAPE vs a mean predictor
     pred.save("runs/lat"); LatencyPredictor.load("runs/lat").predict(arch)   # milliseconds
+    pred.safety_margin                                    # the search's margin under a latency limit
 
 The target is the paper's by default: CPU, one thread, batch 1, sequence length 128. Every arch is
 built as a stand-alone AttncBertModel from `space.config(arch)` (no MLM head: the head is not part of
-inference latency in the paper), randomly initialised (weights do not change the time), and timed with
-attnc.runtime.latency.time_forward (eval, inference_mode, `warmup` untimed runs, median of `repeats`).
+inference latency in the paper), randomly initialised (weights do not change the time), and timed in
+eval mode under inference_mode after `warmup` untimed runs; the median of `repeats` timed runs counts.
+
+How the runs are scheduled (`timing`) matters as much as how many there are:
+- "back-to-back" (the default): every arch runs its timed runs consecutively, as a user timing one
+  model does (`attnc latency`, one process per model): its weights stay in the caches between runs.
+  To spread each arch over the machine's slow and fast spells, the runs are cut into `rounds` blocks
+  (the group's archs take turns block by block, the order rotating), each block after one untimed run.
+- "round-robin" (the earlier default): one run per arch in turn. Every run then starts with caches
+  full of the other archs' weights, which slows small models the most: a predictor fitted on such
+  timings over-predicted sub-millisecond models by 46-70% against `attnc latency` (issue 20).
+
+Which architectures are timed (`design`):
+- "edges" (the default): first the corners of the space (every field at its minimum or maximum),
+  then samples whose fields are each at the maximum with probability 1/4, at the minimum with 1/8,
+  else uniform: a search under a latency limit goes to the largest widths that fit, so the predictor
+  must be trained and checked there, not only in the middle of the space.
+- "uniform": the smallest and largest arch, then uniform samples (the earlier design).
 
 The dataset folder holds
-    latency_meta.json   the settings (space, device, threads, batch, seq, warmup, repeats, seed) and
-                        the machine; a later call with other settings is refused (ConfigError)
+    latency_meta.json   the settings (space, device, threads, batch, seq, warmup, repeats, seed,
+                        timing, design) and the machine; a later call with other settings is refused
     latency.jsonl       one JSON line per measured arch, flushed and fsynced, so a killed run
                         loses at most the line being written; a second call resumes after the last
                         complete line with the same arch sequence
@@ -47,6 +64,11 @@ BERT_BASE = "12-768-3072-12-768"
 TARGETS = ("log", "ms")
 INPUTS = ("log", "raw")
 VALUES = ("ms", "q25_ms", "min_ms")     # record fields a predictor can fit
+TIMINGS = ("back-to-back", "round-robin")
+DESIGNS = ("edges", "uniform")
+EDGE_MAX, EDGE_MIN = 0.25, 0.125        # "edges" design: a field's chance of its maximum / minimum
+ROUNDS = 4                              # back-to-back: blocks per arch (each after one untimed run)
+MARGIN_QUANTILE = 0.95                  # safety margin: this quantile of held-out under-prediction
 
 
 def _inputs(features: Sequence[float], kind: str) -> list[float]:
@@ -63,29 +85,60 @@ def _inputs(features: Sequence[float], kind: str) -> list[float]:
 def extreme_archs(space: Space) -> list[Arch]:
     """The smallest and the largest arch of the space (measured first, so a predictor fitted on the
     dataset interpolates over the whole space instead of extrapolating at its corners)."""
-    if space.mode == "mlm":
-        small = Arch(space.min_layers, space.min_hidden, space.min_ffn, 1, space.head_dim)
-    else:   # kd: h is fixed to max_heads, the smallest qkv is one dim per head
-        small = Arch(space.min_layers, space.min_hidden, space.min_ffn, space.max_heads, space.max_heads)
+    c = space._choices()
+    small = space._make(c["layers"][0], c["hidden"][0], c["ffn"][0], c["heads"][0])
     out = [space.validate(small)]
     if space.max_arch != small:
         out.append(space.max_arch)
     return out
 
 
-def arch_sequence(space: Space, n: int, seed: int = 0) -> list[Arch]:
-    """The first `n` archs collect measures: the extremes, then distinct uniform samples drawn from
+def corner_archs(space: Space) -> list[Arch]:
+    """Every corner of the space (each free field -- L, dm, df, and h in mlm mode / the per-head
+    dim in kd mode -- at its minimum or maximum): the smallest and the largest first, then the others
+    in a fixed order, distinct."""
+    c = space._choices()
+    out = extreme_archs(space)
+    for L in (c["layers"][0], c["layers"][-1]):
+        for dm in (c["hidden"][0], c["hidden"][-1]):
+            for df in (c["ffn"][0], c["ffn"][-1]):
+                for k in (c["heads"][0], c["heads"][-1]):
+                    a = space._make(L, dm, df, k)
+                    if a not in out:
+                        out.append(a)
+    return out
+
+
+def edge_sample(space: Space, rng: random.Random) -> Arch:
+    """One arch of the "edges" design: each free field at its maximum with probability EDGE_MAX, at
+    its minimum with EDGE_MIN, else uniform over its range."""
+    c = space._choices()
+    vals = []
+    for name in ("layers", "hidden", "ffn", "heads"):
+        u = rng.random()
+        grid = c[name]
+        vals.append(grid[-1] if u < EDGE_MAX else grid[0] if u < EDGE_MAX + EDGE_MIN else rng.choice(grid))
+    return space._make(*vals)
+
+
+def arch_sequence(space: Space, n: int, seed: int = 0, design: str = "edges") -> list[Arch]:
+    """The first `n` archs collect measures (see the module doc for the designs): "edges" starts
+    with corner_archs, "uniform" with the smallest and largest arch; then distinct samples drawn from
     random.Random(seed). The sequence for n is a prefix of the one for any larger n, which is what
     makes a resumed (or extended) collection identical to an uninterrupted one."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"samples must be a positive integer, got {n!r}")
-    out = extreme_archs(space)[:n]
+    if design not in DESIGNS:
+        raise ConfigError(f"unknown latency sampling design {design!r}", hint=f"use one of {', '.join(DESIGNS)}")
+    first = corner_archs(space) if design == "edges" else extreme_archs(space)
+    out = first[:n]
     seen = set(out)
     rng = random.Random(seed)
+    draw = (lambda: edge_sample(space, rng)) if design == "edges" else (lambda: space.sample(rng))
     tries = 0
     limit = 1000 * n + 10000
     while len(out) < n:
-        arch = space.sample(rng)
+        arch = draw()
         tries += 1
         if arch not in seen:
             seen.add(arch)
@@ -136,44 +189,44 @@ def _check_target(space: Space, device: str, threads: int, batch: int, seq: int,
 
 
 def measure_arch(space: Space, arch: Arch | str, *, device: str = "cpu", threads: int = 1,
-                 batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10) -> dict:
+                 batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10,
+                 timing: str = "back-to-back") -> dict:
     """Median / mean / min latency (ms) of the stand-alone encoder of `arch` (no MLM head)."""
     return measure_archs(space, [arch], device=device, threads=threads, batch=batch, seq=seq,
-                         warmup=warmup, repeats=repeats)[0]
+                         warmup=warmup, repeats=repeats, timing=timing)[0]
 
 
-def measure_archs(space: Space, archs: Sequence[Arch | str], *, device: str = "cpu", threads: int = 1,
-                  batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10,
-                  reference: Arch | str | None = None) -> list[dict]:
-    """Latencies (ms: median, mean, min, first quartile of `repeats` runs) of the stand-alone
-    encoders of `archs` (no MLM head), timed INTERLEAVED: after `warmup` untimed runs of each, every
-    one of `repeats` rounds runs each model once in turn (the order rotating by one per round).
+def _check_timing(timing: str, rounds: int) -> None:
+    if timing not in TIMINGS:
+        raise ConfigError(f"unknown latency timing {timing!r}", hint=f"use one of {', '.join(TIMINGS)}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds must be a positive integer, got {rounds!r}")
 
-    Why: on a shared machine the speed drifts over seconds (other processes, cache pressure,
-    hypervisor steal). Timed one after the other, each arch gets its own slow or fast spell and the
-    drift becomes per-arch noise (a re-measured sub-millisecond model moved by 15-20% on the 2-core
-    dev VM); interleaved, a spell slows every arch of the group alike, and the relative latencies a
-    predictor learns are stable (re-measured: 4%).
 
-    With `reference`, that arch is timed in the same rounds (not returned as a record) and every
-    record gets its median as "ref_ms": groups timed minutes apart can then be put on one scale
-    (drift_factors)."""
+def time_models(configs: Sequence, *, device: str = "cpu", threads: int = 1, batch: int = 1, seq: int = 128,
+                warmup: int = 3, repeats: int = 10, timing: str = "back-to-back",
+                rounds: int = ROUNDS) -> list[list[float]]:
+    """The timed runs (ms) of the encoders (AttncBertModel, no pooler, random weights) of `configs`
+    (AttncBertConfigs), in one process under one schedule (see the module doc): after `warmup`
+    untimed runs of each, "round-robin" runs every model once per round for `repeats` rounds, the
+    order rotating by one per round; "back-to-back" cuts each model's `repeats` runs into
+    min(rounds, repeats) blocks of consecutive runs, the models taking turns block by block (order
+    rotating), each block after one untimed run."""
     import torch
 
     from attnc.runtime.latency import num_threads
     from attnc.runtime.modeling import AttncBertModel
 
-    archs = [space.validate(a) for a in archs]
-    timed_archs = archs + ([space.validate(reference)] if reference is not None else [])
+    _check_timing(timing, rounds)
     with torch.random.fork_rng(devices=[]):   # the weights don't matter; don't touch the caller's RNG
         torch.manual_seed(0)
-        models = [AttncBertModel(space.config(a), add_pooling_layer=False).eval().to(device)
-                  for a in timed_archs]
+        models = [AttncBertModel(c, add_pooling_layer=False).eval().to(device) for c in configs]
+    vocab = min(c.vocab_size for c in configs)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, space.vocab_size, (batch, seq), generator=g).to(device)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g).to(device)
     mask = torch.ones_like(ids)
     cuda = device.startswith("cuda")
-    times: list[list[float]] = [[] for _ in timed_archs]
+    times: list[list[float]] = [[] for _ in configs]
 
     def run(model) -> float:
         if cuda:
@@ -184,21 +237,54 @@ def measure_archs(space: Space, archs: Sequence[Arch | str], *, device: str = "c
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3
 
+    n = len(models)
     with num_threads(threads), torch.inference_mode():
         for m in models:
             for _ in range(warmup):
                 run(m)
-        n = len(models)
-        for r in range(repeats):
-            for k in range(n):
-                i = (r + k) % n
-                times[i].append(run(models[i]))
+        if timing == "round-robin":
+            for r in range(repeats):
+                for k in range(n):
+                    i = (r + k) % n
+                    times[i].append(run(models[i]))
+        else:
+            blocks = min(rounds, repeats)
+            for r in range(blocks):
+                runs = repeats // blocks + (1 if r < repeats % blocks else 0)
+                for k in range(n):
+                    i = (r + k) % n
+                    run(models[i])                       # the block's untimed run: caches warm again
+                    times[i].extend(run(models[i]) for _ in range(runs))
     del models
-    out = []
-    for arch, t in zip(archs, times):
-        t = sorted(t)
-        out.append({"arch": str(arch), "ms": statistics.median(t), "mean_ms": statistics.fmean(t),
-                    "min_ms": t[0], "q25_ms": t[(len(t) - 1) // 4]})
+    return times
+
+
+def _stats(arch, t: list[float]) -> dict:
+    t = sorted(t)
+    return {"arch": str(arch), "ms": statistics.median(t), "mean_ms": statistics.fmean(t), "min_ms": t[0],
+            "q25_ms": t[(len(t) - 1) // 4]}
+
+
+def measure_archs(space: Space, archs: Sequence[Arch | str], *, device: str = "cpu", threads: int = 1,
+                  batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10,
+                  reference: Arch | str | None = None, timing: str = "back-to-back",
+                  rounds: int = ROUNDS) -> list[dict]:
+    """Latencies (ms: median, mean, min, first quartile of `repeats` runs) of the stand-alone
+    encoders of `archs` (no MLM head), timed together in one process (time_models; `timing` is
+    "back-to-back" or "round-robin", see the module doc).
+
+    Why together: on a shared machine the speed drifts over seconds (other processes, cache pressure,
+    hypervisor steal). Timed one after the other, each arch gets its own slow or fast spell and the
+    drift becomes per-arch noise; taking turns, a spell slows every arch of the group alike.
+
+    With `reference`, that arch is timed in the same rounds (not returned as a record) and every
+    record gets its median as "ref_ms": groups timed minutes apart can then be put on one scale
+    (drift_factors)."""
+    archs = [space.validate(a) for a in archs]
+    timed_archs = archs + ([space.validate(reference)] if reference is not None else [])
+    times = time_models([space.config(a) for a in timed_archs], device=device, threads=threads, batch=batch,
+                        seq=seq, warmup=warmup, repeats=repeats, timing=timing, rounds=rounds)
+    out = [_stats(arch, t) for arch, t in zip(archs, times)]
     if reference is not None:
         ref = statistics.median(times[-1])
         for rec in out:
@@ -224,9 +310,10 @@ def drift_factors(records: Sequence[dict]) -> list[float] | None:
     return [mid / v for v in refs]
 
 
-def _settings(space, device, threads, batch, seq, warmup, repeats, seed, interleave) -> dict:
+def _settings(space, device, threads, batch, seq, warmup, repeats, seed, interleave, timing, design) -> dict:
     return {"space": space.to_json(), "device": device, "threads": threads, "batch": batch, "seq": seq,
-            "warmup": warmup, "repeats": repeats, "seed": seed, "interleave": interleave}
+            "warmup": warmup, "repeats": repeats, "seed": seed, "interleave": interleave, "timing": timing,
+            "design": design}
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -293,12 +380,14 @@ def load_records(folder: str | Path, *, repair: bool = False) -> list[dict]:
 
 def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cpu", threads: int = 1,
             batch: int = 1, seq: int = 128, warmup: int = 3, repeats: int = 10, seed: int = 0,
-            interleave: int = 16, progress: bool = False) -> list[dict]:
-    """Measure the first `samples` archs of arch_sequence(space, samples, seed) on the target and
-    return their records ({"index", "arch", "ms" (median), "mean_ms", "min_ms", "q25_ms"}).
+            interleave: int = 16, timing: str = "back-to-back", design: str = "edges",
+            progress: bool = False) -> list[dict]:
+    """Measure the first `samples` archs of arch_sequence(space, samples, seed, design) on the target
+    and return their records ({"index", "arch", "ms" (median), "mean_ms", "min_ms", "q25_ms",
+    "ref_ms"}).
 
-    Archs are measured in groups of `interleave`, timed interleaved (measure_archs: a slow spell of
-    the machine hits the whole group alike) together with reference_arch(space), whose median each
+    Archs are measured in groups of `interleave`, timed together (measure_archs with `timing`: a slow
+    spell of the machine hits the whole group alike) with reference_arch(space), whose median each
     record keeps as "ref_ms" (LatencyPredictor.fit rescales the groups to one machine speed with it);
     each group's records are written when it is done.
 
@@ -310,11 +399,12 @@ def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cp
     _check_target(space, device, threads, batch, seq, warmup, repeats)
     if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
         raise ConfigError(f"interleave must be a positive integer, got {interleave!r}")
-    archs = arch_sequence(space, samples, seed)
+    _check_timing(timing, ROUNDS)
+    archs = arch_sequence(space, samples, seed, design)
     reference = reference_arch(space)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = _settings(space, device, threads, batch, seq, warmup, repeats, seed, interleave)
+    settings = _settings(space, device, threads, batch, seq, warmup, repeats, seed, interleave, timing, design)
     machine = _machine(device)
     if (folder / META).exists():
         meta = read_meta(folder)
@@ -349,7 +439,8 @@ def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cp
             for start in range(0, len(todo), interleave):
                 group = todo[start:start + interleave]
                 measured = measure_archs(space, group, device=device, threads=threads, batch=batch,
-                                         seq=seq, warmup=warmup, repeats=repeats, reference=reference)
+                                         seq=seq, warmup=warmup, repeats=repeats, reference=reference,
+                                         timing=timing)
                 for rec in measured:
                     rec = {"index": len(records), **rec}
                     f.write(json.dumps(rec) + "\n")
@@ -369,16 +460,22 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+BASE_SPACE = Space(max_layers=12, max_hidden=768, max_ffn=3072, max_heads=12)   # BERT-base's own space
+
+
 def bert_base_latency_ms(device: str = "cpu", threads: int = 1, batch: int = 1, seq: int = 128, *,
                          warmup: int = 3, repeats: int = 10, folder: str | Path | None = None,
-                         refresh: bool = False) -> float:
+                         refresh: bool = False, timing: str = "back-to-back") -> float:
     """Median latency (ms) of BERT-base (12-768-3072-12-768, standard attention, no pooler) on the
     given target: the reference of `--speedup X` (target latency = this / X). With `folder`, the
-    value is cached in folder/bert_base_latency.json per settings and machine."""
-    space = Space(max_layers=12, max_hidden=768, max_ffn=3072, max_heads=12)
-    _check_target(space, device, threads, batch, seq, warmup, repeats)
+    value is cached in folder/bert_base_latency.json per settings and machine; when the folder holds
+    a latency dataset whose groups were timed with a reference arch, BERT-base is timed beside that
+    reference and put on the dataset's scale (x median reference time of the dataset / the reference's
+    time now), the scale the predictor's latencies are on."""
+    _check_target(BASE_SPACE, device, threads, batch, seq, warmup, repeats)
+    _check_timing(timing, ROUNDS)
     key = {"device": device, "threads": threads, "batch": batch, "seq": seq, "warmup": warmup,
-           "repeats": repeats, "machine": _machine(device)}
+           "repeats": repeats, "machine": _machine(device), "timing": timing}
     cache = Path(folder) / BASE if folder is not None else None
     entries = []
     if cache is not None and cache.exists():
@@ -390,16 +487,78 @@ def bert_base_latency_ms(device: str = "cpu", threads: int = 1, batch: int = 1, 
             raise DataError(f"cannot read {cache}: {e}", hint=f"delete {cache} to measure again") from None
         if not refresh:
             for e in entries:
-                if isinstance(e, dict) and all(e.get(k) == v for k, v in key.items()):
+                if isinstance(e, dict) and all(e.get(k, "back-to-back" if k == "timing" else None) == v
+                                               for k, v in key.items()):
                     return float(e["ms"])
-    ms = measure_arch(space, BERT_BASE, device=device, threads=threads, batch=batch, seq=seq,
-                      warmup=warmup, repeats=repeats)["ms"]
+    scale = _dataset_scale(folder) if folder is not None else None
+    configs = [BASE_SPACE.config(BERT_BASE)] + ([scale[0].config(scale[1])] if scale else [])
+    times = time_models(configs, device=device, threads=threads, batch=batch, seq=seq, warmup=warmup,
+                        repeats=repeats, timing=timing)
+    raw = statistics.median(times[0])
+    entry = {**key, "raw_ms": raw}
+    ms = raw
+    if scale:
+        ref_now = statistics.median(times[1])
+        ms = raw * scale[2] / ref_now
+        entry.update(reference=str(scale[1]), reference_ms_now=ref_now, reference_ms_dataset=scale[2])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         entries = [e for e in entries if not all(e.get(k) == v for k, v in key.items())]
-        entries.append({**key, "ms": ms, "measured": _now()})
+        entries.append({**entry, "ms": ms, "measured": _now()})
         _write_json_atomic(cache, {"arch": BERT_BASE, "entries": entries})
     return ms
+
+
+def _dataset_scale(folder) -> tuple[Space, Arch, float] | None:
+    """(space, reference arch, median reference time) of the latency dataset in `folder`, or None when
+    it has none (or its records carry no reference times)."""
+    if not (Path(folder) / META).is_file():
+        return None
+    space = Space.from_json(read_meta(folder)["settings"]["space"])
+    refs = [r.get("ref_ms") for r in load_records(folder)]
+    if not refs or any(not isinstance(v, (int, float)) or not v > 0 for v in refs):
+        return None
+    return space, reference_arch(space), statistics.median(refs)
+
+
+def measure_beside_bert_base(space: Space, archs: Sequence[Arch | str], *, device: str = "cpu",
+                             threads: int = 1, batch: int = 1, seq: int = 128, warmup: int = 3,
+                             repeats: int = 20, timing: str = "back-to-back") -> tuple[float, list[dict]]:
+    """(BERT-base's median ms, records of `archs`) timed side by side in one process, under one
+    schedule (time_models): the measured speedup of an arch is BERT-base's time / its own."""
+    archs = [space.validate(a) for a in archs]
+    _check_target(space, device, threads, batch, seq, warmup, repeats)
+    configs = [BASE_SPACE.config(BERT_BASE)] + [space.config(a) for a in archs]
+    times = time_models(configs, device=device, threads=threads, batch=batch, seq=seq, warmup=warmup,
+                        repeats=repeats, timing=timing)
+    return statistics.median(times[0]), [_stats(a, t) for a, t in zip(archs, times[1:])]
+
+
+def verify_archs(space: Space, archs: Sequence[Arch | str], *, target_ms: float, speedup: float | None = None,
+                 settings: dict, predicted: Sequence[float] | None = None, measure=None) -> dict:
+    """Time `archs` side by side with BERT-base on the predictor's target (`settings`: device,
+    threads, batch, seq[, warmup, repeats, timing]) and say which meet the target: with `speedup` X,
+    a measured speedup (BERT-base's time / the arch's, timed together) of at least X; else a measured
+    latency of at most target_ms. Returns {"bert_base_ms", "archs": [{"arch", "measured_ms",
+    "measured_speedup", "meets", "predicted_ms"?}], "found": [...], "missing": [...], "settings"}.
+    `measure` replaces measure_beside_bert_base (tests)."""
+    measure = measure or measure_beside_bert_base
+    kw = {k: settings[k] for k in ("device", "threads", "batch", "seq") if k in settings}
+    kw["warmup"] = int(settings.get("warmup", 3))
+    kw["repeats"] = max(int(settings.get("repeats", 10)), 10)
+    kw["timing"] = settings.get("timing", "back-to-back")
+    base, recs = measure(space, list(archs), **kw)
+    rows = []
+    for i, rec in enumerate(recs):
+        sp = base / rec["ms"]
+        meets = sp >= speedup if speedup is not None else rec["ms"] <= target_ms
+        row = {"arch": rec["arch"], "measured_ms": rec["ms"], "measured_speedup": sp, "meets": bool(meets)}
+        if predicted is not None:
+            row["predicted_ms"] = float(predicted[i])
+            row["prediction_error_pct"] = 100.0 * (row["predicted_ms"] - rec["ms"]) / rec["ms"]
+        rows.append(row)
+    return {"bert_base_ms": base, "target_ms": target_ms, "speedup": speedup, "settings": kw, "archs": rows,
+            "found": [r["arch"] for r in rows if r["meets"]], "missing": [r["arch"] for r in rows if not r["meets"]]}
 
 
 # --- the predictor ------------------------------------------------------------------------------------
@@ -423,6 +582,31 @@ def _errors(pred: Sequence[float], true: Sequence[float]) -> dict:
     se = sum((p - t) ** 2 for p, t in zip(pred, true)) / n
     ape = sum(abs(p - t) / t for p, t in zip(pred, true)) / n
     return {"rmse_ms": math.sqrt(se), "mape_pct": 100.0 * ape}
+
+
+def under_prediction_margin(pred: Sequence[float], true: Sequence[float],
+                            quantile: float = MARGIN_QUANTILE) -> float | None:
+    """The safety margin a latency limit needs for these predictions: the `quantile` (linear
+    interpolation) of true / predicted - 1 over the archs, floored at 0 (an arch predicted at
+    T / (1 + margin) then runs at most at T, for that share of such archs). None for fewer than 2."""
+    r = sorted(t / p - 1.0 for p, t in zip(pred, true))
+    if len(r) < 2:
+        return None
+    pos = quantile * (len(r) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(r) - 1)
+    return max(0.0, r[lo] + (r[hi] - r[lo]) * (pos - lo))
+
+
+def prediction_errors(pred: Sequence[float], true: Sequence[float]) -> dict:
+    """RMSE, MAPE, the mean signed error (bias: > 0 over-predicts), the largest under-prediction
+    and the safety margin (under_prediction_margin) of predictions against measurements."""
+    out = _errors(pred, true)
+    if not true:
+        return {**out, "bias_pct": None, "max_under_pct": None, "margin": None, "n": 0}
+    signed = [(p - t) / t for p, t in zip(pred, true)]
+    return {**out, "bias_pct": 100.0 * statistics.fmean(signed), "max_under_pct": 100.0 * max(0.0, -min(signed)),
+            "margin": under_prediction_margin(pred, true), "n": len(true)}
 
 
 def _as_records(dataset) -> list[dict]:
@@ -462,8 +646,26 @@ class LatencyPredictor:
     def __repr__(self) -> str:
         m = self.metrics
         err = (f", held-out MAPE {m['mape_pct']:.2f}%" if m.get("mape_pct") is not None else "")
+        if self.safety_margin is not None:
+            err += f", safety margin {100 * self.safety_margin:.1f}%"
         return (f"LatencyPredictor(MLP {list(self.hidden)} on {self.target} ms, "
                 f"seq={self.seq}{err})")
+
+    @property
+    def safety_margin(self) -> float | None:
+        """The margin a search under a latency limit T asks of this predictor: admitted archs have
+        predicted x (1 + margin) <= T. It is the 95th percentile of how much the predictor
+        under-predicted its held-out archs (true / predicted - 1, floored at 0; metrics
+        ["safety_margin"]), so about 19 in 20 archs predicted at the admitted edge still run within T
+        when measured like the dataset. None when the fit held nothing out."""
+        v = self.metrics.get("safety_margin")
+        return None if v is None else float(v)
+
+    def check(self, records: Iterable[dict], value: str = "ms") -> dict:
+        """prediction_errors of this predictor on measured records ({"arch", value}), e.g. archs
+        timed apart from the dataset (another process, `attnc latency`)."""
+        recs = list(records)
+        return prediction_errors(self.predict_many([r["arch"] for r in recs]), [float(r[value]) for r in recs])
 
     # -- fitting --
 
@@ -510,7 +712,8 @@ class LatencyPredictor:
                 raise ConfigError(f"the dataset in {dataset} was collected on another space",
                                   hint="fit with the space of the dataset (Space.from_json of its meta)")
             seq = meta["seq"] if seq is None else seq
-            settings = settings or {k: meta[k] for k in ("device", "threads", "batch", "seq", "warmup", "repeats")}
+            settings = settings or {k: meta.get(k, "round-robin" if k == "timing" else None)
+                                    for k in ("device", "threads", "batch", "seq", "warmup", "repeats", "timing")}
         seq = 128 if seq is None else seq
         # one value per arch (the mean when an arch was measured twice), in first-seen order
         by_arch: dict[Arch, list[float]] = {}
@@ -584,15 +787,21 @@ class LatencyPredictor:
         test_archs = [archs[i] for i in test_idx]
         true = [ms[i] for i in test_idx]
         train_mean = sum(ms[i] for i in train_idx) / len(train_idx)
+        test_pred = pred.predict_many(test_archs)
         metrics = {
             "n_archs": len(archs), "n_train": len(train_idx), "n_heldout": len(test_idx),
             "target": target, "inputs": inputs, "value": value, "hidden": list(hidden), "epochs": epochs, "lr": lr,
             "seed": seed, "drift_corrected": factors is not None,
             "train_loss": float(loss.detach()), "fit_seconds": time.perf_counter() - t0,
-            **_errors(pred.predict_many(test_archs), true),
+            **_errors(test_pred, true),
+            "heldout": prediction_errors(test_pred, true),
+            "heldout_archs": [str(a) for a in test_archs],
+            "heldout_ms": true, "heldout_predicted_ms": test_pred,
+            "safety_margin": under_prediction_margin(test_pred, true),
+            "margin_quantile": MARGIN_QUANTILE,
             "train": _errors(pred.predict_many([archs[i] for i in train_idx]), [ms[i] for i in train_idx]),
             "mean_predictor": _errors([train_mean] * len(true), true),
-            "raw": _errors(pred.predict_many(test_archs), [raw_ms[i] for i in test_idx]),
+            "raw": _errors(test_pred, [raw_ms[i] for i in test_idx]),
             "linear": _errors(_least_squares([X[i] for i in train_idx], [ms[i] for i in train_idx],
                                              [X[i] for i in test_idx]), true),
         }

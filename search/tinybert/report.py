@@ -7,7 +7,8 @@
     report.save_plot(result, "runs/evo/search.png")
 
 Two panels, both from the study alone: latency vs score of every scored architecture, with the
-Pareto front (no other candidate is both faster and better) and the latency window shaded; and the
+Pareto front (no other candidate is both faster and better) and the admitted latencies (under the
+limit with its margin, or the window) shaded; and the
 best and median score of each generation's members. `pareto_front` is public so tests check the
 data, not only the pixels. Library code: nothing is printed.
 """
@@ -51,8 +52,10 @@ def save_plot(result, out: str | Path) -> Path:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     lo, hi = result.bounds
     if lo == lo and hi == hi:   # not NaN: the study knows its target
-        a1.axvspan(lo, hi, color="tab:green", alpha=0.12, label=f"latency window {lo:.3g}-{hi:.3g} ms")
-        a1.axvline(result.target_ms, color="tab:green", lw=0.8, ls="--")
+        label = (f"latency window {lo:.3g}-{hi:.3g} ms" if result.constraint == "window" else
+                 f"admitted: predicted <= {hi:.3g} ms (margin {100 * result.margin:.1f}%)")
+        a1.axvspan(lo, hi, color="tab:green", alpha=0.12, label=label)
+        a1.axvline(result.target_ms, color="tab:green", lw=0.8, ls="--", label=f"target {result.target_ms:.3g} ms")
     by_origin: dict[str, list] = {}
     for r in scored:
         by_origin.setdefault(r.origin, []).append(r)
@@ -66,7 +69,7 @@ def save_plot(result, out: str | Path) -> Path:
         a1.scatter([result.latency_ms], [result.score], marker="*", s=160, color="tab:red", zorder=5,
                    label=f"best {result.best}")
     if lo == lo and hi == hi:   # show the window's edges even when every point lies inside it
-        xs = [r.latency_ms for r in scored] + [lo, hi]
+        xs = [r.latency_ms for r in scored] + [hi, result.target_ms] + ([lo] if result.constraint == "window" else [])
         pad = 0.08 * (max(xs) - min(xs))
         a1.set_xlim(min(xs) - pad, max(xs) + pad)
     a1.ticklabel_format(axis="y", useOffset=False)
@@ -93,9 +96,22 @@ def save_plot(result, out: str | Path) -> Path:
     return out
 
 
-def summary(result, top: int = 5) -> dict:
-    """JSON-ready summary: the result plus its Pareto front."""
+def summary(result, top: int = 5, verification: dict | None = None) -> dict:
+    """JSON-ready summary: the result plus its Pareto front. With a `verification` (the CLI's timing
+    of the best architectures beside BERT-base, latency.verify_archs), "best" is the best-scoring
+    architecture that met the target on measurement (None when none did: an architecture that misses
+    is reported in "missing", never as found) and "search_best" the best by predicted latency alone."""
     d = result.to_json(top=top)
+    d["search_best"] = d["best"]
+    if verification is not None:
+        d["verification"] = verification
+        if verification.get("status") == "measured":
+            found = verification["found"]
+            best = next((r for r in result.top(len(result.scored)) if r.arch in found), None)
+            d["best"] = best.arch if best else None
+            d["score"] = best.score if best else None
+            d["latency_ms"] = best.latency_ms if best else None
+            d["found"], d["missing"] = list(found), list(verification["missing"])
     front = pareto_front([(r.latency_ms, r.score) for r in result.scored])
     by_point = {}
     for r in result.scored:

@@ -9,7 +9,10 @@ the SuperPLM's maxima and fixes how the heads are cut:
 * mode "kd" (distillation, MHA strategy 2): h is fixed to max_heads (the teacher's head count),
   dqkv is any multiple of h up to max_qkv; a sub-model takes the first dqkv/h dims of every head.
 
-dm and df move in steps of `step` (4) between their minima (default 32; documented below) and maxima.
+dm and df move in steps of `step` (4) between their minima and maxima. The minima default to the
+paper's (hidden and FFN 128; kd qkv 180, i.e. 15 dims for each of 12 heads) when the space is
+paper-sized (max_hidden >= 768, BERT-base's width), and to 32 (hidden, FFN) and one head / one dim per
+head (qkv) for the smaller spaces of tests, demos and benchmarks.
 Optionally one attention formula (attnc DSL) for every layer: the compiled formula is part of the
 architecture and its FLOPs part of the predictor's features.
 
@@ -33,6 +36,13 @@ _FIELDS = ("layers", "hidden", "ffn", "heads", "qkv")
 # AutoTinyBERT-Fast's rule (the paper, section 4.3): 1.6 dm <= df <= 1.9 dm, 0.7 dm <= dqkv <= 1.0 dm.
 FAST_FFN = (1.6, 1.9)
 FAST_QKV = (0.7, 1.0)
+# the paper's space (section 4.1): hidden and FFN from 128, kd qkv from 180; used when max_hidden >= 768
+PAPER_HIDDEN = 768
+PAPER_MIN_WIDTH = 128
+PAPER_MIN_QKV = 180
+SMALL_MIN_WIDTH = 32
+MUTATIONS = ("local", "uniform")
+LOCAL_STEPS = (-2, -1, 1, 2)      # local mutation: one or two grid steps either way
 
 
 @dataclass(frozen=True, order=True)
@@ -88,8 +98,11 @@ def _as_arch(arch: Arch | str) -> Arch:
 class Space:
     """The search space of a SuperPLM whose own architecture is `max_arch`.
 
-    Defaults are the paper's SuperPLM (8-768-3072-12-768). min_hidden and min_ffn default to 32
-    (small enough for the tiny test/demo spaces); both must be multiples of `step`, as must the maxima.
+    Defaults are the paper's SuperPLM (8-768-3072-12-768) and, for such a paper-sized space
+    (max_hidden >= 768), the paper's minima: hidden and FFN 128, and in kd mode qkv 180 (rounded up to
+    a multiple of the head count). Smaller spaces default to hidden and FFN 32 (capped at the maxima)
+    and the smallest qkv (one head in mlm mode, one dim per head in kd mode). The widths' minima and
+    maxima must be multiples of `step`. min_qkv is the smallest qkv width a sub-model may have.
     """
 
     max_layers: int = 8
@@ -101,13 +114,27 @@ class Space:
     head_dim: int = 64               # per-head width of the SuperPLM (mlm: of every sub-model too)
     step: int = 4                    # dm and df move in steps of `step`
     min_layers: int = 1
-    min_hidden: int = 32
-    min_ffn: int = 32
+    min_hidden: int | None = None    # None: 128 for a paper-sized space, else min(32, max_hidden)
+    min_ffn: int | None = None       # None: 128 for a paper-sized space, else min(32, max_ffn)
     formula: str | None = None       # one attention formula for every layer (None: standard attention)
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
+    min_qkv: int | None = None       # None: kd 180 when paper-sized, else the smallest (see above)
 
     def __post_init__(self):
+        paper = isinstance(self.max_hidden, int) and self.max_hidden >= PAPER_HIDDEN
+        for name, cap in (("min_hidden", self.max_hidden), ("min_ffn", self.max_ffn)):
+            if getattr(self, name) is None:
+                low = PAPER_MIN_WIDTH if paper else SMALL_MIN_WIDTH
+                object.__setattr__(self, name, min(low, cap) if isinstance(cap, int) and cap > 0 else low)
+        if self.min_qkv is None and isinstance(self.max_heads, int) and isinstance(self.head_dim, int) \
+                and self.max_heads > 0 and self.head_dim > 0:
+            if self.mode == "kd":
+                low = PAPER_MIN_QKV if paper else 1
+                per_head = min(self.head_dim, -(-low // self.max_heads))
+                object.__setattr__(self, "min_qkv", self.max_heads * per_head)
+            else:
+                object.__setattr__(self, "min_qkv", self.head_dim)
         for f in fields(self):
             if f.name in ("mode", "formula"):
                 continue
@@ -123,6 +150,10 @@ class Space:
             if getattr(self, lo) > getattr(self, hi):
                 raise ConfigError(f"space {lo}={getattr(self, lo)} exceeds {hi}={getattr(self, hi)}",
                                   hint=f"lower {lo} or raise {hi}")
+        if self.min_qkv > self.max_qkv:
+            raise ConfigError(f"space min_qkv={self.min_qkv} exceeds the largest qkv width {self.max_qkv} "
+                              f"(head_dim {self.head_dim} x {self.max_heads} heads)",
+                              hint="lower min_qkv or raise head_dim / max_heads")
         for name in ("min_hidden", "max_hidden", "min_ffn", "max_ffn"):
             if getattr(self, name) % self.step:
                 raise ConfigError(f"space {name}={getattr(self, name)} is not a multiple of "
@@ -181,8 +212,8 @@ class Space:
             "hidden": list(range(self.min_hidden, self.max_hidden + 1, self.step)),
             "ffn": list(range(self.min_ffn, self.max_ffn + 1, self.step)),
             # mlm: the head count; kd: the per-head dim (qkv = max_heads * that)
-            "heads": list(range(1, self.max_heads + 1)) if self.mode == "mlm"
-            else list(range(1, self.head_dim + 1)),
+            "heads": list(range(-(-self.min_qkv // self.head_dim), self.max_heads + 1)) if self.mode == "mlm"
+            else list(range(-(-self.min_qkv // self.max_heads), self.head_dim + 1)),
         }
 
     def _make(self, L: int, dm: int, df: int, k: int) -> Arch:
@@ -203,15 +234,31 @@ class Space:
         return self._make(rng.choice(c["layers"]), rng.choice(c["hidden"]), rng.choice(c["ffn"]),
                           rng.choice(c["heads"]))
 
-    def mutate(self, arch: Arch | str, rng: random.Random, pm: float) -> Arch:
-        """Each free field (L, dm, df, and h in mlm / dqkv in kd) resampled with probability pm."""
+    def mutate(self, arch: Arch | str, rng: random.Random, pm: float, kind: str = "local") -> Arch:
+        """Each free field (L, dm, df, and h in mlm / the per-head dim in kd) changed with probability pm.
+
+        kind "local" (the default, as the reference implementation): the field moves one or two grid
+        steps up or down (L by 1-2 layers, dm and df by 1-2 x `step`, h by 1-2 heads, kd qkv by 1-2 x
+        max_heads), uniformly among the moves that stay in the space (a field with one value stays).
+        kind "uniform": the field is redrawn uniformly over its whole range (may return it unchanged)."""
         arch = self.validate(arch)
         if not 0.0 <= pm <= 1.0:
             raise ConfigError(f"mutation probability pm={pm} is not in [0, 1]")
+        if kind not in MUTATIONS:
+            raise ConfigError(f"unknown mutation {kind!r}", hint=f"use one of {', '.join(MUTATIONS)}")
         c = self._choices()
         cur = [arch.layers, arch.hidden, arch.ffn, arch.heads if self.mode == "mlm" else arch.head_dim]
-        new = [rng.choice(c[name]) if rng.random() < pm else v
-               for name, v in zip(("layers", "hidden", "ffn", "heads"), cur)]
+        new = []
+        for name, v in zip(("layers", "hidden", "ffn", "heads"), cur):
+            if rng.random() >= pm:
+                new.append(v)
+            elif kind == "uniform":
+                new.append(rng.choice(c[name]))
+            else:
+                grid = c[name]
+                i = grid.index(v)
+                moves = [i + s for s in LOCAL_STEPS if 0 <= i + s < len(grid)]
+                new.append(grid[rng.choice(moves)] if moves else v)
         return self._make(*new)
 
     # --- AutoTinyBERT-Fast --------------------------------------------------------------------------
@@ -321,6 +368,9 @@ def _validate(space: Space, arch: Arch) -> Arch:
             near = v - v % s.step if v - v % s.step >= lo else v + s.step - v % s.step
             raise ConfigError(f"arch {arch}: {label} {v} is not a multiple of the step {s.step}",
                               hint=f"widths move in steps of {s.step}, e.g. {near}")
+    if arch.qkv < s.min_qkv:
+        raise ConfigError(f"arch {arch}: qkv dim {arch.qkv} is below the space's minimum {s.min_qkv}",
+                          hint=f"pick dqkv >= {s.min_qkv} (or build the space with a smaller min_qkv)")
     if arch.qkv > s.max_qkv:
         raise ConfigError(f"arch {arch}: qkv dim {arch.qkv} exceeds the SuperPLM's {s.max_qkv}",
                           hint=f"pick dqkv <= {s.max_qkv} "

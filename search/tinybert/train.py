@@ -9,14 +9,19 @@
 Every optimizer step takes one global batch (`batch_size` sequences, masked with a seed of the step
 as the training core's MLMData does) and splits it into N = `sub_batches` sub-batches. Sub-batch g is
 trained with M = `samples` sub-models, each drawn by `space.sample` from a `random.Random` seeded by
-(seed, step, g, sample). The N*M losses are averaged, gradients summed over the passes, and the
-supernet takes ONE optimizer step. N = 1, M = 1 is the paper's "one sub-model per batch" ablation.
+(seed, step, g, sample). The losses of the passes that ran are averaged (a pass with nothing to learn,
+an MLM sub-batch without a masked token, is skipped and not counted), and the supernet takes ONE
+optimizer step. N = 1, M = 1 is the paper's "one sub-model per batch" ablation. Distillation (kd)
+reads the text unmasked, teacher and student alike (task-agnostic distillation); the teacher is any
+Hugging Face encoder, its last self-attention found by structure (runtime.trainer._last_self_attention).
 
 Under `torchrun --nproc-per-node W` (RANK / WORLD_SIZE in the environment) the N sub-batches are
 shared out over the W ranks (rank r takes g = r*N/W .. (r+1)*N/W - 1): since g enters the sampling
 seed, every rank trains a different sub-model (the public AutoTinyBERT code samples the same one on
-every GPU). Gradients are all-reduced (summed, each pass already scaled by 1/(N*M)) and every rank
-makes the same update, so W processes give the parameters of one process with the same N and M.
+every GPU). At the start every rank takes rank 0's weights (and fit layer), broadcast, so ranks seeded
+differently still train one model. Gradients and pass counts are all-reduced (summed), divided by the
+passes that ran on all ranks, and every rank makes the same update, so W processes give the
+parameters of one process with the same N and M.
 
 Determinism: the batch, its masks, the sampled architectures and the dropout RNG of every pass are
 functions of (seed, step, g, sample) only, so a run killed at any moment and resumed from its last
@@ -169,12 +174,13 @@ class _SuperDistiller(torch.nn.Module):
                               f"this SuperPLM and teacher need {want[1]} -> {want[0]}",
                               hint="make it with new_fit_layer(space, teacher, seed)")
         self.fit = fit
-        self.t_att = T._last_self_attention(teacher)
+        self.t_att = T._last_self_attention(teacher)     # found by structure: BERT, RoBERTa, ELECTRA, ...
         if cfg.attn_mse:
             if self.t_att is None:
-                raise ConfigError("attn_mse needs a BERT-like teacher (encoder.layer[-1].attention.self)",
-                                  hint="use a BERT folder as teacher, or attn_mse=0")
-            th = self.t_att.num_attention_heads
+                raise ConfigError(f"attn_mse needs a teacher with self-attention (query, key and value "
+                                  f"projections of its hidden size); found none in {type(teacher).__name__}",
+                                  hint="use an encoder teacher (BERT, RoBERTa, ELECTRA, ...), or attn_mse=0")
+            th = self.t_att.heads
             if space.mode != "kd" or space.max_heads != th:
                 raise ConfigError(f"attention-score distillation compares heads one to one: the space "
                                   f"has mode {space.mode!r} with {space.max_heads} heads, the teacher "
@@ -186,13 +192,24 @@ class _SuperDistiller(torch.nn.Module):
                               hint="use hidden_mse / attn_mse (logit_kl=0)")
 
     def teacher_targets(self, b: dict) -> dict:
-        with torch.no_grad():
-            kw = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
-            out = self.teacher(**kw, output_hidden_states=True)
-            t = {"hidden": out.hidden_states[-1].float()}
-            if self.cfg.attn_mse:
-                # the last layer's self-attention input is the previous layer's output (post-LN BERT)
-                t["scores"] = T._attention_scores(self.t_att, out.hidden_states[-2])
+        """The teacher's last hidden states and last-layer attention scores on b's input_ids (the
+        training loop passes the text unmasked: task-agnostic distillation)."""
+        seen = {}
+
+        def grab(module, args, kwargs):   # the last self-attention's input, whatever the architecture
+            seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+        hook = self.t_att.module.register_forward_pre_hook(grab, with_kwargs=True) if self.cfg.attn_mse else None
+        try:
+            with torch.no_grad():
+                kw = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+                out = self.teacher(**kw, output_hidden_states=True)
+                t = {"hidden": out.hidden_states[-1].float()}
+                if self.cfg.attn_mse:
+                    t["scores"] = T._attention_scores(self.t_att, seen["x"])
+        finally:
+            if hook is not None:
+                hook.remove()
         return t
 
     def forward(self, b: dict, out, targets: dict) -> torch.Tensor:
@@ -222,19 +239,21 @@ def new_fit_layer(space, teacher, seed: int) -> torch.nn.Linear:
 
 def _pass_loss(supernet, b: dict, objective: str, distiller, distill, targets):
     """Loss of one sub-model pass (the active arch is already set). None when the pass has nothing
-    to learn from (an MLM sub-batch without a masked token)."""
+    to learn from (an MLM sub-batch without a masked token). kd: the distillation terms are computed
+    on the text unmasked (T.unmasked(b); `targets` are the teacher's on the same text), as
+    task-agnostic distillation does; an optional MLM term (task_loss) on the masked batch."""
     has_labels = bool((b["labels"] != -100).any())
     if objective == "mlm":
         if not has_labels:
             return None
         return supernet.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"))
-    use_task = distill.task_loss and has_labels
-    out = supernet(b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b.get("token_type_ids"),
-                   labels=b["labels"] if use_task else None, output_hidden_states=True,
-                   output_last_scores=bool(distill.attn_mse))
-    loss = distiller(b, out, targets)
-    if use_task:
-        loss = loss + distill.task_loss * out.loss.float()
+    u = T.unmasked(b)
+    out = supernet(u["input_ids"], attention_mask=u["attention_mask"], token_type_ids=u.get("token_type_ids"),
+                   output_hidden_states=True, output_last_scores=bool(distill.attn_mse))
+    loss = distiller(u, out, targets)
+    if distill.task_loss and has_labels:
+        mlm = supernet.mlm_loss(b["input_ids"], b["attention_mask"], b["labels"], b.get("token_type_ids"))
+        loss = loss + distill.task_loss * mlm.float()
     return loss
 
 
@@ -276,14 +295,15 @@ def _evaluating(supernet, arch):
 
 def mean_distill_loss(supernet, distiller, batches, arch=None, targets=None) -> float:
     """Mean distillation loss of sub-model `arch` over `batches` (dicts with input_ids and
-    attention_mask), each weighted by its real tokens; `targets` (one per batch) are the teacher's,
-    computed here when not given. Restores the SuperPLM's arch and mode."""
+    attention_mask; an MLM batch is read unmasked, as training does), each weighted by its real
+    tokens; `targets` (one per batch) are the teacher's, computed here when not given. Restores the
+    SuperPLM's arch and mode."""
     device = next(supernet.parameters()).device
     total, count = 0.0, 0
     with _evaluating(supernet, arch):
         for i, b in enumerate(batches):
-            b = T._to({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
-                      device)
+            b = T._to({k: v for k, v in T.unmasked(b).items()
+                       if k in ("input_ids", "attention_mask", "token_type_ids")}, device)
             t = targets[i] if targets is not None else distiller.teacher_targets(b)
             out = supernet(b["input_ids"], attention_mask=b["attention_mask"],
                            token_type_ids=b.get("token_type_ids"), output_hidden_states=True,
@@ -341,6 +361,25 @@ def _reduce_gradients(params: list, world: int, extra: torch.Tensor) -> torch.Te
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
     return extra
+
+
+def _broadcast_from_rank0(tensors: list) -> None:
+    """Overwrite `tensors` (in place) with rank 0's values: one broadcast per dtype of the flattened
+    tensors."""
+    import torch.distributed as dist
+
+    by_dtype: dict = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, 0)
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view_as(t))
+                offset += n
 
 
 def _any_rank(flag: bool, world: int, device) -> bool:
@@ -447,6 +486,9 @@ def _train(supernet, data, cfg, teacher, distill, fit, progress, callbacks, rank
             raise ConfigError(f"the checkpoint {ck} belongs to another search space",
                               hint="resume with the same space, or use a new checkpoint folder")
         metrics, start = T.restore_training_state(state, supernet, distiller, opt, sched, scaler)
+    if world > 1:   # every rank starts from rank 0's weights, whatever each caller seeded
+        _broadcast_from_rank0([*supernet.state_dict().values(),
+                               *(distiller.fit.state_dict().values() if distiller is not None else ())])
 
     def checkpoint(step: int) -> None:
         if ckpt_root is None or rank != 0:
@@ -483,7 +525,7 @@ def _train(supernet, data, cfg, teacher, distill, fit, progress, callbacks, rank
             loss_sum, dloss_sum, passes = 0.0, 0.0, 0
             for g in my_groups:
                 b = T._to({k: v[g * sub_size:(g + 1) * sub_size] for k, v in batch.items()}, device)
-                targets = distiller.teacher_targets(b) if distiller is not None else None
+                targets = distiller.teacher_targets(T.unmasked(b)) if distiller is not None else None
                 for j in range(M):
                     supernet.set_arch(archs[g][j])
                     torch.manual_seed(_pass_seed(cfg.seed, step, g, j))
@@ -491,7 +533,7 @@ def _train(supernet, data, cfg, teacher, distill, fit, progress, callbacks, rank
                         loss = _pass_loss(supernet, b, cfg.objective, distiller, distill, targets)
                     if loss is None:
                         continue
-                    scaler.scale(loss / (N * M)).backward()
+                    scaler.scale(loss).backward()   # summed; divided below by the passes that ran
                     loss_sum += float(loss.detach())
                     passes += 1
                     if distiller is not None:
@@ -503,6 +545,9 @@ def _train(supernet, data, cfg, teacher, distill, fit, progress, callbacks, rank
             if passes == 0:
                 raise DataError(f"step {step}: no sub-batch held a masked token",
                                 hint="use longer sequences or larger sub-batches")
+            for p in params:   # the mean over the passes that ran (on every rank): skipped ones don't count
+                if p.grad is not None:
+                    p.grad.div_(passes)
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
