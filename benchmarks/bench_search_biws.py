@@ -68,7 +68,7 @@ KERNELS = (3, 5, 7, 9, 15, 31, 65)
 def kendall_tau(a, b) -> float:
     """Kendall's tau-b of two equally long score lists (ties counted as in scipy's tau-b; 0 when one
     list is constant)."""
-    from attnc.search.tinybert.ranking import kendall_tau as tau_b
+    from attnc.search.ranking import kendall_tau as tau_b
     t = tau_b(a, b)
     return 0.0 if math.isnan(t) else t
 

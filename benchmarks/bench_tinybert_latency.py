@@ -70,7 +70,7 @@ def mape(pred, true) -> float:
 
 def mape_ci(pred, true, reps: int = 2000) -> list[float]:
     """90% bootstrap interval of the MAPE (resampling the archs)."""
-    from attnc.search.tinybert.ranking import bootstrap
+    from attnc.search.ranking import bootstrap
     return list(bootstrap(lambda idx: mape([pred[i] for i in idx], [true[i] for i in idx]), len(true), reps=reps))
 
 

@@ -15,7 +15,7 @@ ranking by size or shape alone?
      once per seed (--truth-seeds: init, data order, masks and dropout; the held-out split is the
      same for all runs and for the SuperPLM); the truth is the mean held-out loss over the seeds.
      Its self-agreement (pairwise accuracy between two seeds' losses) is the ceiling of any proxy.
-  4. Statistics (attnc.search.tinybert.ranking): pairwise accuracy and Kendall tau-b against the
+  4. Statistics (attnc.search.ranking): pairwise accuracy and Kendall tau-b against the
      truth with 90% bootstrap intervals over architectures; the trivial rules "larger X wins" and
      "smaller X wins" for X in hidden size, parameters, FLOPs and depth; the best of them (picked
      after the fact: a generous baseline), and the SuperPLM's paired difference to it with its 90%
@@ -103,7 +103,7 @@ class Cache:
 
 def analyse(space, archs, superplm, per_seed, seq_len: int, reps: int) -> dict:
     """The statistics of one set (see the module doc)."""
-    from attnc.search.tinybert import ranking as R
+    from attnc.search import ranking as R
 
     truth = [statistics.fmean(col) for col in zip(*per_seed)]
     features = {"hidden size": [a.hidden for a in archs], "parameters": [space.params(a) for a in archs],

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from attnc.compiler.errors import ConfigError, DataError
 
+from . import ranking
 from .space import Architecture, LayerChoice
 
 
@@ -121,44 +122,15 @@ def sample_architectures(space, n: int, seed: int = 0) -> list[Architecture]:
 # --- rank statistics -----------------------------------------------------------------------------------
 
 
-def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's tau-b."""
-    from scipy.stats import kendalltau
-    return float(kendalltau(a, b).statistic)
-
-
-def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
-    from scipy.stats import spearmanr
-    return float(spearmanr(a, b).statistic)
-
-
-def bootstrap_ci(stat: Callable, a: Sequence[float], b: Sequence[float], reps: int, seed: int,
-                 level: float = 0.90) -> tuple[float, float]:
-    """Percentile interval of stat(a[idx], b[idx]) over architectures resampled with replacement
-    (resamples where a statistic is undefined, e.g. all ties, are skipped)."""
-    import warnings
-
-    rng = random.Random(seed)
-    n, vals = len(a), []
-    for _ in range(reps):
-        idx = [rng.randrange(n) for _ in range(n)]
-        with warnings.catch_warnings():   # a resample of one repeated architecture: undefined, skipped
-            warnings.simplefilter("ignore")
-            v = stat([a[i] for i in idx], [b[i] for i in idx])
-        if math.isfinite(v):
-            vals.append(v)
-    if not vals:
-        return (math.nan, math.nan)
-    vals.sort()
-    lo = vals[int((1 - level) / 2 * (len(vals) - 1))]
-    hi = vals[int((1 + level) / 2 * (len(vals) - 1))]
-    return (lo, hi)
-
-
 def agreement(proxy: Sequence[float], truth: Sequence[float], reps: int, seed: int) -> dict:
-    return {"kendall_tau": kendall_tau(proxy, truth), "kendall_tau_ci90": bootstrap_ci(kendall_tau, proxy, truth, reps, seed),
-            "spearman_rho": spearman_rho(proxy, truth),
-            "spearman_rho_ci90": bootstrap_ci(spearman_rho, proxy, truth, reps, seed + 1)}
+    """Kendall tau-b and Spearman rho of a proxy's scores against the truth's, each with its bootstrap
+    90% interval over architectures resampled with replacement (attnc.search.ranking)."""
+    def interval(stat, s):
+        return ranking.bootstrap(lambda i: stat([proxy[k] for k in i], [truth[k] for k in i]), len(truth),
+                                 reps=reps, seed=s, level=0.90)
+    return {"kendall_tau": ranking.kendall_tau(proxy, truth), "kendall_tau_ci90": interval(ranking.kendall_tau, seed),
+            "spearman_rho": ranking.spearman_rho(proxy, truth),
+            "spearman_rho_ci90": interval(ranking.spearman_rho, seed + 1)}
 
 
 # --- the run ------------------------------------------------------------------------------------------

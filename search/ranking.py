@@ -1,7 +1,8 @@
 """How well one ranking of architectures agrees with another, with bootstrap intervals and the
-trivial rules a proxy must beat (the pairwise benchmark's statistics; plain Python, no torch).
+trivial rules a proxy must beat: the statistics of `attnc search fidelity` (OP-NAS proxies) and of
+the AutoTinyBERT pairwise benchmark, in one place (plain Python, no torch, no scipy).
 
-    from attnc.search.tinybert import ranking
+    from attnc.search import ranking
     ranking.pairwise_accuracy(proxy_losses, true_losses)           # share of pairs ordered alike
     ranking.kendall_tau(proxy_losses, true_losses)                 # tau-b
     ranking.bootstrap(lambda idx: ranking.pairwise_accuracy([p[i] for i in idx], [t[i] for i in idx]), n)
@@ -13,7 +14,7 @@ one half (what breaking the tie by a coin earns), so a coarse rule ("larger hidd
 ties every two archs of one width) is judged on every pair, not only on those it separates. Bootstrap intervals resample the architectures (with replacement; pairs of
 a resampled architecture with itself are ties, hence left out), so they say how much a figure
 depends on which architectures were picked; paired differences use the same resamples for both
-rankings. The OP-NAS fidelity work (issue 19) measures rankings too: the two could share one module.
+rankings.
 """
 from __future__ import annotations
 
@@ -66,6 +67,33 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
             disc += 1
     denom = math.sqrt((conc + disc + ties_a) * (conc + disc + ties_b))
     return (conc - disc) / denom if denom else math.nan
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rho: the Pearson correlation of the (tie-averaged) ranks (nan when one ranking is
+    constant)."""
+    if len(a) != len(b):
+        raise ValueError(f"rankings of different lengths: {len(a)} and {len(b)}")
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va and vb else math.nan
 
 
 def percentile(xs: Sequence[float], q: float) -> float:

@@ -1,7 +1,8 @@
-"""The pairwise benchmark's statistics (attnc.search.tinybert.ranking) against independent
+"""The pairwise benchmark's statistics (attnc.search.ranking) against independent
 references: scipy's Kendall tau-b, a brute-force pair count, numpy's percentiles, and known cases."""
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
-from attnc.search.tinybert import ranking as R
+from attnc.search import ranking as R
 
 
 def _brute_accuracy(a, b):
@@ -92,3 +93,44 @@ def test_paired_difference_and_self_agreement():
     assert sa["mean"] == pytest.approx((1 + 2 * R.pairwise_accuracy(good, truth)) / 3)
     lo, hi = R.random_ranking_range(16, reps=1000)
     assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 0.03
+
+
+def test_spearman_rho_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(60):
+        n = rng.randint(3, 15)
+        a = [rng.choice([1, 2, 3, 4, 5, 6]) for _ in range(n)]       # many ties
+        b = [rng.random() if rng.random() < 0.7 else 0.5 for _ in range(n)]
+        if len(set(a)) < 2 or len(set(b)) < 2:
+            continue
+        assert R.spearman_rho(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+        checked += 1
+    assert checked >= 40
+    assert R.spearman_rho([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert R.spearman_rho([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(R.spearman_rho([1, 1, 1], [1, 2, 3]))
+
+
+def _tau_by_hand(a, b) -> float:
+    """Kendall's tau-a from concordant and discordant pairs (no ties in the inputs used here)."""
+    c = d = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        s = (a[i] - a[j]) * (b[i] - b[j])
+        c += s > 0
+        d += s < 0
+    return (c - d) / (len(a) * (len(a) - 1) / 2)
+
+
+def test_tau_rho_and_bootstrap_against_hand_computation():
+    a = [0.1, 0.5, 0.3, 0.9, 0.7, 0.2]
+    b = [1.0, 3.0, 4.0, 6.0, 2.0, 0.0]
+    assert R.kendall_tau(a, b) == pytest.approx(_tau_by_hand(a, b))
+    ra, rb = [sorted(a).index(x) for x in a], [sorted(b).index(x) for x in b]
+    n = len(a)
+    rho = 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+    assert R.spearman_rho(a, b) == pytest.approx(rho)
+    lo, hi = R.bootstrap(lambda i: R.kendall_tau([a[k] for k in i], [b[k] for k in i]), len(a), reps=500)
+    assert lo < R.kendall_tau(a, b) < hi and -1 <= lo and hi <= 1
+    assert R.bootstrap(lambda i: R.kendall_tau([a[k] for k in i], [2 * a[k] for k in i]), len(a), reps=200) == (1.0, 1.0)   # same order: always 1
