@@ -52,7 +52,10 @@ def test_fidelity_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
             "--json", "--plot", str(tmp_path / "fid.png")]
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
-    assert (tmp_path / "fid.png").stat().st_size > 0
+    png = (tmp_path / "fid.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"                      # a PNG, with a real image in it
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width >= 200 and height >= 150
     log = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()]
     truth = {(x["arch"], x["seed"]): x["score"] for x in log if x.get("what") == "truth"}
     assert len(truth) == 8
