@@ -16,6 +16,7 @@ config, and a search over formulas does not tune once per sequence length.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -331,6 +332,7 @@ class Tuner:
         # configs are per GPU model: one tuned on an H100 may not even launch on a smaller GPU
         self.tag = f"{path.stem.split('_')[0]}_{digest}_{device_tag()}"
         self.cache = TuneCache(path.parent / "tune" / f"{self.tag}.json")
+        self._defaults: dict[str, Config] = {}   # without autotuning: pick_default's choice per key
 
     def config(self, kernel_name: str, run, *, dtype: str, head_dim: int, has_mask: bool, n: int,
                precision: str, compiled_of=None, shared_limit: int | None = None) -> Config:
@@ -344,16 +346,18 @@ class Tuner:
             return Config(*INTERPRETER_BLOCKS, 1, 1)
         kind = KINDS[kernel_name]
         candidates = configs(kind, head_dim=head_dim, dtype=dtype, n=n)
+        key = f"{kernel_name}|" + tune_key(kind, dtype=dtype, head_dim=head_dim, has_mask=has_mask,
+                                           n=n, precision=precision)
         if os.environ.get("ATTNC_TRITON_AUTOTUNE", "1") == "0":
             if compiled_of is None:
                 return candidates[0]
-            c, clean = pick_default(candidates, compiled_of, shared_limit)
-            if not clean:
-                warnings.warn(f"{kernel_name}: every config that fits this GPU spills registers; "
-                              f"launching {c}", RuntimeWarning, stacklevel=3)
-            return c
-        key = f"{kernel_name}|" + tune_key(kind, dtype=dtype, head_dim=head_dim, has_mask=has_mask,
-                                           n=n, precision=precision)
+            if key not in self._defaults:     # compiled once per key, not at every launch
+                c, clean = pick_default(candidates, compiled_of, shared_limit)
+                if not clean:
+                    warnings.warn(f"{kernel_name}: every config that fits this GPU spills registers; "
+                                  f"launching {c}", RuntimeWarning, stacklevel=3)
+                self._defaults[key] = c
+            return self._defaults[key]
         if cache_hit := self.cache.get(key):
             return cache_hit
         if compiled_of is not None:
@@ -385,10 +389,18 @@ class Tuner:
 
 
 def device_shared_limit() -> int:  # pragma: no cover - needs a GPU
-    """Bytes of shared memory a block may use on the current GPU (the driver's figure)."""
+    """Bytes of shared memory a block may use on the current GPU (the driver's figure, asked once
+    per device)."""
     from triton.runtime.driver import driver
 
-    return int(driver.active.utils.get_device_properties(driver.active.get_current_device())["max_shared_mem"])
+    return _shared_limit_of(driver.active.get_current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_limit_of(device: int) -> int:  # pragma: no cover - needs a GPU
+    from triton.runtime.driver import driver
+
+    return int(driver.active.utils.get_device_properties(device)["max_shared_mem"])
 
 
 def _bench(fn) -> float:  # pragma: no cover - needs a GPU

@@ -571,11 +571,12 @@ def _load_parameter_states(opt, model, states: dict) -> None:
     """Per-parameter optimizer states by parameter name, loaded through the optimizer's own
     load_state_dict (it casts each value as the optimizer needs, e.g. a fused AdamW's step)."""
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    unknown = [n for n in states if n not in dict(model.named_parameters())]
+    names = dict(model.named_parameters())
+    unknown = [n for n in states if n not in names]
     if unknown:
         raise ConfigError(f"optimizer state for {len(unknown)} parameter(s) the model does not have, "
                           f"e.g. {unknown[0]}", hint="key the states by model.named_parameters() names")
-    state = {index[id(p)]: dict(states[n]) for n, p in model.named_parameters() if n in states and id(p) in index}
+    state = {index[id(p)]: dict(states[n]) for n, p in names.items() if n in states and id(p) in index}
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 

@@ -777,9 +777,6 @@ class _Loop:
             self.st.finish_warmup(**row)
         return done
 
-    def _warmup_count(self) -> int:
-        return sum(w["status"] in ("done", "failed") for w in self.st.warmup_rows())
-
     def _run_generation(self, todo) -> None:
         gen = todo[0].generation
         jobs = [_Job("candidate", r.arch, r.seed, self.runner, self._candidate_done(r),
@@ -794,7 +791,7 @@ class _Loop:
         self.ev.end_generation()
         if self.shared:
             name = self._save()
-            self.st.add_checkpoint(name, warmup_done=self._warmup_count(), open_generation=False)
+            self.st.add_checkpoint(name, warmup_done=self.st.warmup_count(), open_generation=False)
             self.st.prune_states(keep=name)
 
     def _final_rescores(self, rows) -> None:
@@ -910,7 +907,7 @@ class _Loop:
                 self._since_checkpoint += 1
                 if self._since_checkpoint >= self.checkpoint_every:
                     state_file = self._save()
-                    checkpoint = {"warmup_done": self._warmup_count(), "open_generation": True}
+                    checkpoint = {"warmup_done": self.st.warmup_count(), "open_generation": True}
             self.st.finish(row.id, "done", score=float(res.score), metrics=res.metrics,
                            seconds=res.seconds or seconds, steps=res.steps, state_file=state_file,
                            checkpoint=checkpoint)
@@ -996,7 +993,7 @@ def result_from_study(st: Study) -> SearchResult:
     best = max(evs, key=lambda e: (e.score, -e.id), default=None)
     rescored = final_rescores(st, {r.id: r for r in rows})
     c = counts(st)
-    warm = sum(w["status"] == "done" for w in st.warmup_rows())
+    warm = st.warmup_count(("done",))
     if rescored:
         return SearchResult(rescored[0].architecture, rescored[0].score, evs, c["failed"], c["duplicates"],
                             c["illegal"], str(st.path), rescored, warm)

@@ -190,13 +190,9 @@ class Study:
         self.db.execute("INSERT INTO checkpoints (file, finish_order, warmup_done, open_generation, created) "
                         "VALUES (?,?,?,?,?)", (file, finish_order, warmup_done, int(open_generation), time.time()))
 
-    def add_checkpoint(self, file: str, warmup_done: int, open_generation: bool,
-                       warmup_row: dict | None = None) -> None:
-        """Record a checkpoint of everything finished so far (with `warmup_row`: finish that warm-up
-        child in the same transaction)."""
+    def add_checkpoint(self, file: str, warmup_done: int, open_generation: bool) -> None:
+        """Record a checkpoint of everything finished so far."""
         with self._tx():
-            if warmup_row is not None:
-                self._finish_warmup(**warmup_row)
             self._add_checkpoint(file, self._next_order() - 1, warmup_done, open_generation)
 
     def latest_checkpoint(self) -> Checkpoint | None:
@@ -232,6 +228,11 @@ class Study:
         return [{"i": r[0], "arch": Architecture.from_json(json.loads(r[1])), "seed": r[2], "status": r[3],
                  "score": r[4], "metrics": json.loads(r[5]) if r[5] else {}, "seconds": r[6], "steps": r[7],
                  "error": r[8]} for r in cur.fetchall()]
+
+    def warmup_count(self, statuses: tuple[str, ...] = ("done", "failed")) -> int:
+        """How many warm-up children ended with one of `statuses` (counted in SQL)."""
+        marks = ",".join("?" * len(statuses))
+        return self.db.execute(f"SELECT COUNT(*) FROM warmup WHERE status IN ({marks})", statuses).fetchone()[0]
 
     def finish_warmup(self, **row) -> None:
         with self._tx():
