@@ -95,10 +95,9 @@ class Cache:
     def put(self, key, value) -> None:
         self.data["losses"][key] = value
         if self.path:
+            from attnc.search.tinybert.latency import write_json_atomic
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, self.data)
 
 
 def analyse(space, archs, superplm, per_seed, seq_len: int, reps: int) -> dict:

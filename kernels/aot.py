@@ -37,10 +37,11 @@ from pathlib import Path
 from attnc.compiler.errors import ConfigError
 
 from .bench import STANDARD, parse_names
-from .tune import KINDS, SHARED_LIMIT, Config, configs, interpreting, pick_default
+from .tune import KINDS, SHARED_LIMIT, Config, configs, family, interpreting, pick_default
 
-# name -> (compute capability, config family of kernels/tune.py)
-TARGETS = {"sm_80": (80, "sm80"), "sm_86": (86, "sm86"), "sm_89": (89, "sm86"), "sm_90a": (90, "sm90")}
+# name -> (compute capability, config family of kernels/tune.py: the tuner's own rule)
+TARGETS = {name: (cap, family(divmod(cap, 10))) for name, cap in (("sm_80", 80), ("sm_86", 86), ("sm_89", 89),
+                                                                  ("sm_90a", 90))}
 HALF = ("f16", "bf16")
 WGMMA_MIN_ROWS = 64        # a Hopper wgmma computes 64 rows per warp group
 REFERENCE = "reference FA2"   # kernels/fa2_reference.py: hand-written FlashAttention-2 (standard attention)
@@ -255,10 +256,10 @@ def compile_launch(launch: Launch, config: Config, target: str):
 
 
 def report(job: Job, launch: Launch, config: Config, target: str, default: bool) -> KernelReport:
-    family = TARGETS[target][1]
+    fam = TARGETS[target][1]
     base = dict(formula=job.formula, kernel=launch.name, kind=KINDS[launch.name], target=target,
                 dtype=job.dtype, head_dim=job.head_dim, has_mask=job.has_mask, config=config.as_dict(),
-                default=default, shared_limit=SHARED_LIMIT[family])
+                default=default, shared_limit=SHARED_LIMIT[fam])
     start = time.perf_counter()
     try:
         compiled, options = compile_launch(launch, config, target)
@@ -283,9 +284,9 @@ def run_job(job: Job) -> list[KernelReport]:
     for launch in launches(mod, dtype=job.dtype, head_dim=job.head_dim, has_mask=job.has_mask, n=job.n):
         kind = KINDS[launch.name]
         for target in job.targets:
-            family = TARGETS[target][1]
+            fam = TARGETS[target][1]
             space = job.overrides.get(kind) or configs(kind, head_dim=job.head_dim, dtype=job.dtype, n=job.n,
-                                                       target=family)
+                                                       target=fam)
             done: dict[Config, KernelReport] = {}
 
             def compiled_of(c, launch=launch, target=target, done=done):
@@ -295,7 +296,7 @@ def run_job(job: Job) -> list[KernelReport]:
                 return (r.shared if not r.error else 1 << 40), r.spills
 
             try:
-                default, _ = pick_default(space, compiled_of, SHARED_LIMIT[family])
+                default, _ = pick_default(space, compiled_of, SHARED_LIMIT[fam])
             except ConfigError:        # nothing fits (or compiles): every row says why
                 default = None
             for c in (space if job.which == "all" else list(done)):

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from attnc.compiler.errors import ConfigError, DataError
+from attnc.search.ranking import percentile
 
 from .space import Arch, Space
 
@@ -316,7 +317,8 @@ def _settings(space, device, threads, batch, seq, warmup, repeats, seed, interle
             "design": design}
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj) -> None:
+    """Write obj as JSON to a temporary file, fsync it, then rename it over `path` (never half-written)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -420,7 +422,7 @@ def collect(space: Space, samples: int, folder: str | Path, *, device: str = "cp
                         hint="collect into a new --out folder")
     else:
         import torch
-        _write_json_atomic(folder / META, {"format": FORMAT, "settings": settings, "machine": machine,
+        write_json_atomic(folder / META, {"format": FORMAT, "settings": settings, "machine": machine,
                                            "torch": torch.__version__, "created": _now()})
     records = load_records(folder, repair=True)
     for i, rec in enumerate(records[:samples]):
@@ -505,7 +507,7 @@ def bert_base_latency_ms(device: str = "cpu", threads: int = 1, batch: int = 1, 
         cache.parent.mkdir(parents=True, exist_ok=True)
         entries = [e for e in entries if not all(e.get(k) == v for k, v in key.items())]
         entries.append({**entry, "ms": ms, "measured": _now()})
-        _write_json_atomic(cache, {"arch": BERT_BASE, "entries": entries})
+        write_json_atomic(cache, {"arch": BERT_BASE, "entries": entries})
     return ms
 
 
@@ -589,13 +591,8 @@ def under_prediction_margin(pred: Sequence[float], true: Sequence[float],
     """The safety margin a latency limit needs for these predictions: the `quantile` (linear
     interpolation) of true / predicted - 1 over the archs, floored at 0 (an arch predicted at
     T / (1 + margin) then runs at most at T, for that share of such archs). None for fewer than 2."""
-    r = sorted(t / p - 1.0 for p, t in zip(pred, true))
-    if len(r) < 2:
-        return None
-    pos = quantile * (len(r) - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, len(r) - 1)
-    return max(0.0, r[lo] + (r[hi] - r[lo]) * (pos - lo))
+    r = [t / p - 1.0 for p, t in zip(pred, true)]
+    return max(0.0, percentile(r, quantile)) if len(r) >= 2 else None
 
 
 def prediction_errors(pred: Sequence[float], true: Sequence[float]) -> dict:
@@ -842,7 +839,7 @@ class LatencyPredictor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().clone() for k, v in self.net.state_dict().items()}, folder / WEIGHTS)
-        _write_json_atomic(folder / PREDICTOR, {
+        write_json_atomic(folder / PREDICTOR, {
             "format": FORMAT, "space": self.space.to_json(), "seq": self.seq, "hidden": list(self.hidden),
             "target": self.target, "inputs": self.inputs, "feature_names": list(Space.FEATURE_NAMES),
             "feature_mean": self.feat_mean, "feature_std": self.feat_std,
