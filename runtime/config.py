@@ -16,8 +16,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from attnc.compiler.check import CheckOptions
 from attnc.compiler.errors import AttncError, ConfigError
 from transformers import PretrainedConfig
+
+# what a layer's formula may be: 1-4 of Q, K, V, P (one input is a layer without token mixing, e.g.
+# softsign(V), which an OP-NAS space with min_inputs=1 produces); the compiler's default is the paper's 2-4
+LAYER_CHECKS = CheckOptions(min_inputs=1, max_inputs=4)
 
 MODEL_TYPE = "attnc_bert"
 STANDARD_FORMULA = "softmax(Q @ K^T / sqrt(d)) @ V"
@@ -197,7 +202,7 @@ def _check_formula(formula: str, i: int) -> None:
     from attnc.compiler.api import analyze
 
     try:
-        analyze(formula)
+        analyze(formula, checks=LAYER_CHECKS)
     except AttncError as e:
         raise ConfigError(f"layer {i}: bad attention formula {formula!r}\n{e}",
                           hint="fix the formula (try `attnc check 'FORMULA'`)") from None

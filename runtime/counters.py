@@ -9,7 +9,7 @@ Embedding lookups count 0.
 """
 from __future__ import annotations
 
-from .config import AttncBertConfig
+from .config import LAYER_CHECKS, AttncBertConfig
 
 HEADS = (None, "mlm", "pretraining", "classification")
 
@@ -26,7 +26,7 @@ def count_parameters(config: AttncBertConfig, head: str | None = None, *, pooler
         dq = spec["qkv_size"]
         if spec["type"] == "attention":
             from attnc.compiler.api import analyze
-            total += len(analyze(spec["formula"]).inputs) * (dm * dq + dq)   # used projections only
+            total += len(analyze(spec["formula"], checks=LAYER_CHECKS).inputs) * (dm * dq + dq)   # used projections only
         else:
             total += dm * 2 * dq + 2 * dq + spec["heads"] * spec["kernel_size"]
         total += dq * dm + dm + 2 * dm                                      # attention.output
@@ -53,7 +53,7 @@ def flops_breakdown(config: AttncBertConfig, seq_len: int = 128) -> dict[str, in
         dq, h = spec["qkv_size"], spec["heads"]
         if spec["type"] == "attention":
             from attnc.compiler.api import analyze
-            a = analyze(spec["formula"])
+            a = analyze(spec["formula"], checks=LAYER_CHECKS)
             parts["projections"] += len(a.inputs) * 2 * n * dm * dq
             parts["mixing"] += h * formula_flops(a.simplified, n, dq // h)
         else:

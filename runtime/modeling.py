@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput
 
 from attnc.compiler.errors import ConfigError
 
-from .config import STANDARD_FORMULA, AttncBertConfig
+from .config import LAYER_CHECKS, STANDARD_FORMULA, AttncBertConfig
 
 _WARNED: set = set()
 
@@ -344,7 +344,7 @@ class CompiledSelfAttention(nn.Module):
         self.attention_head_size = spec["qkv_size"] // spec["heads"]
         self.all_head_size = spec["qkv_size"]
         self.backend = config.attention_backend
-        analysis = analyze(self.formula)
+        analysis = analyze(self.formula, checks=LAYER_CHECKS)
         self.inputs = analysis.inputs                              # subset of Q K V P
         self.is_standard = analysis.hash == analyze(STANDARD_FORMULA).hash
         self.use_sdpa = bool(config.sdpa_fast_path) and self.is_standard
@@ -395,7 +395,7 @@ class CompiledSelfAttention(nn.Module):
                 _warn_once(("no-triton",), "Triton is not installed: compiled attention layers run the "
                                            "PyTorch path on CUDA (pip install triton for fused kernels)")
                 backend = "torch"
-            fn = attnc.compile(self.formula, backend=backend)
+            fn = attnc.compile(self.formula, backend=backend, checks=LAYER_CHECKS)
             if fn.plan == "torch-fallback":
                 reason = getattr(getattr(fn, "classification", None), "reason", "not a streaming formula")
                 _warn_once(("fallback", fn.hash), f"formula {self.formula!r} cannot be fused into one "
@@ -617,7 +617,7 @@ def bert_incompatibility(config: AttncBertConfig) -> str | None:
     for i, spec in enumerate(config.layers):
         if spec["type"] != "attention":
             return f"layer {i} is a {spec['type']} layer, which BertModel has no equivalent for"
-        if analyze(spec["formula"]).canonical != standard:
+        if analyze(spec["formula"], checks=LAYER_CHECKS).canonical != standard:
             return f"layer {i} computes {spec['formula']!r}, not BERT's softmax(Q @ K^T / sqrt(d)) @ V"
         if spec["qkv_size"] != config.hidden_size:
             return (f"layer {i} has qkv size {spec['qkv_size']} and hidden size {config.hidden_size}: "

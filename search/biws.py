@@ -108,8 +108,9 @@ def _dims_from(space_or_dims: Any, num_layers: int | None, **overrides) -> Super
 def _formula_inputs(formula: str) -> tuple[str, ...]:
     """The inputs (Q, K, V, P) a formula uses; analysed once per formula, not per key per child."""
     from attnc.compiler.api import analyze
+    from attnc.runtime.config import LAYER_CHECKS
 
-    return tuple(analyze(formula).inputs)
+    return tuple(analyze(formula, checks=LAYER_CHECKS).inputs)
 
 
 class _ConvBranch(nn.Module):

@@ -48,9 +48,11 @@ class LayerChoice:
 
     @classmethod
     def attention(cls, text: str) -> LayerChoice:
-        """An attention layer from any formula text, stored canonically (raises AttncError if illegal)."""
+        """An attention layer from any formula text a model layer accepts (1-4 of Q, K, V, P), stored
+        canonically (raises AttncError if illegal)."""
         from attnc.compiler.api import analyze
-        return cls("attention", formula=analyze(text).canonical)
+        from attnc.runtime.config import LAYER_CHECKS
+        return cls("attention", formula=analyze(text, checks=LAYER_CHECKS).canonical)
 
     @classmethod
     def conv(cls, kernel_size: int) -> LayerChoice:

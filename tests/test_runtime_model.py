@@ -245,6 +245,24 @@ def test_two_input_formula_and_conv_have_fewer_parameters():
     assert count_parameters(conv.config) == n(conv)
 
 
+def test_one_input_formula_is_a_layer_without_token_mixing():
+    # search spaces may allow min_inputs=1 (e.g. `softsign(V)`); the model must build it, and such a
+    # layer mixes nothing across positions: changing token 3 changes only position 3's output
+    cfg = AttncBertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          intermediate_size=48, layers=[{"formula": "softsign(V)"}],
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    m = AttncBertModel(cfg, add_pooling_layer=False).eval()
+    assert not hasattr(m.encoder.layer[0].attention.self, "query")
+    ids = torch.randint(1, 50, (1, 8))
+    ids2 = ids.clone()
+    ids2[0, 3] = (ids[0, 3] % 49) + 1
+    with torch.no_grad():
+        a, b = m(ids).last_hidden_state, m(ids2).last_hidden_state
+    changed = (a - b).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [i == 3 for i in range(8)]
+
+
 def test_autotinybert_shape():
     assert parse_arch("5-564-1054-8-512") == (5, 564, 1054, 8, 512)
     cfg = resolve_config("5-564-1054-8-512", vocab_size=1000)
