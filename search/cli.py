@@ -23,7 +23,7 @@ _DEFAULTS = dict(layers=4, hidden=128, ffn=512, heads=4, algorithm="opnas", no_w
                  population=100, top_k=5, children=5, alpha=0.5, temperature=1.0, seed=0)
 _PROXY_FLAGS = {"task": "task", "data_dir": "data_dir", "pretrain_steps": "pretrain_steps",
                 "shared_steps": "shared_pretrain_steps", "finetune_steps": "finetune_steps", "device": "device",
-                "warmup_children": "warmup_children", "warmup_steps": "warmup_steps"}
+                "warmup_children": "warmup_children", "warmup_steps": "warmup_steps", "target_se": "target_se"}
 
 
 def register(subparsers) -> None:
@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     e.add_argument("--warmup-children", type=int, metavar="N",
                    help="supernet warm-up: N random children trained before anything is scored (0)")
     e.add_argument("--warmup-steps", type=int, metavar="N", help="MLM steps of a warm-up child (--shared-steps)")
+    e.add_argument("--target-se", type=float, metavar="SE",
+                   help="choose the held-out size (MLM blocks, or task dev examples) for this standard error "
+                        "of one score, e.g. 0.05 (default: 64 held-out MLM blocks / 500 dev examples)")
     p.add_argument("--rescore-seeds", type=int, default=3, metavar="N",
                    help="weight sharing: the final top-K are scored again from the final supernet with N "
                         "seeds, and the best mean is reported (default 3)")
@@ -132,6 +135,9 @@ def register(subparsers) -> None:
     p.add_argument("--warmup-children", type=int, default=60, metavar="N", help="BIWS warm-up children (60)")
     p.add_argument("--no-biws", action="store_true")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch proxy at BIWS's cost")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes training the truth and the from-scratch proxy (1); a run may resume with "
+                        "another N")
     p.add_argument("--evaluator", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="another proxy (repeatable)")
     p.add_argument("--vocab", type=int, metavar="N", help="a WordPiece vocabulary of N trained on the corpus "
@@ -320,16 +326,30 @@ def _summary(result, top: int) -> dict:
     elif best:
         first = arch(best[0])
     ses = sorted(e.metrics["score_se"] for e in result.evaluations if e.metrics.get("score_se") is not None)
-    return {"study": result.study, "evaluated": len(result.evaluations), "failed": result.failed,
+    return {"study": result.study, "held_out": _held_out(result.study), "evaluated": len(result.evaluations), "failed": result.failed,
             "duplicates": result.duplicates, "illegal": result.illegal, "warmup_children": result.warmup,
             "score_se": ses[len(ses) // 2] if ses else None,
             "best": first, "top": [arch(e) for e in best], "rescored": rescored}
+
+
+def _held_out(study) -> str | None:
+    """What the study's proxy scored on: its held-out size, and the standard error it was chosen for."""
+    ev = _study_settings(Path(study)).get("evaluator") or {}
+    c = ev.get("config") if ev.get("kind") == "proxy" else None
+    if not c:
+        return None
+    size = (f"{c.get('max_eval')} {c.get('task')} dev examples" if c.get("task")
+            else f"{c.get('eval_blocks')} held-out MLM blocks")
+    return size + (f", chosen for a standard error of {c['target_se']:g} (--target-se)" if c.get("target_se")
+                   else " (pass --target-se to choose it for a standard error)")
 
 
 def _print_summary(s: dict) -> None:
     print(f"study {s['study']}: {s['evaluated']} evaluated, {s['failed']} failed, "
           f"{s['duplicates']} duplicates (not evaluated), {s['illegal']} illegal graphs rejected"
           + (f", after a supernet warm-up of {s['warmup_children']} children" if s.get("warmup_children") else ""))
+    if s.get("held_out"):
+        print(f"scored on {s['held_out']}")
     if s.get("score_se") is not None:
         print(f"one evaluation's standard error (median over candidates): {s['score_se']:.4f}; scores closer "
               f"than about twice that are not told apart")
@@ -469,7 +489,8 @@ def _fidelity(args) -> int:
                                         biws=not args.no_biws, scratch=not args.no_scratch,
                                         bootstrap=args.bootstrap, seed=args.seed, proxy=proxy)
     say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = proxy_fidelity.fidelity(archs, args.out, cfg, evaluators=evaluators, progress=say)
+    result = proxy_fidelity.fidelity(archs, args.out, cfg, evaluators=evaluators, progress=say,
+                                     workers=args.workers, ops_modules=args.ops_modules)
     if args.plot:
         proxy_fidelity.plot(result, args.plot)
         result["plot"] = args.plot

@@ -79,12 +79,15 @@ class ProxyConfig:
                                             # error with blocks as clusters (about 0.07 nats for 256 blocks of 32
                                             # tokens, benchmarks/results/fidelity_cpu.json; candidates share
                                             # the blocks, so their differences are less noisy than that)
+    target_se: float | None = None          # choose the held-out size for this standard error of one score
+                                            # (eval_blocks for MLM, max_eval for a task), see size_for_target_se
     weight_sharing: bool = True
     tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
     device: str = "auto"                    # trainer device (auto = CUDA when present | cpu | cuda:N)
     data_dir: str | None = None             # GLUE-format folder for glue/* tasks (offline); None: the hub
-    seed: int = 0                           # supernet init, task subset, held-out MLM blocks; each candidate
-                                            # gets its own seed (init, batch order, masks, dropout)
+    seed: int = 0                           # supernet init, task subset, held-out MLM blocks; each evaluation
+                                            # gets a seed (init, batch order, masks, dropout): a search gives
+                                            # all of a generation one (opnas._generation_seed)
 
     def __post_init__(self):
         for name in ("pretrain_steps", "shared_pretrain_steps", "finetune_steps", "batch_size", "seq_len",
@@ -96,6 +99,8 @@ class ProxyConfig:
             raise ConfigError(f"proxy warmup_children must be a non-negative integer, got {self.warmup_children!r}")
         if not 0.0 <= self.shared_warmup <= 1.0:
             raise ConfigError(f"proxy shared_warmup is a fraction of the steps, got {self.shared_warmup!r}")
+        if self.target_se is not None and not (isinstance(self.target_se, (int, float)) and self.target_se > 0):
+            raise ConfigError(f"proxy target_se must be a positive standard error (or None), got {self.target_se!r}")
         if self.divergence_margin is not None and not self.divergence_margin > 0:
             raise ConfigError(f"proxy divergence_margin must be positive (or None), got {self.divergence_margin!r}")
         if self.task is not None and self.task not in TASKS and self.task not in _glue_names():
@@ -230,6 +235,57 @@ def _task_data(cfg: ProxyConfig):
     return _TASKS[key]
 
 
+def size_for_target_se(cfg: ProxyConfig) -> tuple[ProxyConfig, str]:
+    """cfg with its held-out size chosen so that one score's standard error is about cfg.target_se,
+    and a line that says how (the report prints it).
+
+    A task's dev accuracy: max_eval = ceil(0.25 / se^2), the binomial bound at accuracy 0.5 (the
+    largest variance). The held-out MLM loss (its standard error has the held-out blocks as clusters,
+    cluster_se): eval_blocks = v / (m^2 se^2), where m is the masked tokens per block and v the variance
+    of a block's summed loss around m x the mean, both measured on the largest held-out split under a
+    unigram model of the training blocks (a pilot without any network). A network past the unigram
+    stage spreads its losses about as much (measured: 0.093 and 0.056 for targets 0.1 and 0.05); one
+    barely trained, close to uniform, spreads them less, so its standard error is smaller than asked. The held-out split is at most a tenth
+    of the corpus; when the target needs more, a warning says so and the split is that tenth."""
+    import warnings
+    from dataclasses import replace
+
+    t = float(cfg.target_se)
+    if cfg.task is not None:
+        need = math.ceil(0.25 / t ** 2)
+        data = _task_data(replace(cfg, max_eval=need))
+        have = min(len(v) for v in data.dev_rows.values())
+        if have < need:
+            warnings.warn(f"the {cfg.task} dev split has {have} examples; a standard error of {t:g} needs {need}: "
+                          f"scores will be noisier (about {math.sqrt(0.25 / have):.3f})", stacklevel=3)
+        n = min(need, have)
+        return replace(cfg, max_eval=n), (f"dev split: {n} {cfg.task} examples, chosen for a standard error of "
+                                          f"{t:g} (binomial bound at accuracy 0.5: {math.sqrt(0.25 / n):.4f})")
+    blocks = _blocks(cfg)
+    cap = max(1, len(blocks) // 10)                         # MLMData.split's largest held-out split
+    data = _proxy_mlm_data_class()(blocks, _tokenizer(cfg.tokenizer), cap, cfg.seed)
+    train = torch.as_tensor(np.asarray(data.train_idx, dtype=np.int64))
+    counts = torch.bincount(blocks[train].reshape(-1), minlength=int(blocks.max()) + 1).double() + 1.0
+    nll = -(counts / counts.sum()).log()
+    sums, ns = [], []
+    for b, _ in data.eval_batches(64):
+        sel = b["labels"] != -100
+        tok = torch.where(sel, nll[b["labels"].clamp(min=0)], torch.zeros((), dtype=torch.float64))
+        sums.append(tok.sum(1))
+        ns.append(sel.sum(1).double())
+    sums, ns = torch.cat(sums), torch.cat(ns)
+    mean = float(sums.sum() / ns.sum())
+    v, m = float((sums - ns * mean).pow(2).mean()), float(ns.mean())
+    need = max(2, math.ceil(v / (m * m * t * t)))
+    if need > cap:
+        warnings.warn(f"the corpus holds {len(blocks)} blocks; a held-out standard error of {t:g} nats needs "
+                      f"{need} held-out blocks but the split takes at most a tenth ({cap}): scores will be "
+                      f"noisier (about {math.sqrt(v / cap) / m:.3f})", stacklevel=3)
+    n = min(need, cap)
+    return replace(cfg, eval_blocks=n), (f"held-out MLM: {n} blocks, chosen for a standard error of {t:g} nats "
+                                         f"(unigram pilot: {math.sqrt(v / n) / m:.4f})")
+
+
 def vocab_size(cfg: ProxyConfig) -> int:
     return len(_tokenizer(cfg.tokenizer))
 
@@ -346,6 +402,9 @@ class ProxyEvaluator(Evaluator):
     def __init__(self, config: ProxyConfig = ProxyConfig(), supernet: Supernet | None = None):
         if not isinstance(config, ProxyConfig):
             raise ConfigError(f"ProxyEvaluator takes a ProxyConfig, got {type(config).__name__}")
+        self.noise_plan = None      # how the held-out size was chosen, when config.target_se asks
+        if config.target_se is not None:
+            config, self.noise_plan = size_for_target_se(config)
         self.config = config
         self.weight_sharing = config.weight_sharing
         self.supernet = supernet
