@@ -22,7 +22,7 @@ _LAZY = {
                      "compile_file"), "attnc.compiler.api"),
     "CheckOptions": "attnc.compiler.check",
     **dict.fromkeys(("AttncError", "BackendError", "CheckError", "ConfigError", "DataError",
-                     "ParseError", "ShapeError"), "attnc.compiler.errors"),
+                     "EvaluationError", "ParseError", "ShapeError"), "attnc.compiler.errors"),
 }
 _SUBMODULES = ("cli", "compiler", "grammar", "kernels", "ops", "runtime", "search")
 
@@ -44,4 +44,4 @@ def __dir__():
 
 
 __all__ = ["compile", "compile_file", "analyze", "analyze_file", "Analysis", "CompiledAttention", "CheckOptions", "AttncError",
-           "ParseError", "ShapeError", "CheckError", "BackendError", "ConfigError", "DataError"]
+           "ParseError", "ShapeError", "CheckError", "BackendError", "ConfigError", "DataError", "EvaluationError"]

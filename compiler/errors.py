@@ -121,3 +121,9 @@ class DataError(AttncError):
     """A dataset or corpus cannot be loaded (offline without data, unknown name)."""
 
     kind = "data error"
+
+
+class EvaluationError(AttncError):
+    """A search's evaluator fails on every candidate (the search stops instead of spending its budget)."""
+
+    kind = "evaluation error"

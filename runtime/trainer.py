@@ -116,6 +116,12 @@ class TrainResult:
 # ================================================================================================
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of n training items in `epoch` of a run seeded `seed` (any integer: NumPy's legacy
+    seeding takes 0..2**32-1, so the key is reduced modulo 2**32; smaller keys are unchanged)."""
+    return np.random.RandomState((seed * 1000 + epoch) % 2 ** 32).permutation(n)
+
+
 class MLMData:
     """Masked-LM data: fixed-length blocks (LongTensor (N, seq_len)) or a datasets.Dataset with
     input_ids [, token_type_ids, next_sentence_label] (sentence pairs). Dynamic masking; a held-out
@@ -148,7 +154,7 @@ class MLMData:
 
     def split(self, seed: int):
         n_eval = min(self.eval_blocks, max(1, self.n // 10))
-        order = np.random.RandomState(seed).permutation(self.n)
+        order = np.random.RandomState(seed % 2 ** 32).permutation(self.n)
         self.eval_idx, self.train_idx = order[:n_eval], order[n_eval:]
 
     def per_epoch(self, batch_size: int) -> int:
@@ -171,7 +177,7 @@ class MLMData:
         """Micro-batch m of the run: a function of (seed, m) only."""
         per = self.per_epoch(batch_size)
         epoch, pos = divmod(m, per)
-        perm = np.random.RandomState(seed * 1000 + epoch).permutation(len(self.train_idx))
+        perm = epoch_order(seed, epoch, len(self.train_idx))
         return self.batch(self.train_idx[perm[pos * batch_size:(pos + 1) * batch_size]],
                           seed * 1_000_003 + m)
 
@@ -240,7 +246,7 @@ class ClassificationData:
 
     def train_batch(self, m: int, batch_size: int, seed: int) -> dict:
         epoch, pos = divmod(m, self.per_epoch(batch_size))
-        perm = np.random.RandomState(seed * 1000 + epoch).permutation(len(self.train_rows))
+        perm = epoch_order(seed, epoch, len(self.train_rows))
         return self._batch([self.train_rows[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]])
 
     def predict(self, model, rows, batch_size: int, device, autocast):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from attnc.compiler.errors import AttncError, ConfigError, DataError
+from attnc.compiler.errors import AttncError, ConfigError, DataError, EvaluationError
 
 from .evaluator import CallableEvaluator, EvalResult, Evaluator
 from .paths import (BINARY, INPUTS, NODE, TABLE1, UNARY, Path as FPath, check_shapes, insert_op, operand_category,
@@ -658,6 +658,7 @@ class _Loop:
             rows = self.st.rows()
             finished = sum(r.status in ("done", "failed") for r in rows)
             self._update_bar(rows)
+            self._check_not_all_failed(rows)
             if finished >= self.budget:
                 if self.shared and self.rescore_top > 0:
                     self._final_rescores(rows)
@@ -678,6 +679,18 @@ class _Loop:
                                   f"({finished} of {self.budget} evaluations done); the space is "
                                   f"exhausted for these settings", stacklevel=3)
                     return
+
+    def _check_not_all_failed(self, rows) -> None:
+        """A search whose first generation failed entirely is stopped: its evaluator is broken for
+        every candidate, and the rest of the budget would only record the same error again."""
+        first_gen = [r for r in rows if r.generation == 0 and r.status != "duplicate"]
+        failed = [r for r in rows if r.status == "failed"]
+        if first_gen and all(r.status == "failed" for r in first_gen) and not any(r.status == "done" for r in rows):
+            first = min(failed, key=lambda r: r.id)
+            raise EvaluationError(f"the first {len(failed)} evaluations of the study {self.st.path} all failed; "
+                                  f"the first one (candidate {first.id}): {first.error}",
+                                  hint="fix the evaluator (run it on one architecture to see the traceback), "
+                                       "then start a new study")
 
     # --- making candidates ----------------------------------------------------------------------------
 

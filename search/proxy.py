@@ -150,7 +150,7 @@ def _mlm_data(cfg: ProxyConfig):
 @functools.cache
 def _proxy_mlm_data_class():
     """Defined on first use: the trainer module is imported lazily, as everywhere in this module."""
-    from attnc.runtime.trainer import MLMData
+    from attnc.runtime.trainer import MLMData, epoch_order
 
     class ProxyMLMData(MLMData):
         """The trainer's MLMData with a held-out split fixed at construction (train()'s split(seed)
@@ -173,8 +173,7 @@ def _proxy_mlm_data_class():
             # (milliseconds for a large corpus, as much as a tiny model's step); the same one, kept
             epoch, pos = divmod(m, self.per_epoch(batch_size))
             if self._order is None or self._order[0] != (seed, epoch):
-                self._order = ((seed, epoch),
-                               np.random.RandomState(seed * 1000 + epoch).permutation(len(self.train_idx)))
+                self._order = ((seed, epoch), epoch_order(seed, epoch, len(self.train_idx)))
             perm = self._order[1]
             return self.batch(self.train_idx[perm[pos * batch_size:(pos + 1) * batch_size]],
                               seed * 1_000_003 + m)

@@ -456,3 +456,34 @@ def test_a_prepare_error_is_a_failed_row_and_the_search_goes_on(tmp_path):
     for h, (_, status, error) in zip(has65, rows):
         assert (status, h) in (("failed", True), ("done", False))
         assert (error == "prepare: ValueError: no kernel of 65 here") if h else error is None
+
+
+def test_large_search_seeds_train(tmp_path):
+    # a generation's training seed grows with the search seed (seed x 1,000,003 + ...): seed 9 gives
+    # keys past NumPy's 2**32 limit for the batch order, which once failed every evaluation
+    from attnc.runtime.demo import demo_tokenizer
+    from attnc.search.proxy import ProxyConfig, ProxyEvaluator
+
+    ev = ProxyEvaluator(ProxyConfig(task=None, tokenizer=str(demo_tokenizer(2000)), weight_sharing=False,
+                                    pretrain_steps=2, batch_size=4, seq_len=32, eval_blocks=8, device="cpu"))
+    space = opnas.Space(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=4)
+    res = opnas.search(space, evaluate=ev, budget=4, population=2, top_k=1, children=2, seed=9,
+                       study=tmp_path / "s.db")
+    assert res.failed == 0 and len(res.evaluations) == 4
+
+
+def _always_fails(arch):
+    raise RuntimeError("no GPU in this box")
+
+
+def test_a_search_whose_evaluator_always_fails_stops_after_one_generation(tmp_path):
+    with pytest.raises(attnc.EvaluationError, match="no GPU in this box") as e:
+        opnas.search(opnas.Space(num_layers=1), _always_fails, budget=40, population=6, top_k=2, children=2,
+                     study=tmp_path / "s.db")
+    assert "start a new study" in str(e.value)
+    db = sqlite3.connect(tmp_path / "s.db")
+    # the first generation only: 6 candidates, evaluated or duplicates of one
+    assert db.execute("SELECT COUNT(*) FROM candidates WHERE status != 'failed' AND status != 'duplicate'"
+                      ).fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*), MAX(generation) FROM candidates").fetchone() == (6, 0)
+    # one that fails on some candidates only goes on (test_failed_candidates_recorded_and_search_goes_on)
