@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import kendalltau
 
 from attnc.cli import main
-from attnc.compiler.errors import DataError
+from attnc.compiler.errors import ConfigError, DataError
 from attnc.search import proxy_fidelity as pf
 from attnc.search.space import Architecture, LayerChoice
 
@@ -75,6 +75,51 @@ def test_fidelity_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     again = json.loads(capsys.readouterr().out)
     assert len((out / "fidelity.jsonl").read_text().splitlines()) == n_lines
     assert again["proxies"]["biws"]["scores"] == r["proxies"]["biws"]["scores"]
-    # other settings in the same folder: exit 2, no traceback
+    # another warm-up over the same truth: the truth is reused, only the proxies train again
+    i = args.index("--warmup-children")
+    other = args[:i + 1] + ["3"] + args[i + 2:]
+    assert main(other) == 0
+    third = json.loads(capsys.readouterr().out)
+    log = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()]
+    assert sum(x.get("what") == "truth" for x in log) == 8                  # not trained again
+    assert third["truth"]["mean"] == r["truth"]["mean"]
+    assert third["proxies"]["scratch"]["steps_each"] == 4                    # 2 + 3 x 2 / 4, rounded
+    assert {x["what"] for x in log[n_lines:]} == {"scratch@2x3", "biws-warmup@2x3", "biws@2x3"}
+    # other truth settings in the same folder: exit 2, no traceback
     assert main(args[:-3] + ["--truth-steps", "4"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+_TINY = dict(seq_len=32, batch_size=8, eval_blocks=16, device="cpu", lr=3e-3)
+_LINES = ["conv(k=3) | conv(k=7)", "softmax(Q @ K^T / sqrt(d)) @ V | conv(k=7)", "Q + V | softmax(Q @ K^T) @ V",
+          "softsign(V) | conv(k=3)"]
+
+
+def _archs(lines):
+    return [pf.parse_architecture(x, 32, 64, 4) for x in lines]
+
+
+def test_every_architecture_is_scored_with_the_same_seed(tmp_path):
+    # common random numbers: an architecture's score does not depend on where it sits in the list
+    cfg = pf.FidelityConfig(truth_steps=3, truth_seeds=1, shared_steps=2, warmup_children=0, bootstrap=50,
+                            proxy=_TINY)
+    a = pf.fidelity(_archs(_LINES), tmp_path / "a", cfg)
+    b = pf.fidelity(_archs(_LINES[::-1]), tmp_path / "b", cfg)
+    for what in ("biws", "scratch"):
+        assert dict(zip(a["architectures"], a["proxies"][what]["scores"])) == \
+            dict(zip(b["architectures"], b["proxies"][what]["scores"])), what
+    assert dict(zip(a["architectures"], a["truth"]["mean"])) == dict(zip(b["architectures"], b["truth"]["mean"]))
+
+
+def test_workers_train_what_one_process_trains(tmp_path):
+    cfg = pf.FidelityConfig(truth_steps=3, truth_seeds=2, shared_steps=2, warmup_children=2, bootstrap=50,
+                            proxy=_TINY)
+    one = pf.fidelity(_archs(_LINES), tmp_path / "one", cfg)
+    two = pf.fidelity(_archs(_LINES), tmp_path / "two", cfg, workers=2)
+    # the same trainings; only the workers' thread count (1) may change float sums' order
+    for s in range(2):
+        assert two["truth"]["scores_per_seed"][s] == pytest.approx(one["truth"]["scores_per_seed"][s], abs=1e-5)
+    assert two["proxies"]["scratch"]["scores"] == pytest.approx(one["proxies"]["scratch"]["scores"], abs=1e-5)
+    assert two["proxies"]["biws"]["scores"] == one["proxies"]["biws"]["scores"]
+    with pytest.raises(ConfigError, match="workers"):
+        pf.fidelity(_archs(_LINES), tmp_path / "three", cfg, workers=0)
