@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from attnc.compiler.errors import ConfigError, DataError
+from attnc.runtime.config import LAYER_CHECKS
 
 MAX_KERNEL = 65
 KERNEL_SIZES = (3, 5, 7, 9, 15, 31, 65)
@@ -108,7 +109,6 @@ def _dims_from(space_or_dims: Any, num_layers: int | None, **overrides) -> Super
 def _formula_inputs(formula: str) -> tuple[str, ...]:
     """The inputs (Q, K, V, P) a formula uses; analysed once per formula, not per key per child."""
     from attnc.compiler.api import analyze
-    from attnc.runtime.config import LAYER_CHECKS
 
     return tuple(analyze(formula, checks=LAYER_CHECKS).inputs)
 
@@ -528,7 +528,7 @@ class Supernet(nn.Module):
                 for name in self._inputs(choice.formula):
                     p = getattr(sa, _PROJ[name])(x)
                     heads[name.lower()] = p.view(B, n, h, dh).transpose(1, 2)
-                fn = attnc.compile(choice.formula, backend="torch")
+                fn = attnc.compile(choice.formula, backend="torch", checks=LAYER_CHECKS)
                 y = fn(key_padding_mask=mask, **heads).transpose(1, 2).reshape(B, n, d.hidden_size)
                 mixed = layer.attention.output.dense(y)
             x = layer.attention.output.LayerNorm(mixed + x)

@@ -287,7 +287,7 @@ def _arch_info(a) -> tuple[list[dict], int]:
     import torch
 
     from attnc.compiler.api import analyze
-    from attnc.compiler.check import CheckOptions
+    from attnc.runtime.config import LAYER_CHECKS
     from attnc.compiler.report import report
     from attnc.runtime.modeling import AttncBertModel
 
@@ -300,8 +300,8 @@ def _arch_info(a) -> tuple[list[dict], int]:
         info["params"] = sum(p.numel() for p in att.self.parameters()) + \
             sum(p.numel() for p in att.output.dense.parameters())
         if choice.kind == "attention":
-            # the space checked the formula already (perhaps with other input counts): accept 1-4 here
-            rep = report(analyze(choice.formula, checks=CheckOptions(min_inputs=1, max_inputs=4)),
+            # the space checked the formula already (perhaps with other input counts): what a layer accepts
+            rep = report(analyze(choice.formula, checks=LAYER_CHECKS),
                          n=REPORT_SEQ, d=a.hidden_size // a.num_heads, heads=a.num_heads, hidden=a.hidden_size)
             info["flops"] = rep.flops
         else:

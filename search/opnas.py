@@ -499,11 +499,17 @@ def search(space: Space, evaluate: Callable | Evaluator | None = None, algorithm
     st = Study(study)
     started_ray, bar = None, None
     try:
+        st.lock()
         # budget may grow on resume (search further); everything that shapes candidates, and what
         # the scores mean (the evaluator), must match
+        before = st.meta()
         st.check_meta({"space": space.to_json(), "algorithm": algorithm, "seed": seed, "population": population,
                        "top_k": top_k, "children": children, "alpha": alpha, "temperature": temperature,
-                       "weight_sharing": bool(evaluator.weight_sharing), "evaluator": evaluator.identity()})
+                       "weight_sharing": bool(evaluator.weight_sharing), "evaluator": evaluator.identity(),
+                       "seeding": "generation"})
+        if before and "seeding" not in before:
+            warnings.warn(f"the study {study} was made when each candidate trained with its own seed; its new "
+                          f"generations train with one seed per generation (_generation_seed)", stacklevel=2)
         if evaluator.weight_sharing:   # the latest checkpoint's state; what finished after it runs again
             ck = st.latest_checkpoint()
             if ck is not None:
@@ -587,10 +593,12 @@ def _start_ray(ray_cpus, address):
 def _generation_seed(seed: int, gen: int) -> int:
     """The seed of every evaluation of generation `gen` (its children and its re-scored parents):
     common random numbers -- the same batches, masks and draws for all of them, so the scores that
-    choose parents and drive the priorities differ by architecture, not by data (on 16 architectures
-    against 2,000-step training this raised the weight-shared proxy's Kendall tau from +0.38 to +0.63:
-    proxy_fidelity). Under weight sharing the generation's updates are averaged, so the supernet
-    still moves one child's worth per generation; each generation gets new data."""
+    choose parents and drive the priorities differ by architecture, not by data (against 2,000-step
+    training on 16 architectures the weight-shared proxy's Kendall tau was higher at each of four
+    warm-ups, mean +0.56 against +0.38: benchmarks/results/fidelity_crn16_cpu.txt). Under weight
+    sharing the generation's updates are averaged, so the supernet moves one child's worth per
+    generation as before, but that step has seen one child's batches rather than a population's;
+    each generation gets new data."""
     return (seed * 1_000_003 + 500_009 * (gen + 1)) % (2 ** 31)
 
 
@@ -644,6 +652,7 @@ class _Loop:
         self.gpus = None          # Ray: GPUs per task (None: from the evaluator's device)
         self.use_ray = False
         self._since_checkpoint = 0
+        self.failed_here = self.done_here = 0   # this process's finished candidates (_check_not_all_failed)
 
     @property
     def shared(self) -> bool:
@@ -658,11 +667,11 @@ class _Loop:
             rows = self.st.rows()
             finished = sum(r.status in ("done", "failed") for r in rows)
             self._update_bar(rows)
-            self._check_not_all_failed(rows)
             if finished >= self.budget:
                 if self.shared and self.rescore_top > 0:
                     self._final_rescores(rows)
                 return
+            self._check_not_all_failed(rows)
             todo = [r for r in rows if r.status in ("pending", "running")]   # running: interrupted
             if todo:
                 stalls = 0
@@ -681,11 +690,15 @@ class _Loop:
                     return
 
     def _check_not_all_failed(self, rows) -> None:
-        """A search whose first generation failed entirely is stopped: its evaluator is broken for
-        every candidate, and the rest of the budget would only record the same error again."""
-        first_gen = [r for r in rows if r.generation == 0 and r.status != "duplicate"]
+        """Stop a search whose evaluator failed on every candidate it was given in this process, at
+        least a generation's worth (population) and none succeeded in the study: it is broken for
+        every candidate, and the rest of the budget would only record the same error again. (A
+        resumed study whose old failures had another cause goes on.)"""
+        if self.failed_here < min(self.population, self.budget) or self.done_here or \
+                any(r.status == "done" for r in rows):
+            return
         failed = [r for r in rows if r.status == "failed"]
-        if first_gen and all(r.status == "failed" for r in first_gen) and not any(r.status == "done" for r in rows):
+        if failed:
             first = min(failed, key=lambda r: r.id)
             raise EvaluationError(f"the first {len(failed)} evaluations of the study {self.st.path} all failed; "
                                   f"the first one (candidate {first.id}): {first.error}",
@@ -921,8 +934,10 @@ class _Loop:
     def _finish(self, row, res: EvalResult | None, err: str | None, seconds: float) -> None:
         err = err or _result_error(res)
         if err is not None:
+            self.failed_here += 1
             self.st.finish(row.id, "failed", error=err, seconds=seconds)
         else:
+            self.done_here += 1
             self.ev.commit(row.arch, res)
             state_file = checkpoint = None
             if self.shared:

@@ -150,11 +150,11 @@ class LayerDrawing:
 def formula_drawing(formula: str) -> LayerDrawing:
     """The compiler's DAG of a (canonical) formula, laid out by depth: y = longest path from a leaf."""
     from attnc.compiler.api import analyze
-    from attnc.compiler.check import CheckOptions
     from attnc.compiler.ir import label, output_of, topo
+    from attnc.runtime.config import LAYER_CHECKS
 
-    # the study checked the formula with its own input counts; accept any 1-4 here
-    g = analyze(formula, checks=CheckOptions(min_inputs=1, max_inputs=4)).graph
+    # the study checked the formula with its own input counts; accept what a layer accepts
+    g = analyze(formula, checks=LAYER_CHECKS).graph
     order = list(topo(g))
     depth = {}
     for nid, node in order:

@@ -76,11 +76,12 @@ class ProxyConfig:
                                             # its first training loss is scored but not written back
     finetune_lr: float = 5e-4
     eval_blocks: int = 64                   # held-out MLM blocks; metrics["mlm_loss_se"] is the loss's standard
-                                            # error with blocks as clusters (about 0.07 nats for 256 blocks of 32
-                                            # tokens, benchmarks/results/fidelity_cpu.json; candidates share
+                                            # error with blocks as clusters (about 0.076 nats for 256 blocks of 32
+                                            # tokens: the truth rows of runs made by benchmarks/fidelity/run_cpu.sh;
+                                            # candidates share
                                             # the blocks, so their differences are less noisy than that)
-    target_se: float | None = None          # choose the held-out size for this standard error of one score
-                                            # (eval_blocks for MLM, max_eval for a task), see size_for_target_se
+    target_se: float | None = None          # choose the held-out size for this standard error of one score:
+                                            # it replaces eval_blocks (MLM) / max_eval (task), see size_for_target_se
     weight_sharing: bool = True
     tokenizer: str | None = None            # tokenizer folder / vocab.txt; None: the default uncased vocab
     device: str = "auto"                    # trainer device (auto = CUDA when present | cpu | cuda:N)
@@ -99,7 +100,8 @@ class ProxyConfig:
             raise ConfigError(f"proxy warmup_children must be a non-negative integer, got {self.warmup_children!r}")
         if not 0.0 <= self.shared_warmup <= 1.0:
             raise ConfigError(f"proxy shared_warmup is a fraction of the steps, got {self.shared_warmup!r}")
-        if self.target_se is not None and not (isinstance(self.target_se, (int, float)) and self.target_se > 0):
+        if self.target_se is not None and (isinstance(self.target_se, bool) or not (
+                isinstance(self.target_se, (int, float)) and self.target_se > 0)):
             raise ConfigError(f"proxy target_se must be a positive standard error (or None), got {self.target_se!r}")
         if self.divergence_margin is not None and not self.divergence_margin > 0:
             raise ConfigError(f"proxy divergence_margin must be positive (or None), got {self.divergence_margin!r}")
@@ -483,8 +485,10 @@ class ProxyEvaluator(Evaluator):
                 "supernet": None if self.supernet is None else self.supernet.state_refs()}
 
     def identity(self) -> dict:
-        """The proxy's settings, except the device (a study may resume on another one)."""
-        return {"kind": "proxy", "config": {k: v for k, v in asdict(self.config).items() if k != "device"}}
+        """The proxy's settings, except the device (a study may resume on another one) and target_se
+        when unset (studies made before it existed resume)."""
+        return {"kind": "proxy", "config": {k: v for k, v in asdict(self.config).items()
+                                            if k != "device" and not (k == "target_se" and v is None)}}
 
     def load_state_dict(self, d: dict) -> None:
         blob = d.get("supernet") if d else None

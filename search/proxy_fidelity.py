@@ -14,7 +14,8 @@ scores the architectures with each proxy:
 
 Every proxy scores every architecture with one seed (common random numbers): the same training
 batches, masks and draws, so the differences between scores are the architectures', not the data's
-(on 16 architectures this raised BIWS's tau against the truth from +0.38 to +0.63 at equal cost). The
+(on 16 architectures BIWS's tau against the truth was higher at each of four warm-ups, mean +0.56
+against +0.38: benchmarks/results/fidelity_crn16_cpu.txt). The
 truth trains each seed s of every architecture with the same seed too. `workers` > 1 trains the truth
 and the from-scratch proxy in that many processes (spawned; torch threads split between them).
 
@@ -193,6 +194,10 @@ def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig 
     cfg = config
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"fidelity workers must be a positive integer, got {workers!r}")
+    taken = sorted(set(evaluators or {}) & {"biws", "scratch"} | {k for k in evaluators or {} if k.startswith("baseline:")})
+    if taken:
+        raise ConfigError(f"evaluator name {taken[0]!r} is one of the fidelity tool's own proxies",
+                          hint="give the evaluator another name")
     # what the log's trainings depend on: the truth's settings (the proxies' rows carry their own tag,
     # so one truth serves any number of proxy settings: rerun with another --warmup-children)
     settings = {"truth_steps": cfg.truth_steps, "truth_seeds": cfg.truth_seeds, "seed": cfg.seed,
@@ -324,12 +329,17 @@ def train_many(todo: list, workers: int, ops_modules: Sequence[str] = ()):
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
-    threads = max(1, (os.cpu_count() or 1) // workers) if torch.get_num_threads() > 1 else 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cpus // workers) if torch.get_num_threads() > 1 else 1
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads, tuple(ops_modules))) as pool:
         futures = {pool.submit(train_from_scratch, job[2], job[4].to_json(), job[3]): job for job in todo}
-        for f in as_completed(futures):
-            yield futures[f], f.result()
+        try:
+            for f in as_completed(futures):
+                yield futures[f], f.result()      # the caller logs each before the next: nothing finished is lost
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)   # don't train the queued ones for nothing
+            raise
 
 
 def _mean_seconds(log: _Log, what: str) -> float:

@@ -121,13 +121,39 @@ class Study:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.db = connect(self.path, _SCHEMA)
+        self._lock = None
 
     @property
     def folder(self) -> Path:
         return self.path.parent
 
+    def lock(self) -> None:
+        """Take the study for this process (STUDY.lock, an exclusive flock held until close or exit):
+        two searches evaluating one study at once would evaluate candidates twice and overwrite each
+        other's supernet. ConfigError when another process holds it."""
+        import fcntl
+
+        f = open(self.path.with_name(self.path.name + ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise ConfigError(f"the study {self.path} is being searched by another process (pid {holder})",
+                              hint="wait for that search to end (or stop it), then resume; or use another study "
+                                   "path") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock = f
+
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()      # closing the file releases the flock
+            self._lock = None
 
     # --- meta ---------------------------------------------------------------------------------------
 

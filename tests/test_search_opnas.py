@@ -482,8 +482,87 @@ def test_a_search_whose_evaluator_always_fails_stops_after_one_generation(tmp_pa
                      study=tmp_path / "s.db")
     assert "start a new study" in str(e.value)
     db = sqlite3.connect(tmp_path / "s.db")
-    # the first generation only: 6 candidates, evaluated or duplicates of one
-    assert db.execute("SELECT COUNT(*) FROM candidates WHERE status != 'failed' AND status != 'duplicate'"
-                      ).fetchone()[0] == 0
-    assert db.execute("SELECT COUNT(*), MAX(generation) FROM candidates").fetchone() == (6, 0)
+    # stopped once a population's worth (6) failed: within two generations, far from the budget of 40
+    failed, last_gen = db.execute("SELECT COUNT(*), MAX(generation) FROM candidates WHERE status = 'failed'").fetchone()
+    assert 6 <= failed < 12 and last_gen <= 1
+    assert db.execute("SELECT COUNT(*) FROM candidates WHERE status NOT IN ('failed', 'duplicate')").fetchone()[0] == 0
+    # a budget smaller than a population stops at the budget's end with its failures, as before
+    r = opnas.search(opnas.Space(num_layers=1), _always_fails, budget=3, population=6, study=tmp_path / "t.db")
+    assert r.failed == 3 and r.best_architecture is None
     # one that fails on some candidates only goes on (test_failed_candidates_recorded_and_search_goes_on)
+
+
+def test_a_generation_trains_with_one_seed_and_finalists_share_theirs(tmp_path):
+    from attnc.search.evaluator import EvalResult, Evaluator
+
+    class Recorder(Evaluator):   # weight sharing, so parents are re-scored each generation
+        weight_sharing = True
+
+        def __init__(self):
+            self.begun, self.block, self.calls = 0, 0, []   # block: k inside generation k, -k after it
+
+        def begin_generation(self):
+            self.begun += 1
+            self.block = self.begun
+
+        def end_generation(self):
+            self.block = -self.begun           # after the last generation: the final re-scores
+
+        def runner(self):
+            def run(arch, payload, seed):
+                self.calls.append((self.block, arch.key(), seed))
+                return EvalResult(score=known_ops(arch))
+            return run
+
+    ev = Recorder()
+    opnas.search(opnas.Space(num_layers=2), ev, budget=30, population=10, top_k=3, children=3, seed=11,
+                 rescore_top=3, rescore_seeds=2, study=tmp_path / "s.db")
+    inside = {}
+    for block, _, seed in ev.calls:
+        if block > 0:
+            inside.setdefault(block, set()).add(seed)
+    assert len(inside) >= 3 and all(len(s) == 1 for s in inside.values())     # one seed per generation
+    assert len({next(iter(s)) for s in inside.values()}) == len(inside)        # a new one each generation
+    parents_rescored = [b for b in inside if sum(c[0] == b for c in ev.calls) > 9]
+    assert parents_rescored                    # children (9) + re-scored parents in one generation
+    final = [(key, seed) for block, key, seed in ev.calls if block < 0]
+    assert len(final) == 6 and len({k for k, _ in final}) == 3
+    by_seed = {}
+    for key, seed in final:
+        by_seed.setdefault(seed, set()).add(key)
+    assert len(by_seed) == 2 and all(len(keys) == 3 for keys in by_seed.values())  # re-score j: one seed for all
+
+
+def test_a_study_made_before_generation_seeds_resumes_with_a_warning(tmp_path):
+    db_path = tmp_path / "s.db"
+    opnas.search(opnas.Space(num_layers=1), known_ops, budget=3, population=3, study=db_path)
+    db = sqlite3.connect(db_path)
+    with db:
+        db.execute("DELETE FROM meta WHERE key = 'seeding'")     # as studies made before it were
+    db.close()
+    with pytest.warns(UserWarning, match="one seed per generation"):
+        r = opnas.search(opnas.Space(num_layers=1), known_ops, budget=6, population=3, study=db_path)
+    assert len(r.evaluations) + r.failed == 6
+
+
+def test_one_study_is_searched_by_one_process_at_a_time(tmp_path):
+    db_path = tmp_path / "s.db"
+    opnas.search(opnas.Space(num_layers=1), known_ops, budget=3, population=3, study=db_path)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, sys, time
+        f = open({str(db_path) + ".lock"!r}, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(attnc.ConfigError, match="being searched by another process"):
+            opnas.search(opnas.Space(num_layers=1), known_ops, budget=6, population=3, study=db_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    r = opnas.search(opnas.Space(num_layers=1), known_ops, budget=6, population=3, study=db_path)   # free again
+    assert len(r.evaluations) + r.failed == 6
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT COUNT(*) FROM candidates WHERE status = 'done'").fetchone()[0] + r.failed == 6
