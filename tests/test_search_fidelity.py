@@ -123,3 +123,5 @@ def test_workers_train_what_one_process_trains(tmp_path):
     assert two["proxies"]["biws"]["scores"] == one["proxies"]["biws"]["scores"]
     with pytest.raises(ConfigError, match="workers"):
         pf.fidelity(_archs(_LINES), tmp_path / "three", cfg, workers=0)
+    with pytest.raises(ConfigError, match="fidelity tool's own proxies"):
+        pf.fidelity(_archs(_LINES), tmp_path / "four", cfg, evaluators={"scratch": lambda a: 0.0})

@@ -53,7 +53,7 @@ def test_task_dev_size_gives_the_standard_error_asked_for():
 
 def test_bad_target_se():
     from attnc.search.proxy import ProxyConfig
-    for bad in (0, -0.1, "0.1"):
+    for bad in (0, -0.1, "0.1", True):
         with pytest.raises(ConfigError, match="target_se"):
             ProxyConfig(target_se=bad)
 

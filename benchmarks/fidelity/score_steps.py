@@ -37,8 +37,9 @@ def main(argv=None) -> int:
     archs = pf.read_architectures(args.archs, 64, 256, 4)
     if [pf.arch_line(a) for a in archs] != d["architectures"]:
         raise SystemExit(f"{args.archs} is not the architecture list of {args.truth}")
-    base = dict(task=None, seq_len=32, batch_size=16, eval_blocks=256, device="cpu", seed=cfg["seed"], lr=3e-3,
-                tokenizer=str(demo_tokenizer(2000)))
+    base = dict(task=None, **cfg["proxy"])     # the run's own proxy settings (its tokenizer folder included)
+    if not Path(base.get("tokenizer") or ".").exists():
+        base["tokenizer"] = str(demo_tokenizer(2000))
     ev = ProxyEvaluator(ProxyConfig(weight_sharing=True, shared_pretrain_steps=cfg["shared_steps"], **base))
     runner = ev.runner()
     rng = random.Random(f"attnc-fidelity-warmup:{cfg['seed']}")     # the fidelity tool's warm-up
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
     for k in (int(x) for x in args.steps.split(",")):
         t0 = time.time()
         scores = [float(runner(a, ev.prepare(a), 20_000 + cfg["seed"], steps_override=k).score) for a in archs]
+        if k == cfg["shared_steps"]:   # the run's own scoring: the same supernet and seeds, so the same scores
+            want = d["proxies"]["biws"]["scores"]
+            if max(abs(a - b) for a, b in zip(scores, want)) > 1e-4:
+                raise SystemExit(f"the {k}-step scores do not reproduce {args.truth}'s BIWS scores")
         rows.append({"score_steps": k, "kendall_tau": ranking.kendall_tau(scores, truth),
                      "spearman_rho": ranking.spearman_rho(scores, truth), "scores": scores,
                      "seconds": time.time() - t0})
