@@ -242,10 +242,10 @@ def size_for_target_se(cfg: ProxyConfig) -> tuple[ProxyConfig, str]:
 
     A task's dev accuracy: max_eval = ceil(0.25 / se^2), the binomial bound at accuracy 0.5 (the
     largest variance). The held-out MLM loss (its standard error has the held-out blocks as clusters,
-    cluster_se): eval_blocks = v / (m^2 se^2), where m is the masked tokens per block and v the variance
-    of a block's summed loss around m x the mean, both measured on the largest held-out split under a
-    unigram model of the training blocks (a pilot without any network). A network past the unigram
-    stage spreads its losses about as much (measured: 0.093 and 0.056 for targets 0.1 and 0.05); one
+    cluster_se): the pilot measures cluster_se on the largest held-out split (P blocks) under a unigram
+    model of the training blocks (no network), and eval_blocks = P (pilot se / se)^2, as a standard
+    error shrinks with 1/sqrt(blocks). A network past the unigram stage spreads its losses about as much
+    (tests/test_search_noise.py: within 30% of the target after 150 steps); one
     barely trained, close to uniform, spreads them less, so its standard error is smaller than asked. The held-out split is at most a tenth
     of the corpus; when the target needs more, a warning says so and the split is that tenth."""
     import warnings
@@ -275,16 +275,20 @@ def size_for_target_se(cfg: ProxyConfig) -> tuple[ProxyConfig, str]:
         sums.append(tok.sum(1))
         ns.append(sel.sum(1).double())
     sums, ns = torch.cat(sums), torch.cat(ns)
-    mean = float(sums.sum() / ns.sum())
-    v, m = float((sums - ns * mean).pow(2).mean()), float(ns.mean())
-    need = max(2, math.ceil(v / (m * m * t * t)))
+    pilot = len(sums)
+    se = cluster_se(sums, ns, float(sums.sum() / ns.sum()))   # the proxy's own estimator, on the pilot's blocks
+
+    def at(k: int) -> float:                                    # the standard error at k blocks: 1/sqrt(k)
+        return se * math.sqrt(pilot / k)
+
+    need = max(2, math.ceil(pilot * (se / t) ** 2))
     if need > cap:
         warnings.warn(f"the corpus holds {len(blocks)} blocks; a held-out standard error of {t:g} nats needs "
                       f"{need} held-out blocks but the split takes at most a tenth ({cap}): scores will be "
-                      f"noisier (about {math.sqrt(v / cap) / m:.3f})", stacklevel=3)
+                      f"noisier (about {at(cap):.3f})", stacklevel=3)
     n = min(need, cap)
     return replace(cfg, eval_blocks=n), (f"held-out MLM: {n} blocks, chosen for a standard error of {t:g} nats "
-                                         f"(unigram pilot: {math.sqrt(v / n) / m:.4f})")
+                                         f"(unigram pilot: {at(n):.4f})")
 
 
 def vocab_size(cfg: ProxyConfig) -> int:
