@@ -27,7 +27,9 @@ side-by-side run: well under 3 minutes each; benchmarks/cpu_lock.py).
 5. The predictor as a user measures: --cli-archs archs (half from step 4, half spread over the space,
    sub-millisecond ones included) each timed by `attnc latency --arch A` in its own process,
    --cli-runs processes per arch (their median counts; the spread between processes is the noise
-   floor of that measurement): MAPE raw, and with the run's overall speed factor taken out.
+   floor of that measurement), and the dataset's reference arch in one process beside each: MAPE raw,
+   on the machine's speed of the moment (the reference's processes over its dataset median: one factor
+   measured on an arch that is not scored), and with a speed factor fitted on the scored archs.
 6. Every arch found in step 3 timed side by side with BERT-base (one process, back-to-back blocks):
    measured speedup; an arch whose measured speedup is below its X is reported as missing.
    Target: every reported architecture's measured speedup >= its target.
@@ -214,15 +216,21 @@ def main(argv=None) -> int:
     picks = [str(spread[round(q * (len(spread) - 1) / max(1, args.cli_archs - half - 1))])
              for q in range(args.cli_archs - half)]
     picks = list(dict.fromkeys(rng.sample(search_like, min(half, len(search_like))) + picks))
-    cli = []
+    cli, ref_runs = [], []
+    ref_arch = str(reference_arch(SPACE))
     for a in picks:
         with lock.quiet():
             runs = [attnc_latency(a, args.repeats, 5) for _ in range(args.cli_runs)]
+            ref_runs.append(attnc_latency(ref_arch, args.repeats, 5))   # the machine's speed, beside each arch
         cli.append({"arch": a, "process_ms": runs, "ms": statistics.median(runs)})
-        print(f"  attnc latency {a:>20s}: {', '.join(f'{v:.3f}' for v in runs)} ms", flush=True)
+        print(f"  attnc latency {a:>20s}: {', '.join(f'{v:.3f}' for v in runs)} ms "
+              f"(reference {ref_arch}: {ref_runs[-1]:.3f} ms)", flush=True)
     guess = pred.predict_many([c["arch"] for c in cli])
     true = [c["ms"] for c in cli]
     speed = statistics.median(t / g for g, t in zip(guess, true))     # this run's machine speed vs the dataset's
+    # Out of sample: the reference arch (never one of the scored archs) timed by `attnc latency` beside
+    # each of them, against its median in the dataset's groups: the machine's speed now vs then.
+    ref_speed = statistics.median(ref_runs) / ref_median
     process_noise = statistics.fmean(statistics.pstdev(c["process_ms"]) / c["ms"] for c in cli) * 100
     cli_result = {"archs": cli, "predictor_raw": errors_with_ci(guess, true),
                   "speed_factor": speed,
@@ -230,6 +238,12 @@ def main(argv=None) -> int:
                                        "on the archs it is scored on): what is left once this run's overall "
                                        "machine speed is taken out",
                   "predictor_speed_corrected": errors_with_ci([g * speed for g in guess], true),
+                  "reference": {"arch": ref_arch, "process_ms": ref_runs, "dataset_ms": ref_median,
+                                "speed_factor": ref_speed},
+                  "predictor_reference_calibrated": errors_with_ci([g * ref_speed for g in guess], true),
+                  "reference_note": "the dataset's reference arch timed by `attnc latency` in one process beside "
+                                    "each scored arch; its median over the dataset's group medians is the "
+                                    "machine's speed now vs during collection (not fitted on the scored archs)",
                   "process_to_process_sd_pct": process_noise,
                   "sub_millisecond": prediction_errors([g for g, t in zip(guess, true) if t < 1.0],
                                                        [t for t in true if t < 1.0])}
@@ -238,6 +252,10 @@ def main(argv=None) -> int:
           f"(bias {e['bias_pct']:+.2f}%), with this run's speed factor {speed:.3f} taken out "
           f"{cli_result['predictor_speed_corrected']['mape_pct']:.2f}%; process-to-process sd {process_noise:.1f}%",
           flush=True)
+    e = cli_result["predictor_reference_calibrated"]
+    print(f"  on the machine's speed from the reference arch's processes ({ref_speed:.3f} x the dataset's): "
+          f"MAPE {e['mape_pct']:.2f}% [{e['mape_pct_ci90'][0]:.2f}, {e['mape_pct_ci90'][1]:.2f}] "
+          f"(bias {e['bias_pct']:+.2f}%)", flush=True)
 
     # 6. what the searches found, side by side with BERT-base -------------------------------------------
     archs = list(dict.fromkeys(f["arch"] for f in found))

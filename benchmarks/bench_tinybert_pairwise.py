@@ -8,7 +8,9 @@ ranking by size or shape alone?
        768}, FFN 4H, H/64 heads) scaled down to L in {1,2,3,4} x H in {32,64,96,128}, FFN 4H, H/32
        heads of 32 dims (qkv = H): the paper's own Appendix E set;
      - "band": --band-archs architectures of about the same size (parameters within +-10% of the
-       median of 4000 random samples), spread by FLOPs: here size cannot rank, shape must.
+       median of 4000 random samples), spread by FLOPs: here size cannot rank, shape must;
+     - with --band-hidden H, a band of the same kind among archs of hidden size H: neither size nor
+       hidden size can rank, only how the budget is spent (depth, FFN, heads, qkv).
   2. One SuperPLM trained batch-wise (Algorithm 1, N=--sub-batches) for --steps steps; every
      architecture scored by its held-out MLM loss read through it (no further training).
   3. The truth: every architecture trained stand-alone from scratch for --standalone-steps steps,
@@ -65,11 +67,16 @@ def miniatures(space):
     return out
 
 
-def pick_band(space, k: int, seed: int, band: float = 0.1):
-    """k distinct archs of about the same size: among 4000 random samples, those whose parameter count
-    is within +-band of the samples' median, spread by FLOPs (evenly spaced quantiles)."""
+def pick_band(space, k: int, seed: int, band: float = 0.1, hidden: int | None = None):
+    """k distinct archs of about the same size: among 4000 random samples (with `hidden`: those of that
+    hidden size), those whose parameter count is within +-band of the samples' median, spread by FLOPs
+    (evenly spaced quantiles)."""
     rng = random.Random(seed)
     pool = list({space.sample(rng) for _ in range(4000)})
+    if hidden is not None:
+        pool = [a for a in pool if a.hidden == hidden]
+        if not pool:
+            raise SystemExit(f"no sampled arch has hidden size {hidden}; pick one of the space's grid")
     mid = statistics.median(space.params(a) for a in pool)
     near = sorted((a for a in pool if abs(space.params(a) / mid - 1) <= band), key=lambda a: (space.flops(a), str(a)))
     if len(near) < k:
@@ -131,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--band-archs", type=int, default=12)
+    ap.add_argument("--band-hidden", type=int, default=None, metavar="H",
+                    help="also a band of --band-archs archs of one hidden size H and about one size: how to spend "
+                         "a budget (depth, FFN, heads, qkv) when neither size nor hidden size can rank")
     ap.add_argument("--steps", type=int, default=2000, help="batch-wise SuperPLM optimizer steps")
     ap.add_argument("--sub-batches", type=int, default=4, help="N of the batch-wise run")
     ap.add_argument("--standalone-steps", type=int, default=1000)
@@ -195,12 +205,15 @@ def main(argv=None) -> int:
                   max_heads=args.max_heads, head_dim=args.head_dim, vocab_size=len(tok),
                   max_position_embeddings=max(64, args.seq_len))
     sets = {"miniatures": miniatures(space), "band": pick_band(space, args.band_archs, args.seed)}
+    if args.band_hidden is not None:
+        sets[f"band at hidden {args.band_hidden}"] = pick_band(space, args.band_archs, args.seed,
+                                                                hidden=args.band_hidden)
     every = list(dict.fromkeys(a for s in sets.values() for a in s))
     for name, s in sets.items():
         print(f"{name} ({len(s)}): {', '.join(map(str, s))}", flush=True)
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("cache", "json", "reps", "threads", "truth_seeds", "cpu_lock", "train_seeds", "merge",
-                              "skip_superplm", "partial", "reverse")}
+                              "skip_superplm", "partial", "reverse", "band_hidden")}   # losses are per arch
     cache = Cache(args.cache, settings)
     for other in args.merge:
         for key, value in Cache(other, settings).data["losses"].items():
@@ -287,7 +300,7 @@ def main(argv=None) -> int:
         "args": vars(args), "space": space.to_json(), "vocab_size": len(tok),
         "superplm_final_eval_max_arch": cache.get("superplm/final_eval"), "sets": results,
         "archs_dropped_unmeasured": dropped,
-        "target": "band: SuperPLM pairwise accuracy above the best trivial rule, 90% interval of the difference above 0",
+        "target": "bands: SuperPLM pairwise accuracy above the best trivial rule, 90% interval of the difference above 0",
         "paper_pairwise": 0.967, "seconds_this_run": seconds,
         "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cpus, "
                                                f"{torch.get_num_threads()} threads",

@@ -133,6 +133,7 @@ def register(subparsers) -> None:
     p.add_argument("--truth-seeds", type=int, default=2, metavar="S")
     p.add_argument("--shared-steps", type=int, default=40, metavar="N", help="BIWS steps per child (40)")
     p.add_argument("--warmup-children", type=int, default=60, metavar="N", help="BIWS warm-up children (60)")
+    p.add_argument("--warmup-steps", type=int, metavar="N", help="MLM steps of a BIWS warm-up child (--shared-steps)")
     p.add_argument("--no-biws", action="store_true")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch proxy at BIWS's cost")
     p.add_argument("--workers", type=int, default=1, metavar="N",
@@ -486,6 +487,7 @@ def _fidelity(args) -> int:
         proxy["tokenizer"] = str(demo_tokenizer(args.vocab))
     cfg = proxy_fidelity.FidelityConfig(truth_steps=args.truth_steps, truth_seeds=args.truth_seeds,
                                         shared_steps=args.shared_steps, warmup_children=args.warmup_children,
+                                        warmup_steps=args.warmup_steps,
                                         biws=not args.no_biws, scratch=not args.no_scratch,
                                         bootstrap=args.bootstrap, seed=args.seed, proxy=proxy)
     say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))

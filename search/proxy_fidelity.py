@@ -6,8 +6,9 @@ scratch for T MLM steps, with S seeds; its score is the mean of minus the held-o
 scores the architectures with each proxy:
 
   * "biws": the weight-shared proxy as a search uses it: a supernet warmed up by `warmup_children`
-    children (drawn at random from the architectures, `shared_steps` steps each, written back one
-    after another), then every architecture scored for `shared_steps` steps from that same
+    children (drawn at random from the architectures, `warmup_steps` steps each (default
+    `shared_steps`), written back one after another), then every architecture scored for
+    `shared_steps` steps from that same
     supernet state (nothing written back: the order of scoring does not matter);
   * "scratch": from scratch at the same cost: (warm-up steps + N x shared_steps) / N steps each;
   * any Evaluator or function arch -> score (`evaluators`, e.g. a user's `--evaluator`).
@@ -20,7 +21,8 @@ truth trains each seed s of every architecture with the same seed too. `workers`
 and the from-scratch proxy in that many processes (spawned; torch threads split between them).
 
 It reports, per proxy, Kendall's tau and Spearman's rho against the truth with bootstrap 90%
-intervals (architectures resampled with replacement), the truth's own agreement (tau between its
+intervals (architectures resampled with replacement), each proxy's tau minus the from-scratch
+proxy's with a paired interval (both on the same resample), the truth's own agreement (tau between its
 first two seeds, with its interval: a ceiling for any proxy) and the seconds per evaluation (the
 BIWS warm-up shared out over the architectures). Every finished training is appended to
 OUT/fidelity.jsonl at once; a run again with the same OUT skips what is there (BIWS as a whole:
@@ -50,6 +52,7 @@ class FidelityConfig:
     truth_seeds: int = 2
     shared_steps: int = 40
     warmup_children: int = 60
+    warmup_steps: int | None = None     # MLM steps of each warm-up child (None: shared_steps)
     scratch: bool = True                # the from-scratch proxy at BIWS's cost
     biws: bool = True
     bootstrap: int = 2000
@@ -63,6 +66,13 @@ class FidelityConfig:
                 raise ConfigError(f"fidelity {name} must be a positive integer, got {v!r}")
         if not isinstance(self.warmup_children, int) or self.warmup_children < 0:
             raise ConfigError(f"fidelity warmup_children must be a non-negative integer, got {self.warmup_children!r}")
+        w = self.warmup_steps
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise ConfigError(f"fidelity warmup_steps must be a positive integer (or None: shared_steps), got {w!r}")
+
+    @property
+    def steps_per_warmup_child(self) -> int:
+        return self.shared_steps if self.warmup_steps is None else self.warmup_steps
 
 
 # --- architectures ------------------------------------------------------------------------------------
@@ -142,6 +152,16 @@ def agreement(proxy: Sequence[float], truth: Sequence[float], reps: int, seed: i
             "spearman_rho_ci90": interval(ranking.spearman_rho, seed + 1)}
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], truth: Sequence[float], reps: int, seed: int) -> dict:
+    """Kendall tau of proxy a minus that of proxy b against the truth, with its paired bootstrap 90%
+    interval (both taus on the same resample of architectures): whether a ranks better than b."""
+    def diff(idx):
+        t = [truth[k] for k in idx]
+        return ranking.kendall_tau([a[k] for k in idx], t) - ranking.kendall_tau([b[k] for k in idx], t)
+    return {"kendall_tau_diff": diff(list(range(len(truth)))),
+            "kendall_tau_diff_ci90": ranking.bootstrap(diff, len(truth), reps=reps, seed=seed, level=0.90)}
+
+
 # --- the run ------------------------------------------------------------------------------------------
 
 
@@ -202,7 +222,10 @@ def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig 
     # so one truth serves any number of proxy settings: rerun with another --warmup-children)
     settings = {"truth_steps": cfg.truth_steps, "truth_seeds": cfg.truth_seeds, "seed": cfg.seed,
                 "proxy": cfg.proxy, "architectures": [a.to_json() for a in archs], "scoring": "common seed"}
-    tag = f"@{cfg.shared_steps}x{cfg.warmup_children}"   # a proxy row's settings: steps per child x warm-up
+    # a proxy row's settings: steps per child x warm-up children (x steps per warm-up child, when other)
+    tag = f"@{cfg.shared_steps}x{cfg.warmup_children}"
+    if cfg.steps_per_warmup_child != cfg.shared_steps:
+        tag += f"x{cfg.steps_per_warmup_child}"
     log = _Log(Path(out), settings)
     say = progress or (lambda s: None)
     base = dict(task=None, **cfg.proxy)
@@ -212,7 +235,8 @@ def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig 
         raise ConfigError(f"unknown proxy setting: {e}") from None
 
     n = len(archs)
-    scratch_steps = max(1, round(cfg.shared_steps + cfg.warmup_children * cfg.shared_steps / n))
+    biws_steps = cfg.shared_steps + cfg.warmup_children * cfg.steps_per_warmup_child / n   # per evaluation
+    scratch_steps = max(1, round(biws_steps))
     # the truth (truth_steps x truth_seeds) and the from-scratch proxy: independent trainings
     jobs = [("truth", s, dict(base, weight_sharing=False, pretrain_steps=cfg.truth_steps), 10_000 * (s + 1) + cfg.seed)
             for s in range(cfg.truth_seeds)]
@@ -235,7 +259,7 @@ def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig 
         warm = log.get("biws-warmup" + tag, "*", 0)
         proxies["biws"] = {"scores": [r["score"] for r in rows],
                            "seconds_each": (sum(r["seconds"] for r in rows) + warm["seconds"]) / n,
-                           "steps_each": cfg.shared_steps + cfg.warmup_children * cfg.shared_steps / n,
+                           "steps_each": biws_steps,
                            "warmup_seconds": warm["seconds"]}
     if cfg.scratch:
         rows = [log.get("scratch" + tag, nm, 0) for nm in names]
@@ -251,6 +275,11 @@ def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig 
     proxies["baseline:random"] = {"scores": [rnd.random() for _ in archs], "seconds_each": 0.0}
     for k, p in proxies.items():
         p.update(agreement(p["scores"], truth_mean, cfg.bootstrap, cfg.seed))
+    if "scratch" in proxies:   # each proxy against from-scratch training at BIWS's cost, paired
+        for k, p in proxies.items():
+            if k != "scratch":
+                p["minus_scratch"] = paired_difference(p["scores"], proxies["scratch"]["scores"], truth_mean,
+                                                       cfg.bootstrap, cfg.seed + 3)
     result = {"architectures": names, "truth": {"scores_per_seed": [truth[s] for s in sorted(truth)],
                                                  "mean": truth_mean, "steps": cfg.truth_steps,
                                                  "seconds_each": _mean_seconds(log, "truth")},
@@ -276,13 +305,14 @@ def _score_each(ev, what, archs, names, cfg, log, say) -> dict:
 def _run_biws(archs, names, cfg, base, log, say, tag: str) -> None:
     from .proxy import ProxyConfig, ProxyEvaluator
 
-    ev = ProxyEvaluator(ProxyConfig(weight_sharing=True, shared_pretrain_steps=cfg.shared_steps, **base))
-    runner = ev.runner()
+    ev = ProxyEvaluator(ProxyConfig(weight_sharing=True, shared_pretrain_steps=cfg.shared_steps,
+                                    warmup_steps=cfg.warmup_steps, **base))
+    runner, warm = ev.runner(), ev.warmup_runner()
     rng = random.Random(f"attnc-fidelity-warmup:{cfg.seed}")
     t0 = time.perf_counter()
     for i in range(cfg.warmup_children):   # written back one after another
         a = rng.choice(archs)
-        ev.commit(a, runner(a, ev.prepare(a), 30_000 + i + cfg.seed))
+        ev.commit(a, warm(a, ev.prepare(a), 30_000 + i + cfg.seed))
     log.add("biws-warmup" + tag, "*", 0, None, time.perf_counter() - t0, children=cfg.warmup_children)
     say(f"biws warm-up: {cfg.warmup_children} children in {time.perf_counter() - t0:.0f} s")
     for a, name in zip(archs, names):   # all from the warmed-up state with one seed, nothing written back
@@ -389,5 +419,9 @@ def format_result(r: dict) -> list[str]:
         lines.append(f"  {k:18s} tau {p['kendall_tau']:+.3f} [{tl:+.3f}, {th:+.3f}]  rho {p['spearman_rho']:+.3f} "
                      f"[{rl:+.3f}, {rh:+.3f}]  {p['seconds_each']:.2f} s/eval"
                      + (f", {p['steps_each']:g} MLM steps/eval" if "steps_each" in p else ""))
+        if k == "biws" and "minus_scratch" in p:
+            d = p["minus_scratch"]
+            lines.append(f"  {'biws - scratch':18s} tau {d['kendall_tau_diff']:+.3f} [{d['kendall_tau_diff_ci90'][0]:+.3f}, "
+                         f"{d['kendall_tau_diff_ci90'][1]:+.3f}]  (paired: the same architectures resampled)")
     lines.append("  (90% bootstrap intervals over architectures)")
     return lines

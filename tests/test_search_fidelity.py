@@ -85,6 +85,19 @@ def test_fidelity_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert third["truth"]["mean"] == r["truth"]["mean"]
     assert third["proxies"]["scratch"]["steps_each"] == 4                    # 2 + 3 x 2 / 4, rounded
     assert {x["what"] for x in log[n_lines:]} == {"scratch@2x3", "biws-warmup@2x3", "biws@2x3"}
+    # warm-up children of their own length: --warmup-steps equal to --shared-steps is the same run (nothing
+    # trained); 4 steps per warm-up child is another supernet, costed as such, over the same truth
+    n_lines = len(log)
+    assert main(args + ["--warmup-steps", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["proxies"]["biws"]["scores"] == r["proxies"]["biws"]["scores"]
+    assert len((out / "fidelity.jsonl").read_text().splitlines()) == n_lines
+    assert main(args + ["--warmup-steps", "4"]) == 0
+    fourth = json.loads(capsys.readouterr().out)
+    log = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()]
+    assert {x["what"] for x in log[n_lines:]} == {"scratch@2x2x4", "biws-warmup@2x2x4", "biws@2x2x4"}
+    assert fourth["proxies"]["biws"]["steps_each"] == 4 and fourth["proxies"]["scratch"]["steps_each"] == 4
+    assert fourth["proxies"]["biws"]["scores"] != r["proxies"]["biws"]["scores"]
+    assert fourth["truth"]["mean"] == r["truth"]["mean"]
     # other truth settings in the same folder: exit 2, no traceback
     assert main(args[:-3] + ["--truth-steps", "4"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -125,3 +138,23 @@ def test_workers_train_what_one_process_trains(tmp_path):
         pf.fidelity(_archs(_LINES), tmp_path / "three", cfg, workers=0)
     with pytest.raises(ConfigError, match="fidelity tool's own proxies"):
         pf.fidelity(_archs(_LINES), tmp_path / "four", cfg, evaluators={"scratch": lambda a: 0.0})
+
+
+def test_biws_minus_scratch_is_paired():
+    import random
+    rng = random.Random(1)
+    truth = [rng.gauss(0, 1) for _ in range(30)]
+    a = [t + rng.gauss(0, 1) for t in truth]            # a noisy proxy (tau about +0.45)
+    order = sorted(range(30), key=lambda i: a[i])
+    b = list(a)
+    i, j = order[10], order[11]
+    b[i], b[j] = b[j], b[i]                              # the same ranking but for one adjacent swap
+    d = pf.paired_difference(a, b, truth, 1000, 0)
+    assert d["kendall_tau_diff"] == pytest.approx(_tau(a, truth) - _tau(b, truth))
+    lo, hi = d["kendall_tau_diff_ci90"]
+    assert lo <= d["kendall_tau_diff"] <= hi
+    # paired: one swap moves tau by at most 2/435 on the full set; an unpaired interval of two taus
+    # of about +0.45 on 30 architectures would be about 0.5 wide
+    assert hi - lo < 0.05
+    same = pf.paired_difference(a, a, truth, 200, 0)
+    assert same["kendall_tau_diff"] == 0 and same["kendall_tau_diff_ci90"] == (0.0, 0.0)
