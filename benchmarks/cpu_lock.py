@@ -22,6 +22,7 @@ import fcntl
 import os
 import signal
 import time
+import warnings
 
 
 def exclusive_waiting(f) -> bool:
@@ -33,7 +34,9 @@ def exclusive_waiting(f) -> bool:
                 parts = line.split()
                 if "->" in parts and "WRITE" in parts and any(p.endswith(f":{ino}") for p in parts):
                     return True
-    except OSError:
+    except OSError as e:   # (shown once: Python's default warning filter)
+        warnings.warn(f"cannot read /proc/locks ({e.strerror}): a long shared holder will not step aside "
+                      "for waiting timing windows", RuntimeWarning, stacklevel=2)
         return False
     return False
 

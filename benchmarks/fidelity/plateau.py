@@ -1,6 +1,8 @@
 """Do attention layers learn within the fidelity truth's budget? (issue 19)
 
     python benchmarks/fidelity/plateau.py --steps 2000,6000 --json benchmarks/results/fidelity_plateau_cpu.json
+    python benchmarks/fidelity/plateau.py --steps 2000 --batch-size 64 --models attention,no-mixing \
+        --json benchmarks/results/fidelity_plateau_b64_cpu.json       # 4x the tokens per step
 
 Trains, at the settings of `run_cpu.sh`'s truth (hidden 64, FFN 256, 4 heads, 2 layers, the 2,000-word
 vocabulary, blocks of 32, batch 16, lr 3e-3, the truth's seed 0), four models for each step count:
@@ -37,22 +39,23 @@ def train_one(job) -> dict:
     from attnc.search import proxy_fidelity as pf
     from attnc.search.proxy import ProxyConfig, _mlm_data, _tokenizer
 
-    name, steps = job
+    name, steps, batch, seq, lr = job
     torch.set_num_threads(1)
-    cfg = ProxyConfig(task=None, seq_len=32, batch_size=16, eval_blocks=256, device="cpu", seed=0, lr=3e-3,
+    cfg = ProxyConfig(task=None, seq_len=seq, batch_size=batch, eval_blocks=256, device="cpu", seed=0, lr=lr,
                       tokenizer=str(demo_tokenizer(2000)))
     tok = _tokenizer(cfg.tokenizer)
     torch.manual_seed(SEED)
     if MODELS[name] is None:
         model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, intermediate_size=256, max_position_embeddings=64))
+                                           num_attention_heads=4, intermediate_size=256,
+                                           max_position_embeddings=max(64, seq)))
     else:
         arch = pf.parse_architecture(MODELS[name], 64, 256, 4)
-        model = AttncBertForMaskedLM(arch.to_config(vocab_size=len(tok), max_position_embeddings=64))
+        model = AttncBertForMaskedLM(arch.to_config(vocab_size=len(tok), max_position_embeddings=max(64, seq)))
     t0 = time.perf_counter()
-    res = train(model, _mlm_data(cfg), TrainConfig(steps=steps, batch_size=16, lr=3e-3, seed=SEED, device="cpu",
+    res = train(model, _mlm_data(cfg), TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=SEED, device="cpu",
                                                    warmup=0.1))
-    return {"model": name, "formula": MODELS[name], "steps": steps,
+    return {"model": name, "formula": MODELS[name], "steps": steps, "batch_size": batch, "seq_len": seq, "lr": lr,
             "heldout_mlm_loss": float(res.metrics["final_eval"]["loss"]),
             "loss_se": float(res.metrics["final_eval"]["loss_se"]), "seconds": time.perf_counter() - t0}
 
@@ -60,10 +63,18 @@ def train_one(job) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", default="2000,6000")
+    ap.add_argument("--batch-size", type=int, default=16, help="the truth's: 16")
+    ap.add_argument("--seq-len", type=int, default=32, help="the truth's: 32")
+    ap.add_argument("--lr", type=float, default=3e-3, help="the truth's: 3e-3")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"a subset of {', '.join(MODELS)}")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
-    jobs = [(m, int(s)) for s in args.steps.split(",") for m in MODELS]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model {unknown[0]!r}: use {', '.join(MODELS)}")
+    jobs = [(m, int(s), args.batch_size, args.seq_len, args.lr) for s in args.steps.split(",") for m in models]
     rows = []
     with ProcessPoolExecutor(args.workers) as ex:
         for r in ex.map(train_one, jobs):

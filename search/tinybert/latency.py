@@ -489,8 +489,7 @@ def bert_base_latency_ms(device: str = "cpu", threads: int = 1, batch: int = 1, 
             raise DataError(f"cannot read {cache}: {e}", hint=f"delete {cache} to measure again") from None
         if not refresh:
             for e in entries:
-                if isinstance(e, dict) and all(e.get(k, "back-to-back" if k == "timing" else None) == v
-                                               for k, v in key.items()):
+                if _same_target(e, key):
                     return float(e["ms"])
     scale = _dataset_scale(folder) if folder is not None else None
     configs = [BASE_SPACE.config(BERT_BASE)] + ([scale[0].config(scale[1])] if scale else [])
@@ -505,10 +504,17 @@ def bert_base_latency_ms(device: str = "cpu", threads: int = 1, batch: int = 1, 
         entry.update(reference=str(scale[1]), reference_ms_now=ref_now, reference_ms_dataset=scale[2])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        entries = [e for e in entries if not all(e.get(k) == v for k, v in key.items())]
+        entries = [e for e in entries if not _same_target(e, key)]   # the one it replaces, old format too
         entries.append({**entry, "ms": ms, "measured": _now()})
         write_json_atomic(cache, {"arch": BERT_BASE, "entries": entries})
     return ms
+
+
+def _same_target(entry, key: dict) -> bool:
+    """Whether a BERT-base cache entry was measured on the target `key` describes (entries written
+    before timings were recorded were timed back-to-back)."""
+    return isinstance(entry, dict) and all(entry.get(k, "back-to-back" if k == "timing" else None) == v
+                                           for k, v in key.items())
 
 
 def _dataset_scale(folder) -> tuple[Space, Arch, float] | None:
