@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -249,7 +249,6 @@ def size_for_target_se(cfg: ProxyConfig) -> tuple[ProxyConfig, str]:
     barely trained, close to uniform, spreads them less, so its standard error is smaller than asked. The held-out split is at most a tenth
     of the corpus; when the target needs more, a warning says so and the split is that tenth."""
     import warnings
-    from dataclasses import replace
 
     t = float(cfg.target_se)
     if cfg.task is not None:
@@ -390,17 +389,6 @@ class ProxyRunner:
         return EvalResult(score=score, metrics=metrics, seconds=seconds, steps=total_steps, weights=weights)
 
 
-class _StepsRunner(ProxyRunner):
-    """A ProxyRunner that trains weight-shared children a given number of steps (the warm-up's)."""
-
-    def __init__(self, config: ProxyConfig, steps: int):
-        super().__init__(config)
-        self.steps = steps
-
-    def __call__(self, arch, payload: Any, seed: int, steps_override: int | None = None) -> EvalResult:
-        return super().__call__(arch, payload, seed, self.steps if steps_override is None else steps_override)
-
-
 class ProxyEvaluator(Evaluator):
     """Proxy training as the search's evaluator; with weight sharing it owns the BIWS supernet."""
 
@@ -451,7 +439,7 @@ class ProxyEvaluator(Evaluator):
 
     def warmup_runner(self) -> Callable[[Any, Any, int], EvalResult]:
         steps = self.config.warmup_steps
-        return ProxyRunner(self.config) if steps is None else _StepsRunner(self.config, steps)
+        return ProxyRunner(self.config if steps is None else replace(self.config, shared_pretrain_steps=steps))
 
     def diverged(self, result: EvalResult) -> bool:
         """The write-back policy's test: the child's held-out loss ended more than divergence_margin
