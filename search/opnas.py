@@ -795,11 +795,25 @@ class _Loop:
             self._execute(jobs)
             if width > 1:
                 self.ev.end_generation()
+            self._check_warmup_not_all_failed(k + len(batch), n)
             last = batch[-1]
             if last == n - 1 or (last + 1) % self.checkpoint_every == 0:
                 name = self._save()
                 self.st.add_checkpoint(name, warmup_done=last + 1, open_generation=False)
                 self.st.prune_states(keep=name)
+
+    def _check_warmup_not_all_failed(self, ran: int, n: int) -> None:
+        """Stop a warm-up whose first children in this process all failed (a population's worth, or
+        all of them) while none in the study succeeded: the evaluator is broken for every child, and
+        going on would only train nothing for the rest of the warm-up and then fail the candidates."""
+        if ran < min(self.population, n) or self.st.warmup_count(("done",)):
+            return
+        failed = [w for w in self.st.warmup_rows() if w["status"] == "failed"]
+        if len(failed) >= ran:
+            raise EvaluationError(f"the first {len(failed)} supernet warm-up children of the study {self.st.path} "
+                                  f"all failed; the first one (child {failed[0]['i']}): {failed[0]['error']}",
+                                  hint="fix the evaluator (run it on one architecture to see the traceback), "
+                                       "then start a new study")
 
     def _warmup_done(self, i, arch, seed):
         def done(res, err, seconds):

@@ -492,6 +492,41 @@ def test_a_search_whose_evaluator_always_fails_stops_after_one_generation(tmp_pa
     # one that fails on some candidates only goes on (test_failed_candidates_recorded_and_search_goes_on)
 
 
+def test_a_supernet_warmup_whose_children_all_fail_stops_before_the_search(tmp_path):
+    from attnc.search.evaluator import EvalResult, Evaluator
+
+    class BrokenWarmup(Evaluator):
+        weight_sharing, warmup_children = True, 40
+
+        def __init__(self, broken):
+            self.broken, self.calls = broken, 0
+
+        def warmup_runner(self):
+            def run(arch, payload, seed):
+                self.calls += 1
+                if self.broken(self.calls):
+                    raise RuntimeError("CUDA out of memory in the warm-up")
+                return EvalResult(score=known_ops(arch))
+            return run
+
+        def runner(self):
+            return lambda arch, payload, seed: EvalResult(score=known_ops(arch))
+
+    ev = BrokenWarmup(lambda call: True)
+    with pytest.raises(attnc.EvaluationError, match="warm-up children .* all failed.*CUDA out of memory") as e:
+        opnas.search(opnas.Space(num_layers=1), ev, budget=20, population=6, top_k=2, children=2,
+                     study=tmp_path / "s.db")
+    assert "start a new study" in str(e.value)
+    assert ev.calls == 6          # a population's worth, not the 40 warm-up children and then the budget
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("SELECT COUNT(*) FROM candidates WHERE status IN ('done', 'failed')").fetchone()[0] == 0
+    # a warm-up with some children that fail goes on, and the search ends with its budget
+    ev = BrokenWarmup(lambda call: call % 3 == 1)
+    r = opnas.search(opnas.Space(num_layers=1), ev, budget=8, population=4, top_k=2, children=2,
+                     study=tmp_path / "t.db")
+    assert ev.calls == 40 and len(r.evaluations) == 8 and r.failed == 0
+
+
 def test_a_generation_trains_with_one_seed_and_finalists_share_theirs(tmp_path):
     from attnc.search.evaluator import EvalResult, Evaluator
 
