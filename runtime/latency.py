@@ -28,6 +28,18 @@ def num_threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def forward_ms(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """One forward pass of `model` on (ids, mask), in milliseconds (synchronised on CUDA)."""
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_forward(model: torch.nn.Module, seq: int = 128, batch: int = 1, *, warmup: int = 5,
                  runs: int = 20, threads: int | None = 1, device: str = "cpu") -> dict:
     """Median / mean / min forward latency (milliseconds) of `model` on random token ids."""
@@ -36,17 +48,10 @@ def time_forward(model: torch.nn.Module, seq: int = 128, batch: int = 1, *, warm
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (batch, seq), generator=g).to(device)
     mask = torch.ones_like(ids)
-    times = []
     with num_threads(threads), torch.inference_mode():
-        for i in range(warmup + runs):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(warmup):
+            forward_ms(model, ids, mask)
+        times = [forward_ms(model, ids, mask) for _ in range(runs)]
     return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
             "min_ms": min(times), "runs": runs, "warmup": warmup, "seq": seq, "batch": batch,
             "threads": threads, "device": device}

@@ -215,7 +215,7 @@ def time_models(configs: Sequence, *, device: str = "cpu", threads: int = 1, bat
     rotating), each block after one untimed run."""
     import torch
 
-    from attnc.runtime.latency import num_threads
+    from attnc.runtime.latency import forward_ms, num_threads
     from attnc.runtime.modeling import AttncBertModel
 
     _check_timing(timing, rounds)
@@ -226,17 +226,10 @@ def time_models(configs: Sequence, *, device: str = "cpu", threads: int = 1, bat
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (batch, seq), generator=g).to(device)
     mask = torch.ones_like(ids)
-    cuda = device.startswith("cuda")
     times: list[list[float]] = [[] for _ in configs]
 
     def run(model) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
+        return forward_ms(model, ids, mask)
 
     n = len(models)
     with num_threads(threads), torch.inference_mode():
