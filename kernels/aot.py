@@ -23,6 +23,7 @@ makes JIT functions, not interpreted ones. The work is spread over processes (`j
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -309,21 +310,17 @@ def run(jobs: list[Job], workers: int | None = None, progress=None) -> list[Kern
     """Run `jobs` over `workers` processes (os.cpu_count() by default), in job order."""
     _require_compiler()
     workers = max(1, workers or os.cpu_count() or 1)
-    if workers == 1 or len(jobs) == 1:
-        results = []
-        for job in jobs:
-            results.append(run_job(job))
+    out: list[KernelReport] = []
+    with contextlib.ExitStack() as stack:
+        mapper = map
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+            mapper = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))).map
+        for reports in mapper(run_job, jobs):
+            out.extend(reports)
             if progress:
                 progress(1)
-    else:
-        import multiprocessing as mp
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            results = []
-            for r in pool.map(run_job, jobs):
-                results.append(r)
-                if progress:
-                    progress(1)
-    return [r for rs in results for r in rs]
+    return out
 
 
 # ---- the targets -------------------------------------------------------------------------------
