@@ -808,12 +808,11 @@ class _Loop:
         going on would only train nothing for the rest of the warm-up and then fail the candidates."""
         if ran < min(self.population, n) or self.st.warmup_count(("done",)):
             return
-        failed = [w for w in self.st.warmup_rows() if w["status"] == "failed"]
-        if len(failed) >= ran:
-            raise EvaluationError(f"the first {len(failed)} supernet warm-up children of the study {self.st.path} "
-                                  f"all failed; the first one (child {failed[0]['i']}): {failed[0]['error']}",
-                                  hint="fix the evaluator (run it on one architecture to see the traceback), "
-                                       "then start a new study")
+        failed = [w for w in self.st.warmup_rows() if w["status"] == "failed"]   # none done: every row
+        raise EvaluationError(f"the first {len(failed)} supernet warm-up children of the study {self.st.path} "
+                              f"all failed; the first one (child {failed[0]['i']}): {failed[0]['error']}",
+                              hint="fix the evaluator (run it on one architecture to see the traceback), "
+                                   "then start a new study")
 
     def _warmup_done(self, i, arch, seed):
         def done(res, err, seconds):

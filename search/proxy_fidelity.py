@@ -46,6 +46,11 @@ from . import ranking
 from .space import Architecture, LayerChoice
 
 
+# ProxyConfig fields the fidelity tool sets itself for each training
+_OWNED = frozenset({"task", "weight_sharing", "pretrain_steps", "shared_pretrain_steps", "warmup_steps",
+                    "warmup_children"})
+
+
 @dataclass(frozen=True)
 class FidelityConfig:
     truth_steps: int = 2000
@@ -69,6 +74,11 @@ class FidelityConfig:
         w = self.warmup_steps
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise ConfigError(f"fidelity warmup_steps must be a positive integer (or None: shared_steps), got {w!r}")
+        owned = sorted(_OWNED & set(self.proxy))
+        if owned:
+            raise ConfigError(f"fidelity proxy settings may not set {', '.join(owned)}: the tool sets them for "
+                              f"each of its trainings (MLM, from scratch or weight-shared)",
+                              hint="use FidelityConfig's truth_steps, shared_steps and warmup_steps")
 
     @property
     def steps_per_warmup_child(self) -> int:
@@ -237,14 +247,22 @@ def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig 
     n = len(archs)
     biws_steps = cfg.shared_steps + cfg.warmup_children * cfg.steps_per_warmup_child / n   # per evaluation
     scratch_steps = max(1, round(biws_steps))
+    # the from-scratch proxy depends on its step count only: BIWS settings of one cost share its rows
+    # (logs written before this named them after the BIWS setting: "scratch@16x96"; those are read too)
+    scratch_what = f"scratch@{scratch_steps}"
+
+    def get(what, name, s):
+        row = log.get(what, name, s)
+        return log.get("scratch" + tag, name, s) if row is None and what == scratch_what else row
+
     # the truth (truth_steps x truth_seeds) and the from-scratch proxy: independent trainings
     jobs = [("truth", s, dict(base, weight_sharing=False, pretrain_steps=cfg.truth_steps), 10_000 * (s + 1) + cfg.seed)
             for s in range(cfg.truth_seeds)]
     if cfg.scratch:
-        jobs.append(("scratch" + tag, 0, dict(base, weight_sharing=False, pretrain_steps=scratch_steps),
+        jobs.append((scratch_what, 0, dict(base, weight_sharing=False, pretrain_steps=scratch_steps),
                      20_000 + cfg.seed))
     todo = [(what, s, kw, seed, a, name) for what, s, kw, seed in jobs for a, name in zip(archs, names)
-            if log.get(what, name, s) is None]
+            if get(what, name, s) is None]
     for (what, s, _, _, _, name), (score, seconds, se) in train_many(todo, workers, ops_modules):
         log.add(what, name, s, score, seconds, se=se)
         say(f"truth seed {s}: {score:.4f}  {name}" if what == "truth" else f"scratch: {score:.4f}  {name}")
@@ -262,7 +280,7 @@ def fidelity(architectures: Sequence[Architecture], out, config: FidelityConfig 
                            "steps_each": biws_steps,
                            "warmup_seconds": warm["seconds"]}
     if cfg.scratch:
-        rows = [log.get("scratch" + tag, nm, 0) for nm in names]
+        rows = [get(scratch_what, nm, 0) for nm in names]
         proxies["scratch"] = {"scores": [r["score"] for r in rows], "steps_each": scratch_steps,
                               "seconds_each": sum(r["seconds"] for r in rows) / n}
     for name, e in (evaluators or {}).items():

@@ -84,7 +84,7 @@ def test_fidelity_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert sum(x.get("what") == "truth" for x in log) == 8                  # not trained again
     assert third["truth"]["mean"] == r["truth"]["mean"]
     assert third["proxies"]["scratch"]["steps_each"] == 4                    # 2 + 3 x 2 / 4, rounded
-    assert {x["what"] for x in log[n_lines:]} == {"scratch@2x3", "biws-warmup@2x3", "biws@2x3"}
+    assert {x["what"] for x in log[n_lines:]} == {"scratch@4", "biws-warmup@2x3", "biws@2x3"}
     # warm-up children of their own length: --warmup-steps equal to --shared-steps is the same run (nothing
     # trained); 4 steps per warm-up child is another supernet, costed as such, over the same truth
     n_lines = len(log)
@@ -94,10 +94,19 @@ def test_fidelity_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert main(args + ["--warmup-steps", "4"]) == 0
     fourth = json.loads(capsys.readouterr().out)
     log = [json.loads(x) for x in (out / "fidelity.jsonl").read_text().splitlines()]
-    assert {x["what"] for x in log[n_lines:]} == {"scratch@2x2x4", "biws-warmup@2x2x4", "biws@2x2x4"}
+    # the from-scratch proxy of that cost (4 steps) was trained by the third run: reused, not trained again
+    assert {x["what"] for x in log[n_lines:]} == {"biws-warmup@2x2x4", "biws@2x2x4"}
     assert fourth["proxies"]["biws"]["steps_each"] == 4 and fourth["proxies"]["scratch"]["steps_each"] == 4
+    assert fourth["proxies"]["scratch"]["scores"] == third["proxies"]["scratch"]["scores"]
     assert fourth["proxies"]["biws"]["scores"] != r["proxies"]["biws"]["scores"]
     assert fourth["truth"]["mean"] == r["truth"]["mean"]
+    # a log that named from-scratch rows after the BIWS setting (as before: "scratch@2x3") resumes from them
+    text = (out / "fidelity.jsonl").read_text()
+    (out / "fidelity.jsonl").write_text(text.replace('"what": "scratch@4"', '"what": "scratch@2x3"'))
+    n_lines = len(text.splitlines())
+    assert main(other) == 0
+    assert json.loads(capsys.readouterr().out)["proxies"]["scratch"]["scores"] == third["proxies"]["scratch"]["scores"]
+    assert len((out / "fidelity.jsonl").read_text().splitlines()) == n_lines
     # other truth settings in the same folder: exit 2, no traceback
     assert main(args[:-3] + ["--truth-steps", "4"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -138,6 +147,8 @@ def test_workers_train_what_one_process_trains(tmp_path):
         pf.fidelity(_archs(_LINES), tmp_path / "three", cfg, workers=0)
     with pytest.raises(ConfigError, match="fidelity tool's own proxies"):
         pf.fidelity(_archs(_LINES), tmp_path / "four", cfg, evaluators={"scratch": lambda a: 0.0})
+    with pytest.raises(ConfigError, match="may not set shared_pretrain_steps, warmup_steps"):
+        pf.FidelityConfig(proxy=dict(_TINY, warmup_steps=4, shared_pretrain_steps=8))
 
 
 def test_biws_minus_scratch_is_paired():

@@ -19,7 +19,8 @@ run() {   # archs-file out-folder shared-steps warmup-children warmup-steps resu
         --hidden 64 --ffn 256 --heads 4 --truth-steps 2000 --truth-seeds 2 --shared-steps "$3" \
         --warmup-children "$4" $ws --vocab 2000 --seq-len 32 --batch-size "${7:-16}" --eval-blocks 256 --lr 3e-3 \
         --device cpu --bootstrap 2000 --workers 2 --json --plot "benchmarks/results/fidelity_cpu_$6.png" \
-        > "benchmarks/results/fidelity_cpu_$6.json"
+        > "benchmarks/results/fidelity_cpu_$6.json.tmp"
+    mv "benchmarks/results/fidelity_cpu_$6.json.tmp" "benchmarks/results/fidelity_cpu_$6.json"   # a failed run keeps the old result
 }
 A=benchmarks/fidelity/archs32.txt
 B=benchmarks/fidelity/archs32b.txt
