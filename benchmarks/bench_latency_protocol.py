@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--cpu-lock", default="/tmp/attnc-cpu.lock", help="lock file held exclusive ('' : none)")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        ap.error("--rounds and --repeats must be at least 1")
     from cpu_lock import CpuLock
     lock = CpuLock(args.cpu_lock)
     ref = reference_arch(SPACE)

@@ -215,9 +215,9 @@ def main(argv=None) -> int:
     half = args.cli_archs // 2
     picks = [str(spread[round(q * (len(spread) - 1) / max(1, args.cli_archs - half - 1))])
              for q in range(args.cli_archs - half)]
-    picks = list(dict.fromkeys(rng.sample(search_like, min(half, len(search_like))) + picks))
-    cli, ref_runs = [], []
     ref_arch = str(reference_arch(SPACE))
+    picks = [a for a in dict.fromkeys(rng.sample(search_like, min(half, len(search_like))) + picks) if a != ref_arch]
+    cli, ref_runs = [], []
     for a in picks:
         with lock.quiet():
             runs = [attnc_latency(a, args.repeats, 5) for _ in range(args.cli_runs)]

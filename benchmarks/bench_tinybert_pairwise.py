@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-lock", default="/tmp/attnc-cpu.lock",
                     help="held shared while training, let go every 20 s for waiting timing windows ('' : none)")
     args = ap.parse_args(argv)
+    if args.band_archs < 2:
+        ap.error("--band-archs must be at least 2 (pairs are compared)")
     from cpu_lock import CpuLock
     lock = CpuLock(args.cpu_lock)
     lock.share()
