@@ -9,8 +9,9 @@
 # the from-scratch proxy at its cost.
 # archs32b.txt (held out: 32 other architectures of the same families, never used to choose a setting):
 # the default-like setting (96 x 16, scoring 16) and the chosen one (96 x 16, scoring 48).
-# archs32.txt again with 4x the tokens per step (batch 64, truth and proxies; ~100 s per truth training,
-# ~55 minutes in all): a truth in which attention starts to leave the no-mixing plateau (plateau.py).
+# Both sets again with 4x the tokens per step (batch 64, truth and proxies, the default-like setting; ~100 s
+# per truth training, ~55 minutes per set): a truth in which attention starts to leave the no-mixing
+# plateau (plateau.py).
 # Run from the repository root: sh benchmarks/fidelity/run_cpu.sh
 set -e
 run() {   # archs-file out-folder shared-steps warmup-children warmup-steps result-name [batch-size]
@@ -31,3 +32,4 @@ run $A runs/fidelity-cpu32 48 96 16 s48w96x16
 run $B runs/fidelity-cpu32b 16 96 - b_w96
 run $B runs/fidelity-cpu32b 48 96 16 b_s48w96x16
 run $A runs/fidelity-cpu32-b64 16 96 - b64_w96 64
+run $B runs/fidelity-cpu32b-b64 16 96 - b_b64_w96 64
