@@ -700,10 +700,12 @@ class _Loop:
         failed = [r for r in rows if r.status == "failed"]
         if failed:
             first = min(failed, key=lambda r: r.id)
-            raise EvaluationError(f"the first {len(failed)} evaluations of the study {self.st.path} all failed; "
-                                  f"the first one (candidate {first.id}): {first.error}",
-                                  hint="fix the evaluator (run it on one architecture to see the traceback), "
-                                       "then start a new study")
+            raise self._all_failed(f"{len(failed)} evaluations", f"candidate {first.id}", first.error)
+
+    def _all_failed(self, what: str, first: str, error) -> EvaluationError:
+        return EvaluationError(f"the first {what} of the study {self.st.path} all failed; the first one ({first}): "
+                               f"{error}", hint="fix the evaluator (run it on one architecture to see the "
+                                                "traceback), then start a new study")
 
     # --- making candidates ----------------------------------------------------------------------------
 
@@ -808,11 +810,9 @@ class _Loop:
         going on would only train nothing for the rest of the warm-up and then fail the candidates."""
         if ran < min(self.population, n) or self.st.warmup_count(("done",)):
             return
-        failed = [w for w in self.st.warmup_rows() if w["status"] == "failed"]   # none done: every row
-        raise EvaluationError(f"the first {len(failed)} supernet warm-up children of the study {self.st.path} "
-                              f"all failed; the first one (child {failed[0]['i']}): {failed[0]['error']}",
-                              hint="fix the evaluator (run it on one architecture to see the traceback), "
-                                   "then start a new study")
+        failed = self.st.warmup_rows()   # none done: every row failed
+        raise self._all_failed(f"{len(failed)} supernet warm-up children", f"child {failed[0]['i']}",
+                               failed[0]["error"])
 
     def _warmup_done(self, i, arch, seed):
         def done(res, err, seconds):
